@@ -1,0 +1,40 @@
+"""Shared-memory rings between the front and the shards.
+
+Owns: the single-producer single-consumer record ring (`ring`), the atomic
+words it synchronises on (`atomic`) and process lifelines (`lifeline`).
+Imports nothing else of wsfleet: the front, the supervisor and the shards
+all build on it.
+"""
+
+from .lifeline import Lifeline, has_ended
+from .ring import (
+    FLAGS_MAX,
+    HEADER_SIZE,
+    KIND_MAX,
+    Consumer,
+    MessageTooLarge,
+    PeerGone,
+    Producer,
+    Record,
+    RingCorrupted,
+    RingError,
+    RingFds,
+    SharedRing,
+)
+
+__all__ = [
+    "FLAGS_MAX",
+    "HEADER_SIZE",
+    "KIND_MAX",
+    "Consumer",
+    "Lifeline",
+    "MessageTooLarge",
+    "PeerGone",
+    "Producer",
+    "Record",
+    "RingCorrupted",
+    "RingError",
+    "RingFds",
+    "SharedRing",
+    "has_ended",
+]
