@@ -2,10 +2,49 @@
 
 This folder (``front/``) is the import package ``wsfleet`` itself: the public
 API that runs in the user's process (the front) and the ``wsfleet`` command.
-It may import `wsfleet.ipc` and starts the supervisor as a fresh interpreter;
+It imports `wsfleet.ipc` and starts the supervisor as a fresh interpreter;
 nothing imports it except the CLI, tests and examples.
+
+The public names load on first use: the supervisor and the shards import
+``wsfleet.ipc``, which runs this file, and need none of the front.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_PUBLIC = {
+    "Error": ".errors",
+    "WebSocketPeer": ".peer",
+    "WebSocketServer": ".server",
+}
+
+if TYPE_CHECKING:
+    from .errors import Error
+    from .peer import WebSocketPeer
+    from .server import WebSocketServer
+
+WRITE_MODE_TEXT = 0
+WRITE_MODE_BINARY = 1
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsfleet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Error",
+    "WebSocketPeer",
+    "WebSocketServer",
+    "WRITE_MODE_BINARY",
+    "WRITE_MODE_TEXT",
+    "__version__",
+]

@@ -1,10 +1,18 @@
-"""The ``wsfleet`` command."""
+"""The ``wsfleet`` command: ``wsfleet serve`` runs a server with a built-in application."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+import time
 
 from . import __version__
+from .errors import Error
+from .server import WebSocketServer
+
+log = logging.getLogger("wsfleet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,14 +21,91 @@ def build_parser() -> argparse.ArgumentParser:
         description="Godot 3.2's WebSocketServer API over one worker process per core.",
     )
     parser.add_argument("--version", action="version", version=f"wsfleet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run a server with the built-in echo application (Ctrl-C stops it)"
+    )
+    serve.add_argument("--port", type=int, default=9080, help="TCP port (default 9080)")
+    serve.add_argument("--bind", default="*", help='address to listen on (default "*": all)')
+    serve.add_argument("--shards", type=int, default=None, help="worker processes (default: CPUs)")
+    serve.add_argument(
+        "--protocols", default="", help="comma-separated subprotocols the server speaks"
+    )
+    serve.add_argument("--tls-cert", help="PEM certificate (chain) file: serve wss://")
+    serve.add_argument("--tls-key", help="PEM private key file")
+    serve.add_argument("--quiet", action="store_true", help="do not log connections")
     return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Echo every message back to its sender, in the same write mode (text/binary)."""
+    server = WebSocketServer(shards=args.shards)
+    server.bind_ip = args.bind
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together")
+        return 2
+    if args.tls_cert:
+        server.ssl_certificate, server.private_key = args.tls_cert, args.tls_key
+    protocols = [p for p in args.protocols.split(",") if p.strip()]
+
+    def on_data(peer_id: int) -> None:
+        peer = server.get_peer(peer_id)
+        while peer.get_available_packet_count():
+            packet = peer.get_packet()
+            peer.set_write_mode(
+                peer.WRITE_MODE_TEXT if peer.was_string_packet() else peer.WRITE_MODE_BINARY
+            )
+            peer.put_packet(packet)
+
+    server.connect("data_received", on_data)
+    if not args.quiet:
+        server.connect(
+            "client_connected",
+            lambda peer_id, protocol: log.info(
+                "peer %d connected from %s:%d%s",
+                peer_id,
+                server.get_peer_address(peer_id),
+                server.get_peer_port(peer_id),
+                f" ({protocol})" if protocol else "",
+            ),  # fmt: skip
+        )
+        server.connect(
+            "client_disconnected",
+            lambda peer_id, clean: log.info("peer %d left (clean: %s)", peer_id, clean),
+        )
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    error = server.listen(args.port, protocols)
+    if error != Error.OK:
+        log.error("cannot listen on port %d: %s", args.port, error.name)
+        return 1
+    scheme = "wss" if args.tls_cert else "ws"
+    log.info(
+        "wsfleet %s: echo on %s://%s:%d with %d shards (Ctrl-C stops)",
+        __version__, scheme, args.bind, server.port, server.shards,
+    )  # fmt: skip
+    try:
+        while not stopping:
+            server.poll(0.05)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        started = time.monotonic()
+        server.stop()
+        log.info("stopped in %.2f s", time.monotonic() - started)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    # The server and its subcommands arrive with the sharded server.
-    print(f"wsfleet {__version__}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
+    if args.command == "serve":
+        if args.quiet:
+            logging.getLogger("wsfleet").setLevel(logging.WARNING)
+        return serve(args)
+    parser.print_help()
     return 0
 
 

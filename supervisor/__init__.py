@@ -1,6 +1,8 @@
 """The supervisor process: forks the shards and keeps them alive.
 
 Owns: spawning, reaping and restarting shards (back-off, crash-loop limit),
-telling the front about deaths, and server-wide status.  Started as a fresh
-interpreter, never a fork of the user's process.  Imports only `wsfleet.ipc`.
+telling the front about deaths over the control channel, and tying process
+lifetimes together.  Started as a fresh interpreter (``python -m
+wsfleet.supervisor``), never a fork of the user's process.  Imports
+`wsfleet.ipc` and the shards' entry point, which it runs in its children.
 """

@@ -1,0 +1,650 @@
+"""``WebSocketServer``: Godot 3.2's API in the user's process, over N shard processes.
+
+``listen()`` binds one ``SO_REUSEPORT`` socket per shard and starts the
+supervisor (a fresh interpreter), which forks the shards and sends each
+shard's rings back over the control channel.  ``poll()`` never blocks: it
+drains every shard's events ring, keeps inbound messages per peer and emits
+the signals; commands (``put_packet``, closes, broadcasts) go to the owning
+shard's commands ring, found from the peer id by arithmetic.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import select
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterable
+
+from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
+from wsfleet.ipc import messages as m
+
+from .errors import Error
+from .peer import WebSocketPeer, check_close
+from .signals import SignalEmitter
+
+log = logging.getLogger("wsfleet")
+
+DEFAULT_RING_CAPACITY = 1 << 20
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+_LISTEN_BACKLOG = 1024
+_STOP_TIMEOUT = 6.0
+
+
+def _pow2_at_least(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _load_pem(value: str | bytes | None) -> str | None:
+    """PEM text as given, or read from the file it names."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    if "-----BEGIN" in value:
+        return value
+    with open(value, encoding="ascii") as f:
+        return f.read()
+
+
+class _ShardLink:
+    """The front's end of one shard: its two rings and the peers it owns."""
+
+    __slots__ = (
+        "index",
+        "pid",
+        "events_ring",
+        "commands_ring",
+        "events",
+        "commands",
+        "backlog",
+        "peers",
+    )
+
+    def __init__(self, index: int, pid: int, fds: list[int]) -> None:
+        self.index = index
+        self.pid = pid
+        self.events_ring = SharedRing.attach(RingFds(*fds[:3]))
+        self.commands_ring = SharedRing.attach(RingFds(*fds[3:6]))
+        self.events = Consumer(self.events_ring)
+        self.commands = Producer(self.commands_ring)
+        # Commands the full ring did not take yet, in order (bounded by the per-peer limits).
+        self.backlog: list[Record] = []
+        self.peers: set[int] = set()
+
+    def close(self) -> None:
+        self.events_ring.close()
+        self.commands_ring.close()
+
+
+class WebSocketServer(SignalEmitter):
+    """A WebSocket server with Godot 3.2's ``WebSocketServer`` API.
+
+    ``shards`` worker processes hold the sockets (default: one per CPU this
+    process may run on).  Signals: ``client_connected(id, protocol)``,
+    ``client_disconnected(id, was_clean_close)``,
+    ``client_close_request(id, code, reason)``, ``data_received(id)``; they
+    fire inside `poll`.
+    """
+
+    SIGNALS = ("client_connected", "client_disconnected", "client_close_request", "data_received")
+
+    def __init__(
+        self,
+        shards: int | None = None,
+        *,
+        ring_capacity: int = DEFAULT_RING_CAPACITY,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        if shards is None:
+            shards = len(os.sched_getaffinity(0))
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1: {shards}")
+        self.shards = shards
+        self.ring_capacity = ring_capacity
+        self.handshake_timeout = handshake_timeout
+        self._bind_ip = "*"
+        #: PEM text or a path to a PEM file. TLS is on when both are set.
+        self.private_key: str | None = None
+        self.ssl_certificate: str | None = None
+        #: Extra certificates sent in the TLS handshake (PEM text or path).
+        self.ca_chain: str | None = None
+        self._in_bytes_limit = 64 * 1024
+        self._in_packets_limit = 1024
+        self._out_bytes_limit = 64 * 1024
+        self._out_packets_limit = 1024
+        self._listening = False
+        self._gd_mp_api = False
+        self._port = 0
+        self._peers: dict[int, WebSocketPeer] = {}
+        self._links: list[_ShardLink | None] = []
+        self._id_span = m.id_span(shards)
+        self._supervisor: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+        self._lifeline: Lifeline | None = None
+        self._epoll: select.epoll | None = None
+        self._select_mode = False
+        self._in_poll = False
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def bind_ip(self) -> str:
+        """The address to listen on: ``"*"`` (every address, IPv4 and IPv6) or an IP."""
+        return self._bind_ip
+
+    @bind_ip.setter
+    def bind_ip(self, value: str) -> None:
+        if self._listening:
+            raise RuntimeError("bind_ip cannot change while the server is listening")
+        if value != "*":
+            ipaddress.ip_address(value)  # ValueError for anything but an IP
+        self._bind_ip = value
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful after ``listen(0)``)."""
+        return self._port
+
+    # -- WebSocketServer ----------------------------------------------------------------------
+
+    def set_buffers(
+        self, input_buffer_size_kb: int, input_max_packets: int, output_buffer_size_kb: int,
+        output_max_packets: int,
+    ) -> Error:  # fmt: skip
+        """Per-peer limits, each rounded up to a power of two (Godot's rule). Before `listen`."""
+        if self._listening:
+            log.error("set_buffers: the server is already listening")
+            return Error.FAILED
+        values = (
+            input_buffer_size_kb,
+            input_max_packets,
+            output_buffer_size_kb,
+            output_max_packets,
+        )
+        if min(values) < 1:
+            log.error("set_buffers: every value must be at least 1: %s", values)
+            return Error.ERR_INVALID_PARAMETER
+        self._in_bytes_limit = _pow2_at_least(input_buffer_size_kb) * 1024
+        self._in_packets_limit = _pow2_at_least(input_max_packets)
+        self._out_bytes_limit = _pow2_at_least(output_buffer_size_kb) * 1024
+        self._out_packets_limit = _pow2_at_least(output_max_packets)
+        return Error.OK
+
+    def listen(self, port: int, protocols: Iterable[str] = (), gd_mp_api: bool = False) -> Error:
+        """Start listening on ``bind_ip:port`` with N shards; returns an `Error`."""
+        if self._listening:
+            log.error("listen: the server is already listening")
+            return Error.ERR_ALREADY_IN_USE
+        if gd_mp_api:
+            log.error("listen: gd_mp_api=True (the multiplayer relay) is not available yet")
+            return Error.ERR_UNAVAILABLE
+        if not 0 <= port <= 65535:
+            log.error("listen: port %d is out of range", port)
+            return Error.ERR_INVALID_PARAMETER
+        protocols = [p.strip() for p in protocols]
+        try:
+            tls = self._tls_config()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("listen: cannot use the TLS certificate/key: %s", exc)
+            return Error.ERR_CANT_CREATE
+        sockets, error = self._bind(port)
+        if error != Error.OK:
+            return error
+        try:
+            self._start_supervisor(sockets, protocols, tls)
+        except OSError as exc:
+            log.error("listen: cannot start the supervisor: %s", exc)
+            self._teardown()
+            return Error.ERR_CANT_CREATE
+        finally:
+            for sock in sockets:
+                sock.close()  # the supervisor and the shards hold them now
+        self._gd_mp_api = gd_mp_api
+        self._listening = True
+        return Error.OK
+
+    def _tls_config(self) -> dict[str, str] | None:
+        key, cert = _load_pem(self.private_key), _load_pem(self.ssl_certificate)
+        if key is None and cert is None:
+            return None
+        if key is None or cert is None:
+            raise ValueError("TLS needs both private_key and ssl_certificate")
+        chain = _load_pem(self.ca_chain)
+        # Check here, so that a bad file is a clear listen() error and not a shard that cannot boot.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        for pem in (cert, key, chain):
+            if pem is not None and "-----BEGIN" not in pem:
+                raise ValueError("not a PEM file")
+        fd_cert, fd_key = os.memfd_create("wsfleet-cert"), os.memfd_create("wsfleet-key")
+        try:
+            os.write(fd_cert, cert.encode())
+            os.write(fd_key, key.encode())
+            context.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
+        finally:
+            os.close(fd_cert)
+            os.close(fd_key)
+        return {"cert": cert, "key": key, "chain": chain or ""}
+
+    def _address(self) -> tuple[socket.AddressFamily, str]:
+        if self._bind_ip == "*":
+            return (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+        family = (
+            socket.AF_INET6 if ipaddress.ip_address(self._bind_ip).version == 6 else socket.AF_INET
+        )
+        return family, self._bind_ip
+
+    def _bind(self, port: int) -> tuple[list[socket.socket], Error]:
+        family, host = self._address()
+        # SO_REUSEPORT alone would let us join another server's group on this
+        # port: bind once without it first, to see whether the port is free.
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host == "::":
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        except OSError as exc:
+            probe.close()
+            return [], self._bind_error(exc, host, port)
+        probe.close()
+        sockets: list[socket.socket] = []
+        try:
+            for _ in range(self.shards):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6 and host == "::":
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind((host, port))
+                sock.listen(_LISTEN_BACKLOG)
+                sock.setblocking(False)
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            return [], self._bind_error(exc, host, port)
+        self._port = port
+        return sockets, Error.OK
+
+    @staticmethod
+    def _bind_error(exc: OSError, host: str, port: int) -> Error:
+        log.error("listen: cannot listen on %s port %d: %s", host, port, exc.strerror or exc)
+        if exc.errno == errno.EADDRINUSE:
+            return Error.ERR_ALREADY_IN_USE
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
+            return Error.ERR_INVALID_PARAMETER
+        return Error.ERR_CANT_CREATE
+
+    def _start_supervisor(
+        self, sockets: list[socket.socket], protocols: list[str], tls: dict[str, str] | None
+    ) -> None:
+        ours, theirs = control.socketpair()
+        lifeline = Lifeline()  # we hold it; the supervisor watches it
+        listen_fds = [sock.fileno() for sock in sockets]
+        try:
+            self._supervisor = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "wsfleet.supervisor",
+                    "--control-fd",
+                    str(theirs.fileno()),
+                    "--lifeline-fd",
+                    str(lifeline.watch_fd),
+                    "--listen-fds",
+                    ",".join(map(str, listen_fds)),
+                ],  # fmt: skip
+                pass_fds=(theirs.fileno(), lifeline.watch_fd, *listen_fds),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+            os.close(lifeline.watch_fd)
+            lifeline.watch_fd = -1
+        self._control = ours
+        self._lifeline = lifeline
+        control.send(
+            ours,
+            {
+                "type": "config",
+                "protocols": protocols,
+                "max_message": self._in_bytes_limit,
+                "handshake_timeout": self.handshake_timeout,
+                "ring_capacity": self.ring_capacity,
+                "tls": tls,
+            },
+        )
+        ours.setblocking(False)
+        self._links = [None] * self.shards
+        self._epoll = select.epoll()
+        self._epoll.register(ours.fileno(), select.EPOLLIN)
+
+    def stop(self) -> None:
+        """Stop listening and close every peer (close 1001). No signals are emitted, as in Godot."""
+        if not self._listening:
+            return
+        self._listening = False
+        self._flush_commands()
+        if self._control is not None:
+            try:
+                control.send(self._control, {"type": "stop"})
+            except OSError:
+                pass
+        if self._supervisor is not None:
+            try:
+                self._supervisor.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.error("stop: the supervisor did not exit in time; killing it")
+                self._supervisor.kill()
+                self._supervisor.wait()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        for peer in self._peers.values():
+            peer._connected = False
+        self._peers.clear()
+        for link in self._links:
+            if link is not None:
+                link.close()
+        self._links = []
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        self._supervisor = None
+        self._select_mode = False
+
+    def is_listening(self) -> bool:
+        return self._listening
+
+    def has_peer(self, peer_id: int) -> bool:
+        return peer_id in self._peers
+
+    def get_peer(self, peer_id: int) -> WebSocketPeer | None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            log.error("get_peer: no peer %d", peer_id)
+        return peer
+
+    def get_peer_address(self, peer_id: int) -> str:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            log.error("get_peer_address: no peer %d", peer_id)
+            return ""
+        return peer._ip
+
+    def get_peer_port(self, peer_id: int) -> int:
+        peer = self._peers.get(peer_id)
+        return 0 if peer is None else peer._port
+
+    def disconnect_peer(self, peer_id: int, code: int = 1000, reason: str = "") -> None:
+        """Start the close handshake with a peer; it leaves in a later `poll`."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            check_close(code, reason)
+            log.error("disconnect_peer: no peer %d", peer_id)
+            return
+        peer.close(code, reason)
+
+    def get_peers(self) -> list[int]:
+        """The ids of every connected peer."""
+        return list(self._peers)
+
+    def broadcast(
+        self,
+        data: bytes | bytearray | memoryview | str,
+        text: bool = False,
+        exclude: Iterable[int] = (),
+    ) -> Error:
+        """Send one message to every peer (but ``exclude``), encoded once per shard."""
+        if not self._listening:
+            return Error.ERR_UNCONFIGURED
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        if text:
+            try:
+                payload.decode()
+            except UnicodeDecodeError:
+                log.error("broadcast: text messages must be UTF-8")
+                return Error.ERR_INVALID_PARAMETER
+        by_shard: dict[int, list[int]] = {}
+        for peer_id in exclude:
+            by_shard.setdefault(m.owner_of(peer_id, self._id_span), []).append(peer_id)
+        for link in self._links:
+            if link is not None and link.peers:
+                body = m.encode_broadcast(payload, by_shard.get(link.index, ()))
+                self._command(link, m.CMD_BROADCAST, 0, m.FLAG_TEXT if text else 0, body)
+        return Error.OK
+
+    # -- polling ------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when `poll` has something to do (for select)."""
+        if self._epoll is None:
+            raise RuntimeError("fileno: the server is not listening")
+        self._select_mode = True
+        self._arm_all()
+        return self._epoll.fileno()
+
+    def poll(self, timeout: float | None = None) -> None:
+        """Take every event the shards have and emit the signals; never blocks by default.
+
+        With ``timeout`` (seconds), wait up to that long for something to
+        happen when nothing is pending.
+        """
+        if not self._listening:
+            return
+        self._in_poll = True
+        try:
+            if self._select_mode:
+                self._disarm_all()
+            self._flush_commands()
+            handled = self._read_control() + self._drain_events()
+            if not handled and timeout and self._epoll is not None:
+                if not self._arm_all():
+                    self._epoll.poll(timeout)
+                self._disarm_all()
+                self._read_control()
+                self._drain_events()
+            self._flush_commands()
+            if self._select_mode:
+                self._arm_all()
+        finally:
+            self._in_poll = False
+
+    def _arm_all(self) -> bool:
+        """Ask every shard to ring when it publishes; True if one already has (self-rung)."""
+        pending = False
+        for link in self._links:
+            if link is not None and link.events.arm():
+                pending = True
+                if self._select_mode:
+                    os.eventfd_write(link.events.fileno(), 1)  # so select() sees it
+        return pending
+
+    def _disarm_all(self) -> None:
+        for link in self._links:
+            if link is not None:
+                link.events.disarm()
+
+    def _drain_events(self) -> int:
+        count = 0
+        for link in self._links:
+            if link is not None:
+                records = link.events.pop_all()
+                if records:
+                    count += len(records)
+                    self._dispatch(link, records)
+        return count
+
+    def _dispatch(self, link: _ShardLink, records: list[Record]) -> None:
+        peers = self._peers
+        on_data = self._handlers["data_received"]
+        in_packets_limit = self._in_packets_limit
+        in_bytes_limit = self._in_bytes_limit
+        for kind, peer_id, flags, payload in records:
+            if kind == m.EV_BINARY or kind == m.EV_TEXT:
+                peer = peers.get(peer_id)
+                if peer is None:
+                    continue
+                inbox = peer._inbox
+                inbox.append((payload, kind == m.EV_TEXT))
+                peer._inbox_bytes += len(payload)
+                if not peer._reading_paused and (
+                    len(inbox) >= in_packets_limit or peer._inbox_bytes >= in_bytes_limit
+                ):
+                    peer._reading_paused = True
+                    self._command(link, m.CMD_PAUSE_READING, peer_id, 0, b"")
+                for handler in on_data:
+                    try:
+                        handler(peer_id)
+                    except Exception:
+                        log.exception("error in a 'data_received' handler")
+            elif kind == m.EV_CREDITS:
+                for credited_id, packets, size in m.decode_credits(payload):
+                    peer = peers.get(credited_id)
+                    if peer is not None:
+                        peer._out_packets -= packets
+                        peer._out_bytes -= size
+            elif kind == m.EV_CONNECTED:
+                ip, port, protocol = m.decode_connected(payload)
+                peers[peer_id] = WebSocketPeer(self, peer_id, link, ip, port, protocol)
+                link.peers.add(peer_id)
+                self.emit_signal("client_connected", peer_id, protocol)
+            elif kind == m.EV_CLOSE_REQUEST:
+                if peer_id in peers:
+                    code, reason = m.decode_close(payload)
+                    self.emit_signal("client_close_request", peer_id, code, reason)
+            elif kind == m.EV_DISCONNECTED:
+                self._peer_left(link, peer_id, bool(flags & m.FLAG_CLEAN))
+            else:
+                log.error("unknown event kind %d from shard %d", kind, link.index)
+
+    def _peer_left(self, link: _ShardLink, peer_id: int, clean: bool) -> None:
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return
+        link.peers.discard(peer_id)
+        peer._connected = False
+        peer._inbox.clear()
+        self.emit_signal("client_disconnected", peer_id, clean)
+
+    def _maybe_resume_reading(self, peer: WebSocketPeer) -> None:
+        if (
+            len(peer._inbox) <= self._in_packets_limit // 2
+            and peer._inbox_bytes <= self._in_bytes_limit // 2
+        ):
+            peer._reading_paused = False
+            self._command(peer._link, m.CMD_RESUME_READING, peer._id, 0, b"")
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _command(
+        self, link: _ShardLink, kind: int, peer_id: int, flags: int, payload: bytes
+    ) -> None:
+        if link.backlog or not link.commands.push(kind, peer_id, payload, flags):
+            link.backlog.append((kind, peer_id, flags, payload))
+        if not self._in_poll:
+            # Outside poll() (a timer, another task): send now rather than at the next poll.
+            self._flush_link(link)
+
+    def _flush_commands(self) -> None:
+        for link in self._links:
+            if link is not None:
+                self._flush_link(link)
+
+    @staticmethod
+    def _flush_link(link: _ShardLink) -> None:
+        if link.backlog:
+            taken = link.commands.push_many(link.backlog)
+            del link.backlog[:taken]
+        link.commands.flush()
+
+    # -- the supervisor's notices -------------------------------------------------------------
+
+    def _read_control(self) -> int:
+        handled = 0
+        while self._control is not None:
+            try:
+                received = control.receive(self._control)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                received = None
+                log.error("lost the control channel to the supervisor: %s", exc)
+            if received is None:
+                self._supervisor_gone()
+                break
+            handled += 1
+            message, fds = received
+            kind = message.get("type")
+            if kind == "shard_up":
+                self._shard_up(message["shard"], message["pid"], fds)
+            elif kind == "shard_down":
+                self._shard_down(message["shard"])
+            elif kind == "shard_failed":
+                log.error("shard %d was given up: %s", message["shard"], message.get("reason"))
+            else:
+                log.error("unknown message from the supervisor: %r", message)
+            if kind != "shard_up":
+                for fd in fds:
+                    os.close(fd)
+        return handled
+
+    def _shard_up(self, index: int, pid: int, fds: list[int]) -> None:
+        if self._links[index] is not None:
+            self._shard_down(index)
+        link = _ShardLink(index, pid, fds)
+        self._links[index] = link
+        if self._epoll is not None:
+            self._epoll.register(link.events.fileno(), select.EPOLLIN)
+        if self._select_mode:
+            self._arm_all()
+
+    def _shard_down(self, index: int) -> None:
+        """A shard died: what it published still counts, then each of its peers is gone."""
+        link = self._links[index]
+        if link is None:
+            return
+        while True:
+            records = link.events.pop_all()
+            if not records:
+                break
+            self._dispatch(link, records)
+        for peer_id in sorted(link.peers):
+            self._peer_left(link, peer_id, False)
+        if self._epoll is not None:
+            self._epoll.unregister(link.events.fileno())
+        self._links[index] = None
+        link.close()
+
+    def _supervisor_gone(self) -> None:
+        log.error("the supervisor exited: every shard is gone")
+        for index, link in enumerate(self._links):
+            if link is not None:
+                self._shard_down(index)
+        if self._control is not None:
+            if self._epoll is not None:
+                self._epoll.unregister(self._control.fileno())
+            self._control.close()
+            self._control = None
+
+    def __del__(self) -> None:
+        # An abandoned server still ends its processes (the lifeline would too, at exit).
+        if getattr(self, "_listening", False):
+            try:
+                self.stop()
+            except Exception:
+                pass

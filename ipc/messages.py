@@ -1,0 +1,120 @@
+"""What the front and a shard say to each other through their two rings.
+
+Each record is ``(kind, peer, flags, payload)`` (see `wsfleet.ipc.ring`).
+Events flow shard -> front, commands front -> shard.  Payloads are raw bytes
+or small fixed ``struct`` layouts; nothing here allocates per message beyond
+the payload itself.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+# -- events: shard -> front ------------------------------------------------------
+
+#: A handshake completed: payload `encode_connected`.
+EV_CONNECTED = 1
+#: A whole text / binary message from a peer: payload = the message.
+EV_TEXT = 2
+EV_BINARY = 3
+#: The peer sent a close frame first: payload `encode_close` (reason without Godot's NUL).
+EV_CLOSE_REQUEST = 4
+#: The connection is gone: flags = 1 if the peer started a clean close handshake.
+EV_DISCONNECTED = 5
+#: Outbound packets the shard handed to the kernel: payload `encode_credits`, peer 0.
+EV_CREDITS = 6
+
+# -- commands: front -> shard ------------------------------------------------------
+
+#: Send one message: payload = the message.
+CMD_SEND_TEXT = 1
+CMD_SEND_BINARY = 2
+#: Start the close handshake: payload `encode_close`.
+CMD_CLOSE = 3
+#: Send to every peer of the shard: flags = FLAG_TEXT or 0, payload `encode_broadcast`.
+CMD_BROADCAST = 4
+#: TCP_NODELAY on (flags 1) or off (flags 0).
+CMD_NO_DELAY = 5
+#: Stop / resume reading from one peer (the front's inbound queue is full / has room).
+CMD_PAUSE_READING = 6
+CMD_RESUME_READING = 7
+
+FLAG_TEXT = 1
+FLAG_CLEAN = 1
+
+_CONNECTED = struct.Struct("<H")
+_CLOSE = struct.Struct("<H")
+_CREDIT = struct.Struct("<iII")  # peer, packets, bytes
+_COUNT = struct.Struct("<I")
+
+
+def encode_connected(ip: str, port: int, protocol: str) -> bytes:
+    return _CONNECTED.pack(port) + ip.encode() + b"\0" + protocol.encode()
+
+
+def decode_connected(payload: bytes) -> tuple[str, int, str]:
+    """``(ip, port, protocol)``."""
+    (port,) = _CONNECTED.unpack_from(payload)
+    ip, _, protocol = payload[_CONNECTED.size :].partition(b"\0")
+    return ip.decode(), port, protocol.decode()
+
+
+def encode_close(code: int, reason: str | bytes) -> bytes:
+    if isinstance(reason, str):
+        reason = reason.encode()
+    return _CLOSE.pack(code) + reason
+
+
+def decode_close(payload: bytes) -> tuple[int, str]:
+    """``(code, reason)``; an invalid UTF-8 reason is replaced, never raised."""
+    (code,) = _CLOSE.unpack_from(payload)
+    return code, payload[_CLOSE.size :].decode(errors="replace")
+
+
+def encode_credits(credits: dict[int, list[int]]) -> bytes:
+    """``{peer: [packets, bytes]}`` -> payload."""
+    pack = _CREDIT.pack
+    return b"".join([pack(peer, packets, size) for peer, (packets, size) in credits.items()])
+
+
+def decode_credits(payload: bytes) -> Iterable[tuple[int, int, int]]:
+    """Yield ``(peer, packets, bytes)``."""
+    return _CREDIT.iter_unpack(payload)
+
+
+def encode_broadcast(message: bytes, exclude: Iterable[int] = ()) -> bytes:
+    excluded = list(exclude)
+    return _COUNT.pack(len(excluded)) + struct.pack(f"<{len(excluded)}i", *excluded) + message
+
+
+def decode_broadcast(payload: bytes) -> tuple[frozenset[int], memoryview]:
+    """``(excluded peer ids, message)``."""
+    (count,) = _COUNT.unpack_from(payload)
+    start = _COUNT.size + 4 * count
+    excluded = frozenset(struct.unpack_from(f"<{count}i", payload, _COUNT.size))
+    return excluded, memoryview(payload)[start:]
+
+
+# -- peer ids ------------------------------------------------------------------------
+
+#: Ids are positive 31-bit ints; 0 and 1 are never peers (1 is the server in Godot's API).
+FIRST_PEER_ID = 2
+ID_LIMIT = 1 << 31
+
+
+def id_span(shards: int) -> int:
+    """How many ids each shard owns."""
+    return (ID_LIMIT - FIRST_PEER_ID) // shards
+
+
+def id_range(index: int, shards: int) -> range:
+    """The ids shard ``index`` of ``shards`` hands out."""
+    span = id_span(shards)
+    base = FIRST_PEER_ID + index * span
+    return range(base, base + span)
+
+
+def owner_of(peer_id: int, span: int) -> int:
+    """The shard that owns ``peer_id``, computed, not looked up."""
+    return (peer_id - FIRST_PEER_ID) // span

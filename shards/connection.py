@@ -1,0 +1,253 @@
+"""One client connection inside a shard: handshake, frames, close.
+
+`websockets`' Sans-I/O ``ServerProtocol`` is the authority for the HTTP
+upgrade, framing rules, control frames and the close handshake; this class
+feeds it bytes from a uvloop transport, turns what it parses into event
+records for the front, and writes what the front sends.  Data frames from
+the front are built here directly (server frames are unmasked: a 2-10 byte
+header plus the payload) and written with one ``writelines`` per connection
+per batch of commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from wsfleet.ipc import messages as m
+
+if TYPE_CHECKING:
+    from .worker import Shard
+
+_TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+_SMALL_HEADERS = {
+    first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
+}
+
+
+def frame_header(first: int, size: int) -> bytes:
+    """The header of an unmasked, unfragmented frame (``first`` = FIN | opcode)."""
+    if size < 126:
+        return _SMALL_HEADERS[first][size]
+    if size < 65536:
+        return _LEN16.pack(first, 126, size)
+    return _LEN64.pack(first, 127, size)
+
+
+class PeerConnection(asyncio.Protocol):
+    """A TCP (or TLS) connection from accept to close."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.transport: asyncio.Transport | None = None
+        self.peer_id = 0  # assigned when the handshake completes
+        self.ws = ServerProtocol(
+            select_subprotocol=shard.select_subprotocol,
+            max_size=shard.max_message,
+        )
+        self.ip = ""
+        self.port = 0
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._fragments: list[bytes] = []
+        self._fragments_text = False
+        # The peer sent a close frame first: Godot's "clean close" for the server.
+        self._peer_closed_first = False
+        self._paused_by_front = False
+        self._paused_by_shard = False
+        # Frames queued during the current batch of commands.
+        self.outbox: list[bytes] = []
+        # Packets/bytes handed to the transport and not yet credited to the front.
+        self._credit_packets = 0
+        self._credit_bytes = 0
+        self._write_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Godot does
+        peername = transport.get_extra_info("peername") or ("", 0)
+        ip = peername[0]
+        self.ip = ip[7:] if ip.startswith("::ffff:") else ip
+        self.port = peername[1]
+        self._handshake_timer = self.shard.loop.call_later(
+            self.shard.handshake_timeout, self._handshake_timed_out
+        )
+        if self.shard.reading_paused:
+            self._paused_by_shard = True
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        if events:
+            if self.peer_id == 0:
+                self._handshake(events)
+            else:
+                self._frames(events)
+        self._write_protocol_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self.peer_id:
+            self.shard.peer_gone(self, self._peer_closed_first)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.release_credits()
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _handshake(self, events: list) -> None:
+        request = events[0]
+        if not isinstance(request, Request):
+            return
+        response = self.ws.accept(request)
+        self.ws.send_response(response)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if response.status_code != 101 or self.ws.state is not State.OPEN:
+            return  # websockets queued the error response and the end of the stream
+        protocol = response.headers.get("Sec-WebSocket-Protocol", "")
+        self.peer_id = self.shard.peer_connected(self, protocol)
+        if len(events) > 1:
+            self._frames(events[1:])
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.peer_id == 0 and self.transport is not None:
+            self.transport.abort()
+
+    # -- receiving ------------------------------------------------------------------
+
+    def _frames(self, events: list) -> None:
+        for frame in events:
+            if not isinstance(frame, Frame):
+                continue
+            opcode = frame.opcode
+            if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
+                if frame.fin:
+                    self._message(frame.data, opcode is Opcode.TEXT)
+                else:
+                    self._fragments = [frame.data]
+                    self._fragments_text = opcode is Opcode.TEXT
+            elif opcode is Opcode.CONT:
+                self._fragments.append(frame.data)
+                if frame.fin:
+                    data = b"".join(self._fragments)
+                    self._fragments = []
+                    self._message(data, self._fragments_text)
+            elif opcode is Opcode.CLOSE:
+                self._close_received()
+
+    def _message(self, data: bytes, text: bool) -> None:
+        if text:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.ws.fail(1007, "invalid UTF-8 in a text message")
+                return
+            self.shard.emit(m.EV_TEXT, self.peer_id, 0, data)
+        else:
+            self.shard.emit(m.EV_BINARY, self.peer_id, 0, data)
+
+    def _close_received(self) -> None:
+        ws = self.ws
+        if not ws.close_rcvd_then_sent:
+            return  # the answer to our own close: Godot reports no close request then
+        self._peer_closed_first = True
+        close = ws.close_rcvd or Close(1005, "")
+        reason = close.reason
+        if reason.endswith("\0"):
+            reason = reason[:-1]  # Godot appends one NUL to every reason it sends
+        self.shard.emit(m.EV_CLOSE_REQUEST, self.peer_id, 0, m.encode_close(close.code, reason))
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _write_protocol_output(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:  # websockets' "end of stream": the server closes the TCP connection
+                transport.close()
+
+    def queue_message(self, payload: bytes, text: bool) -> bool:
+        """Queue one data frame for this batch; False if the connection no longer sends."""
+        if self.ws.state is not State.OPEN:
+            return False
+        size = len(payload)
+        self.outbox.append(frame_header(_TEXT_BYTE if text else _BINARY_BYTE, size))
+        self.outbox.append(payload)
+        self._credit_packets += 1
+        self._credit_bytes += size
+        return True
+
+    def queue_frame(self, frame: bytes) -> bool:
+        """Queue an already built frame (a broadcast's) for this batch."""
+        if self.ws.state is not State.OPEN:
+            return False
+        self.outbox.append(frame)
+        return True
+
+    def write_outbox(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self.outbox)
+        self.outbox = []
+        if not self._write_paused:
+            self.release_credits()
+
+    def release_credits(self) -> None:
+        """Tell the front that what it sent left this shard's buffers (for its limits)."""
+        if self._credit_packets:
+            self.shard.credit(self.peer_id, self._credit_packets, self._credit_bytes)
+            self._credit_packets = self._credit_bytes = 0
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+            self._write_protocol_output()
+
+    def set_no_delay(self, enabled: bool) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(enabled))
+
+    # -- reading control ---------------------------------------------------------------
+
+    def pause_by_front(self, paused: bool) -> None:
+        self._paused_by_front = paused
+        self._apply_reading()
+
+    def pause_by_shard(self, paused: bool) -> None:
+        self._paused_by_shard = paused
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused_by_front or self._paused_by_shard:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()

@@ -1,0 +1,305 @@
+"""A shard process: one uvloop loop serving its share of the connections.
+
+The supervisor forks it with a listening socket (``SO_REUSEPORT``: the
+kernel spreads new connections over the shards), an events ring to write
+and a commands ring to read.  Everything happens on the loop thread:
+
+* connections turn what peers do into event records (`emit`), which are
+  published once per loop iteration (`_flush`, scheduled with ``call_soon``
+  at the first record: uvloop runs it after the iteration's I/O callbacks);
+* the commands ring is drained by a `RingReader`; frames for one connection
+  are written with one ``writelines`` per batch.
+
+A full events ring is backpressure, never loss: the shard keeps the records
+it could not push, stops reading from every socket, and resumes once the
+front has made room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+from websockets.exceptions import NegotiationError
+
+from wsfleet.ipc import Consumer, Producer, Record, SharedRing
+from wsfleet.ipc import messages as m
+from wsfleet.ipc.aio import RingReader
+
+from .connection import PeerConnection, frame_header
+
+log = logging.getLogger("wsfleet.shard")
+
+#: Exit status of a shard that cannot start (bad TLS files...): do not restart it.
+EXIT_BOOT_FAILED = 3
+_PR_SET_PDEATHSIG = 1
+GRACEFUL_CLOSE_SECONDS = 2.0
+
+
+class Shard:
+    """The state of one shard: its connections, its rings, its id range."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: dict[str, Any],
+        events: Producer,
+        commands: Consumer,
+        next_id_word: memoryview,
+    ) -> None:
+        self.loop = loop
+        self.index: int = config["index"]
+        self.protocols: list[str] = config["protocols"]
+        self.max_message: int = config["max_message"]
+        self.handshake_timeout: float = config["handshake_timeout"]
+        self._id_base: int = config["id_base"]
+        self._id_span: int = config["id_span"]
+        # The next id lives in memory the supervisor keeps across restarts,
+        # so a restarted shard does not hand out its predecessor's ids again.
+        self._next_id_word = next_id_word
+        self.events = events
+        self.commands = commands
+        self.peers: dict[int, PeerConnection] = {}
+        self._backlog: list[Record] = []  # events the full ring did not take yet
+        self.reading_paused = False
+        self._flush_scheduled = False
+        self._credits: dict[int, list[int]] = {}
+        self._touched: list[PeerConnection] = []
+        self.server: asyncio.AbstractServer | None = None
+
+        # websockets binds this to its ServerProtocol, so it must be a plain function.
+        def select_subprotocol(_protocol: Any, offered: Sequence[str]) -> str | None:
+            return self._select_subprotocol(offered)
+
+        self.select_subprotocol = select_subprotocol
+
+    # -- handshake policy -----------------------------------------------------------
+
+    def _select_subprotocol(self, offered: Sequence[str]) -> str | None:
+        """Godot's rule: the first protocol in the *client's* list that the server lists."""
+        if not self.protocols:
+            if offered:
+                raise NegotiationError(
+                    "this server speaks no subprotocol, the client asked for: " + ", ".join(offered)
+                )
+            return None
+        for protocol in offered:
+            if protocol in self.protocols:
+                return protocol
+        raise NegotiationError(
+            "no common subprotocol; the server speaks: " + ", ".join(self.protocols)
+        )
+
+    # -- peers ----------------------------------------------------------------------------
+
+    def _allocate_id(self) -> int:
+        word = self._next_id_word
+        offset = word[0] % self._id_span
+        for _ in range(self._id_span):
+            peer_id = self._id_base + offset
+            offset = (offset + 1) % self._id_span
+            if peer_id not in self.peers:
+                word[0] = offset
+                return peer_id
+        raise RuntimeError("every peer id of this shard is in use")
+
+    def peer_connected(self, conn: PeerConnection, protocol: str) -> int:
+        peer_id = self._allocate_id()
+        self.peers[peer_id] = conn
+        self.emit(m.EV_CONNECTED, peer_id, 0, m.encode_connected(conn.ip, conn.port, protocol))
+        return peer_id
+
+    def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
+        if self.peers.get(conn.peer_id) is conn:
+            del self.peers[conn.peer_id]
+        self._credits.pop(conn.peer_id, None)
+        self.emit(m.EV_DISCONNECTED, conn.peer_id, m.FLAG_CLEAN if clean else 0, b"")
+
+    # -- events to the front -------------------------------------------------------------
+
+    def emit(self, kind: int, peer: int, flags: int, payload: bytes) -> None:
+        """Queue an event for the front; it is published at the end of this loop iteration."""
+        self._push(kind, peer, flags, payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _push(self, kind: int, peer: int, flags: int, payload: bytes) -> None:
+        if self._backlog or not self.events.push(kind, peer, payload, flags):
+            self._backlog.append((kind, peer, flags, payload))
+            if not self.reading_paused:
+                self._ring_full()
+
+    def credit(self, peer: int, packets: int, size: int) -> None:
+        entry = self._credits.get(peer)
+        if entry is None:
+            self._credits[peer] = [packets, size]
+        else:
+            entry[0] += packets
+            entry[1] += size
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._credits:
+            credits, self._credits = self._credits, {}
+            self._push(m.EV_CREDITS, 0, 0, m.encode_credits(credits))
+        self.events.flush()
+
+    def _ring_full(self) -> None:
+        """Stop reading from every socket until the front makes room."""
+        self.reading_paused = True
+        for conn in list(self.peers.values()):
+            conn.pause_by_shard(True)
+        self.loop.add_reader(self.events.space_fileno(), self._on_space)
+        if self.events.arm_space():
+            self.loop.call_soon(self._on_space)
+
+    def _on_space(self) -> None:
+        self.events.disarm_space()
+        taken = self.events.push_many(self._backlog)
+        del self._backlog[:taken]
+        self.events.flush()
+        if self._backlog:
+            if self.events.arm_space():
+                self.loop.call_soon(self._on_space)
+            return
+        self.loop.remove_reader(self.events.space_fileno())
+        self.reading_paused = False
+        for conn in list(self.peers.values()):
+            conn.pause_by_shard(False)
+
+    # -- commands from the front ------------------------------------------------------------
+
+    def on_commands(self, records: list[Record]) -> None:
+        peers = self.peers
+        touched = self._touched
+        for kind, peer_id, flags, payload in records:
+            if kind == m.CMD_SEND_BINARY or kind == m.CMD_SEND_TEXT:
+                conn = peers.get(peer_id)
+                if conn is not None:
+                    first_in_batch = not conn.outbox
+                    if conn.queue_message(payload, kind == m.CMD_SEND_TEXT) and first_in_batch:
+                        touched.append(conn)
+            elif kind == m.CMD_BROADCAST:
+                excluded, message = m.decode_broadcast(payload)
+                first = 0x81 if flags & m.FLAG_TEXT else 0x82
+                frame = frame_header(first, len(message)) + message
+                for conn_id, conn in peers.items():
+                    first_in_batch = not conn.outbox
+                    if conn_id not in excluded and conn.queue_frame(frame) and first_in_batch:
+                        touched.append(conn)
+            else:
+                conn = peers.get(peer_id)
+                if conn is None:
+                    continue
+                if kind == m.CMD_CLOSE:
+                    conn.close(*m.decode_close(payload))
+                elif kind == m.CMD_PAUSE_READING:
+                    conn.pause_by_front(True)
+                elif kind == m.CMD_RESUME_READING:
+                    conn.pause_by_front(False)
+                elif kind == m.CMD_NO_DELAY:
+                    conn.set_no_delay(bool(flags))
+                else:
+                    log.error("shard %d: unknown command kind %d", self.index, kind)
+        for conn in touched:
+            conn.write_outbox()
+        touched.clear()
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def close_gracefully(self) -> None:
+        """Stop accepting, send close 1001 to every peer, wait a little for them to go."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.peers.values()):
+            conn.close(1001, "server shutting down")
+        deadline = self.loop.time() + GRACEFUL_CLOSE_SECONDS
+        while self.peers and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.peers.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+        self._flush()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the supervisor dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor's lifeline still ends us
+        pass
+
+
+def _tls_context(tls: dict[str, str]) -> ssl.SSLContext:
+    """A server context from PEM text, loaded through anonymous memory (no file names)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    chain = tls["cert"] + ("\n" + tls["chain"] if tls.get("chain") else "")
+    cert_fd = os.memfd_create("wsfleet-cert", os.MFD_CLOEXEC)
+    key_fd = os.memfd_create("wsfleet-key", os.MFD_CLOEXEC)
+    try:
+        os.write(cert_fd, chain.encode())
+        os.write(key_fd, tls["key"].encode())
+        context.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
+    finally:
+        os.close(cert_fd)
+        os.close(key_fd)
+    return context
+
+
+def run(
+    config: dict[str, Any],
+    listen_sock: socket.socket,
+    events_ring: SharedRing,
+    commands_ring: SharedRing,
+    next_id_word: memoryview,
+    supervisor_pid: int,
+) -> int:
+    """The shard process's main function (called in the forked child); returns its exit status."""
+    _die_with_parent()
+    if os.getppid() != supervisor_pid:
+        return 1  # the supervisor died before the death signal was armed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
+    logging.basicConfig(level=logging.INFO, format="wsfleet shard %(message)s", stream=sys.stderr)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per connection
+    try:
+        ssl_context = _tls_context(config["tls"]) if config.get("tls") else None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        log.error("shard %d: cannot load the TLS certificate/key: %s", config["index"], exc)
+        return EXIT_BOOT_FAILED
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), next_id_word)
+    reader = RingReader(loop, shard.commands, shard.on_commands)
+    stopping = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, lambda: stopping.done() or stopping.set_result(None))
+
+    async def serve() -> None:
+        shard.server = await loop.create_server(
+            lambda: PeerConnection(shard), sock=listen_sock, ssl=ssl_context, backlog=1024
+        )
+        reader.start()
+        await stopping
+        await shard.close_gracefully()
+
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        reader.stop()
+        loop.close()
+    return 0

@@ -1,0 +1,298 @@
+"""The supervisor: fork the shards, reap them, restart them, tell the front.
+
+One master loop in the style of gunicorn's arbiter: signal handlers do
+nothing but wake the loop (``signal.set_wakeup_fd``); the loop reaps children
+with ``waitpid(-1, WNOHANG)``, restarts dead shards after a back-off, gives a
+shard up when it keeps dying (or cannot boot at all), and ends everything
+when the front goes away.
+
+Lifetimes: the supervisor watches the front's lifeline (a pipe whose write
+end only the front holds), so even a SIGKILLed front ends it; each shard is
+created with ``PR_SET_PDEATHSIG`` so a SIGKILLed supervisor ends the shards.
+It imports the shards' code (and so uvloop and websockets) before forking,
+so that every (re)start is quick.  The listening sockets live here for the
+whole run: a restarted shard takes
+over its predecessor's socket, and connections that arrived in between wait
+in that socket's backlog instead of being refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsfleet.ipc import SharedRing, control
+from wsfleet.ipc import messages as m
+from wsfleet.shards import worker
+from wsfleet.shards.worker import EXIT_BOOT_FAILED
+
+log = logging.getLogger("wsfleet.supervisor")
+
+#: A shard that dies more often than this within the window is given up.
+CRASH_LIMIT = 5
+CRASH_WINDOW_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 2.0
+#: How long shards get to close their peers when the front has died / asked to stop.
+FRONT_GONE_GRACE_SECONDS = 1.0
+STOP_GRACE_SECONDS = 3.0
+_SLOT_BYTES = 64  # per shard in the shared state block: the next peer id, on its own line
+
+
+@dataclass
+class ShardSlot:
+    index: int
+    listen_sock: socket.socket
+    pid: int = 0
+    generation: int = 0
+    deaths: collections.deque[float] = field(default_factory=collections.deque)
+    restart_at: float | None = None
+    failed: bool = False
+
+
+class Arbiter:
+    def __init__(
+        self, control_sock: socket.socket, front_lifeline: int, listen_socks: list[socket.socket]
+    ) -> None:
+        self.control = control_sock
+        self.front_lifeline = front_lifeline
+        self.slots = [ShardSlot(i, sock) for i, sock in enumerate(listen_socks)]
+        self.config: dict[str, Any] = {}
+        self.stopping = False
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Anonymous shared memory survives the shards: each one keeps its next
+        # peer id here so that its replacement continues after it.
+        self._state = mmap.mmap(-1, _SLOT_BYTES * max(1, len(self.slots)))
+        self._state_words = memoryview(self._state).cast("Q")
+
+    # -- the master loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.config = self._receive_config()
+        for slot in self.slots:
+            self.spawn(slot)
+        while True:
+            readable = self._sleep()
+            self.reap()
+            if self.front_lifeline in readable:
+                log.info("the front has exited: stopping the shards")
+                self.stop(FRONT_GONE_GRACE_SECONDS)
+                return 0
+            if self.control in readable and self._handle_control():
+                return 0
+            if self._wakeup_r in readable and self._handle_signals():
+                return 0
+            self._restart_due()
+
+    def _sleep(self) -> set[Any]:
+        now = time.monotonic()
+        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        timeout = max(0.0, min(due) - now) if due else 1.0
+        watched = [self.front_lifeline, self.control, self._wakeup_r]
+        readable, _, _ = select.select(watched, [], [], timeout)
+        return set(readable)
+
+    def _handle_control(self) -> bool:
+        """True when the front asked to stop (or closed the channel)."""
+        try:
+            received = control.receive(self.control)
+        except BlockingIOError:
+            return False
+        except OSError:
+            received = None
+        if received is None:
+            self.stop(FRONT_GONE_GRACE_SECONDS)
+            return True
+        message, fds = received
+        for fd in fds:
+            os.close(fd)
+        if message.get("type") == "stop":
+            self.stop(STOP_GRACE_SECONDS)
+            return True
+        log.error("unknown control message from the front: %r", message)
+        return False
+
+    def _handle_signals(self) -> bool:
+        try:
+            received = os.read(self._wakeup_r, 512)
+        except BlockingIOError:
+            return False
+        if signal.SIGTERM in received:
+            log.info("SIGTERM: stopping the shards")
+            self.stop(STOP_GRACE_SECONDS)
+            return True
+        return False  # SIGCHLD: reap() already ran
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wakeup_w)
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd carries the signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
+
+    def _receive_config(self) -> dict[str, Any]:
+        self.control.settimeout(30)
+        received = control.receive(self.control)
+        self.control.setblocking(False)
+        if received is None or received[0].get("type") != "config":
+            raise SystemExit("wsfleet supervisor: no configuration from the front")
+        return received[0]
+
+    # -- shards ---------------------------------------------------------------------------
+
+    def spawn(self, slot: ShardSlot) -> None:
+        capacity = self.config["ring_capacity"]
+        events = SharedRing.create(capacity)
+        commands = SharedRing.create(capacity)
+        slot.generation += 1
+        slot.restart_at = None
+        supervisor_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the shard
+            status = 1
+            try:
+                self._become_shard(slot)
+                word = memoryview(self._state)[slot.index * _SLOT_BYTES :][:8].cast("Q")
+                status = worker.run(
+                    self._shard_config(slot),
+                    slot.listen_sock,
+                    events,
+                    commands,
+                    word,
+                    supervisor_pid,
+                )
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        slot.pid = pid
+        log.debug("shard %d started (pid %d)", slot.index, pid)
+        try:
+            control.send(
+                self.control,
+                {
+                    "type": "shard_up",
+                    "shard": slot.index,
+                    "pid": pid,
+                    "generation": slot.generation,
+                },
+                [*events.fds, *commands.fds],
+            )
+        except OSError:
+            pass  # the front is gone; the loop notices its lifeline
+        events.close()
+        commands.close()
+
+    def _become_shard(self, slot: ShardSlot) -> None:
+        """In the forked child: drop what belongs to the supervisor."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        os.close(self.front_lifeline)
+        self.control.close()
+        for other in self.slots:
+            if other is not slot:
+                other.listen_sock.close()
+
+    def _shard_config(self, slot: ShardSlot) -> dict[str, Any]:
+        ids = m.id_range(slot.index, len(self.slots))
+        return {
+            "index": slot.index,
+            "id_base": ids.start,
+            "id_span": len(ids),
+            "protocols": self.config["protocols"],
+            "max_message": self.config["max_message"],
+            "handshake_timeout": self.config["handshake_timeout"],
+            "tls": self.config.get("tls"),
+        }
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            slot.pid = 0
+            code = os.waitstatus_to_exitcode(status)
+            self._notify({"type": "shard_down", "shard": slot.index, "pid": pid, "exit": code})
+            if not self.stopping:
+                self._schedule_restart(slot, code)
+
+    def _schedule_restart(self, slot: ShardSlot, code: int) -> None:
+        now = time.monotonic()
+        slot.deaths.append(now)
+        while slot.deaths and now - slot.deaths[0] > CRASH_WINDOW_SECONDS:
+            slot.deaths.popleft()
+        if code == EXIT_BOOT_FAILED or len(slot.deaths) > CRASH_LIMIT:
+            reason = (
+                "it cannot boot"
+                if code == EXIT_BOOT_FAILED
+                else f"it died {len(slot.deaths)} times in {CRASH_WINDOW_SECONDS:.0f} s"
+            )
+            log.error("shard %d given up: %s", slot.index, reason)
+            slot.failed = True
+            slot.listen_sock.close()  # the kernel stops sending it connections
+            self._notify({"type": "shard_failed", "shard": slot.index, "reason": reason})
+            return
+        # The first death restarts at once; a shard that keeps dying waits longer each time.
+        backoff = 0.0 if len(slot.deaths) == 1 else 0.1 * 2 ** (len(slot.deaths) - 2)
+        slot.restart_at = now + min(backoff, MAX_BACKOFF_SECONDS)
+        log.warning("shard %d exited (%d); restarting in %.1f s", slot.index, code, backoff)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.restart_at is not None and slot.restart_at <= now and not slot.failed:
+                self.spawn(slot)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every shard (they close their peers: 1001), SIGKILL what outlives ``grace``."""
+        self.stopping = True
+        for slot in self.slots:
+            if slot.pid:
+                os.kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(slot.pid for slot in self.slots) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self.reap()
+        for slot in self.slots:
+            if slot.pid:
+                os.kill(slot.pid, signal.SIGKILL)
+        while any(slot.pid for slot in self.slots):
+            time.sleep(0.005)
+            self.reap()
+
+    def _notify(self, message: dict[str, Any]) -> None:
+        try:
+            control.send(self.control, message)
+        except OSError:
+            pass  # the front is gone; its lifeline ends the loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wsfleet.supervisor")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--listen-fds", required=True, help="comma-separated, one per shard")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
+    control_sock = socket.socket(fileno=args.control_fd)
+    listen_socks = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
+    return Arbiter(control_sock, args.lifeline_fd, listen_socks).run()
