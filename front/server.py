@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
@@ -402,6 +403,22 @@ class WebSocketServer(SignalEmitter):
     def get_peers(self) -> list[int]:
         """The ids of every connected peer."""
         return list(self._peers)
+
+    def get_peer_shard(self, peer_id: int) -> int:
+        """The index of the shard that holds the peer's connection (-1 if unknown)."""
+        peer = self._peers.get(peer_id)
+        return -1 if peer is None else peer._link.index
+
+    def get_shard_status(self) -> list[dict[str, Any]]:
+        """Per shard: its index, pid (None while it is down) and number of peers."""
+        return [
+            {
+                "shard": index,
+                "pid": link.pid if link else None,
+                "peers": len(link.peers) if link else 0,
+            }
+            for index, link in enumerate(self._links)
+        ]
 
     def broadcast(
         self,
