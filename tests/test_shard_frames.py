@@ -1,0 +1,191 @@
+"""Frames at the byte level: the shard's fast path and websockets' full rules agree."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+import pytest
+
+from wsfleet import Error, WebSocketServer
+from wsfleet.loadtest.wsclient import build_frame
+
+from .test_server_api import echo
+from .wsserver import run_with, until
+
+pytestmark = pytest.mark.timeout(60)
+
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
+
+
+async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    assert second & 0x80 == 0, "server frames are never masked"
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    return first & 0x0F, await reader.readexactly(length)
+
+
+async def read_data_frames(reader: asyncio.StreamReader, count: int) -> tuple[list, list]:
+    """``count`` data frames as (opcode, payload), and the pongs seen meanwhile."""
+    data, pongs = [], []
+    while len(data) < count:
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        (pongs if opcode == PONG else data).append((opcode, payload))
+    return data, pongs
+
+
+def mixed_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Simple frames, control frames and fragments interleaved, with the echoes expected."""
+    frames = [
+        build_frame(TEXT, b"a"),
+        build_frame(PING, b"p"),
+        build_frame(BINARY, b"b" * 125),
+        build_frame(TEXT, b"c", fin=False),
+        build_frame(PING, b"q"),
+        build_frame(CONT, "dé".encode(), fin=True),
+        build_frame(BINARY, bytes(range(126))),
+        build_frame(BINARY, bytes(70_000 % 65536)),  # 16-bit length
+        build_frame(TEXT, "e✓".encode()),
+    ]
+    expected = [
+        (TEXT, b"a"),
+        (BINARY, b"b" * 125),
+        (TEXT, "cdé".encode()),
+        (BINARY, bytes(range(126))),
+        (BINARY, bytes(70_000 % 65536)),
+        (TEXT, "e✓".encode()),
+    ]
+    return b"".join(frames), expected
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_mixed_frames_in_any_split_echo_in_order(chunk: int | None) -> None:
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    echo(server)
+    stream, expected = mixed_stream()
+
+    async def body() -> None:
+        reader, writer = await open_raw(server.port)
+        pieces = [stream] if chunk is None else [
+            stream[i : i + chunk] for i in range(0, len(stream), chunk)
+        ]  # fmt: skip
+        for piece in pieces:
+            writer.write(piece)
+            if chunk == 1:
+                await writer.drain()
+        data, pongs = await read_data_frames(reader, len(expected))
+        assert data == expected
+        assert pongs == [(PONG, b"p"), (PONG, b"q")]
+        writer.write(build_frame(CLOSE, struct.pack("!H", 1000)))
+        opcode, payload = await read_frame(reader)
+        assert (opcode, payload) == (CLOSE, struct.pack("!H", 1000))
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+
+
+BAD_FRAMES = {
+    "unmasked": (b"\x82\x03abc", 1002),
+    "reserved bit": (build_frame(BINARY | 0x40, b"x"), 1002),
+    "unknown opcode": (build_frame(3, b"x"), 1002),
+    "invalid UTF-8, whole frame": (build_frame(TEXT, b"\xff\xfe"), 1007),
+    "invalid UTF-8, fragments": (
+        build_frame(TEXT, b"ok", fin=False) + build_frame(CONT, b"\xc3"),
+        1007,
+    ),
+    "continuation without a start": (build_frame(CONT, b"x"), 1002),
+    "data frame inside a fragmented message": (
+        build_frame(TEXT, b"a", fin=False) + build_frame(BINARY, b"b"),
+        1002,
+    ),
+    "too large, 16-bit length": (build_frame(BINARY, bytes(2000)), 1009),
+    "too large, 64-bit length": (build_frame(BINARY, bytes(70_000)), 1009),
+    "fragmented control frame": (build_frame(PING, b"x", fin=False), 1002),
+    "control frame over 125 bytes": (build_frame(PING, bytes(126)), 1002),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_a_bad_frame_closes_that_connection_only(name: str) -> None:
+    frame, code = BAD_FRAMES[name]
+    server = WebSocketServer(shards=1)
+    assert server.set_buffers(1, 1024, 64, 1024) == Error.OK  # messages up to 1 KiB
+    assert server.listen(0) == Error.OK
+    received: list[bytes] = []
+
+    def on_data(peer_id: int) -> None:
+        peer = server.get_peer(peer_id)
+        packet = peer.get_packet()
+        received.append(packet)
+        if packet == b"still here":
+            peer.put_packet(packet)
+
+    server.connect("data_received", on_data)
+
+    async def body() -> None:
+        bystander, bystander_writer = await open_raw(server.port)
+        reader, writer = await open_raw(server.port)
+        writer.write(build_frame(TEXT, b"before") + frame + build_frame(TEXT, b"after"))
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert opcode == CLOSE
+        assert struct.unpack("!H", payload[:2])[0] == code
+        try:
+            assert await reader.read() == b""  # the server closed the TCP connection
+        except ConnectionResetError:
+            pass  # closed with our unread bytes in its buffer: TCP resets
+        bystander_writer.write(build_frame(BINARY, b"still here"))
+        assert await read_frame(bystander) == (BINARY, b"still here")
+        bystander_writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+    # What came before the bad frame was delivered; nothing after it was.
+    assert received[0] == b"before" and b"after" not in received
+
+
+def test_messages_just_before_a_close_frame_are_delivered() -> None:
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    received: list[bytes] = []
+    server.connect("data_received", lambda i: received.append(server.get_peer(i).get_packet()))
+
+    async def body() -> None:
+        reader, writer = await open_raw(server.port)
+        fragments = build_frame(TEXT, b"frag", fin=False) + build_frame(CONT, b"ment")
+        writer.write(
+            build_frame(TEXT, b"fast") + fragments + build_frame(CLOSE, struct.pack("!H", 1000))
+        )
+        assert (await read_frame(reader))[0] == CLOSE
+        await until(lambda: len(received) == 2, timeout=5)
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+    assert received == [b"fast", b"fragment"]
