@@ -111,6 +111,9 @@ class WebSocketPeer:
         if text and not _is_utf8(payload):
             log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self._id)
             return Error.ERR_INVALID_PARAMETER
+        return self._send(payload, text)
+
+    def _send(self, payload: bytes, text: bool) -> Error:
         server = self._server
         size = len(payload)
         if self._out_packets >= server._out_packets_limit or (

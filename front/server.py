@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -93,7 +94,22 @@ class WebSocketServer(SignalEmitter):
     fire inside `poll`.
     """
 
-    SIGNALS = ("client_connected", "client_disconnected", "client_close_request", "data_received")
+    SIGNALS = (
+        "client_connected",
+        "client_disconnected",
+        "client_close_request",
+        "data_received",
+        # Multiplayer mode (gd_mp_api=True), as WebSocketMultiplayerPeer emits them:
+        "peer_connected",
+        "peer_disconnected",
+        "peer_packet",
+    )
+
+    # NetworkedMultiplayerPeer's constants.
+    TARGET_PEER_BROADCAST = 0
+    TARGET_PEER_SERVER = 1
+    CONNECTION_DISCONNECTED, CONNECTION_CONNECTING, CONNECTION_CONNECTED = 0, 1, 2
+    TRANSFER_MODE_UNRELIABLE, TRANSFER_MODE_UNRELIABLE_ORDERED, TRANSFER_MODE_RELIABLE = 0, 1, 2
 
     def __init__(
         self,
@@ -132,6 +148,13 @@ class WebSocketServer(SignalEmitter):
         self._epoll: select.epoll | None = None
         self._select_mode = False
         self._in_poll = False
+        self._refusing = False
+        # Multiplayer mode: packets for the server (sender, payload), the target of
+        # put_packet, what get_packet reported, and client frames dropped by reason.
+        self._mp_inbox: deque[tuple[int, bytes]] = deque()
+        self._target_peer = 0
+        self._mp_packet_error = Error.OK
+        self._mp_drops = dict.fromkeys(m.DROP_REASONS, 0)
 
     # -- properties --------------------------------------------------------------------------
 
@@ -183,9 +206,6 @@ class WebSocketServer(SignalEmitter):
         if self._listening:
             log.error("listen: the server is already listening")
             return Error.ERR_ALREADY_IN_USE
-        if gd_mp_api:
-            log.error("listen: gd_mp_api=True (the multiplayer relay) is not available yet")
-            return Error.ERR_UNAVAILABLE
         if not 0 <= port <= 65535:
             log.error("listen: port %d is out of range", port)
             return Error.ERR_INVALID_PARAMETER
@@ -198,6 +218,7 @@ class WebSocketServer(SignalEmitter):
         sockets, error = self._bind(port)
         if error != Error.OK:
             return error
+        self._gd_mp_api = gd_mp_api
         try:
             self._start_supervisor(sockets, protocols, tls)
         except OSError as exc:
@@ -321,6 +342,7 @@ class WebSocketServer(SignalEmitter):
                 "handshake_timeout": self.handshake_timeout,
                 "ring_capacity": self.ring_capacity,
                 "tls": tls,
+                "gd_mp_api": self._gd_mp_api,
             },
         )
         ours.setblocking(False)
@@ -352,6 +374,7 @@ class WebSocketServer(SignalEmitter):
         for peer in self._peers.values():
             peer._connected = False
         self._peers.clear()
+        self._mp_inbox.clear()
         for link in self._links:
             if link is not None:
                 link.close()
@@ -535,17 +558,26 @@ class WebSocketServer(SignalEmitter):
                     if peer is not None:
                         peer._out_packets -= packets
                         peer._out_bytes -= size
+            elif kind == m.EV_MP_FRAME:
+                self._mp_frame(link, peer_id, payload)
             elif kind == m.EV_CONNECTED:
                 ip, port, protocol = m.decode_connected(payload)
                 peers[peer_id] = WebSocketPeer(self, peer_id, link, ip, port, protocol)
                 link.peers.add(peer_id)
-                self.emit_signal("client_connected", peer_id, protocol)
+                if self._gd_mp_api:
+                    self._mp_welcome(link, peer_id)
+                    self.emit_signal("peer_connected", peer_id)
+                else:
+                    self.emit_signal("client_connected", peer_id, protocol)
             elif kind == m.EV_CLOSE_REQUEST:
                 if peer_id in peers:
                     code, reason = m.decode_close(payload)
                     self.emit_signal("client_close_request", peer_id, code, reason)
             elif kind == m.EV_DISCONNECTED:
                 self._peer_left(link, peer_id, bool(flags & m.FLAG_CLEAN))
+            elif kind == m.EV_MP_DROPS:
+                for reason, count in zip(m.DROP_REASONS, m.decode_drops(payload), strict=True):
+                    self._mp_drops[reason] += count
             else:
                 log.error("unknown event kind %d from shard %d", kind, link.index)
 
@@ -556,7 +588,11 @@ class WebSocketServer(SignalEmitter):
         link.peers.discard(peer_id)
         peer._connected = False
         peer._inbox.clear()
-        self.emit_signal("client_disconnected", peer_id, clean)
+        if self._gd_mp_api:
+            self._mp_sys_all(m.SYS_DEL, peer_id)
+            self.emit_signal("peer_disconnected", peer_id)
+        else:
+            self.emit_signal("client_disconnected", peer_id, clean)
 
     def _maybe_resume_reading(self, peer: WebSocketPeer) -> None:
         if (
@@ -588,6 +624,124 @@ class WebSocketServer(SignalEmitter):
             taken = link.commands.push_many(link.backlog)
             del link.backlog[:taken]
         link.commands.flush()
+
+    # -- multiplayer mode (WebSocketMultiplayerPeer / NetworkedMultiplayerPeer) -----------------
+
+    def _mp_welcome(self, link: _ShardLink, peer_id: int) -> None:
+        """Godot's join: the new peer learns its id and every peer; every peer learns of it."""
+        known = sorted(other for other in self._peers if other != peer_id)
+        self._command(link, m.CMD_MP_WELCOME, peer_id, 0, m.encode_ids(known))
+        self._mp_sys_all(m.SYS_ADD, peer_id)
+
+    def _mp_sys_all(self, kind: int, subject: int) -> None:
+        # One record per shard: the shard writes the message to each of its peers.
+        for link in self._links:
+            if link is not None and link.peers:
+                self._command(link, m.CMD_MP_SYS_ALL, subject, kind, b"")
+
+    def _mp_frame(self, source: _ShardLink, sender: int, frame: bytes) -> None:
+        """A client frame the shard could not relay alone: for the server and/or other shards."""
+        to = m.MP_HEADER.unpack_from(frame)[2]
+        if to > 1:
+            target = self._peers.get(to)
+            if target is None:
+                self._mp_drops["target"] += 1
+            else:
+                self._command(target._link, m.CMD_MP_FORWARD, sender, 0, frame)
+            return
+        if to != 1:  # 0 or -n: the peers of the other shards (the source shard did its own)
+            for link in self._links:
+                if link is not None and link is not source and link.peers:
+                    self._command(link, m.CMD_MP_FORWARD, sender, 0, frame)
+        if to == -1:
+            return  # "everyone but the server" (Godot 3.2 delivers it to itself too: a bug)
+        self._mp_inbox.append((sender, frame[m.MP_HEADER_SIZE :]))
+        self.emit_signal("peer_packet", sender)
+
+    def _require_mp(self, member: str) -> bool:
+        if not self._gd_mp_api or not self._listening:
+            log.error("%s: only in multiplayer mode (listen with gd_mp_api=True)", member)
+            return False
+        return True
+
+    def get_unique_id(self) -> int:
+        """The server is always peer 1."""
+        return m.SERVER_ID
+
+    def set_target_peer(self, peer_id: int) -> None:
+        """Where `put_packet` sends: 0 every peer, n one peer, -n every peer but n."""
+        self._target_peer = peer_id
+
+    def put_packet(self, data: bytes | bytearray | memoryview) -> Error:
+        """Send a multiplayer packet from the server (``from`` = 1) to the target peer(s)."""
+        if not self._require_mp("put_packet"):
+            return Error.ERR_UNCONFIGURED
+        target = self._target_peer
+        frame = m.MP_HEADER.pack(m.SYS_NONE, m.SERVER_ID, target) + bytes(data)
+        if target > 1:
+            peer = self._peers.get(target)
+            if peer is None:
+                log.error("put_packet: no peer %d", target)
+                return Error.FAILED
+            return peer._send(frame, text=False)
+        if target == 1:
+            log.error("put_packet: the target is the server itself")
+            return Error.FAILED
+        for link in self._links:
+            if link is not None and link.peers:
+                self._command(link, m.CMD_MP_FORWARD, m.SERVER_ID, 0, frame)
+        return Error.OK
+
+    def get_available_packet_count(self) -> int:
+        return len(self._mp_inbox) if self._gd_mp_api else 0
+
+    def get_packet_peer(self) -> int:
+        """The sender of the next packet `get_packet` returns."""
+        if not self._require_mp("get_packet_peer") or not self._mp_inbox:
+            return 1
+        return self._mp_inbox[0][0]
+
+    def get_packet(self) -> bytes:
+        """The next multiplayer packet for the server (after the 9-byte header)."""
+        if not self._require_mp("get_packet"):
+            self._mp_packet_error = Error.ERR_UNCONFIGURED
+            return b""
+        if not self._mp_inbox:
+            self._mp_packet_error = Error.ERR_UNAVAILABLE
+            return b""
+        self._mp_packet_error = Error.OK
+        return self._mp_inbox.popleft()[1]
+
+    def get_packet_error(self) -> Error:
+        return self._mp_packet_error
+
+    def set_refuse_new_connections(self, enable: bool) -> None:
+        """Drop new connections at once (as Godot does) while ``enable``."""
+        self._refusing = bool(enable)
+        for link in self._links:
+            if link is not None:
+                self._command(link, m.CMD_REFUSE, 0, int(self._refusing), b"")
+
+    def is_refusing_new_connections(self) -> bool:
+        return self._refusing
+
+    refuse_new_connections = property(is_refusing_new_connections, set_refuse_new_connections)
+
+    def get_connection_status(self) -> int:
+        return self.CONNECTION_CONNECTED if self._listening else self.CONNECTION_DISCONNECTED
+
+    def get_transfer_mode(self) -> int:
+        return self.TRANSFER_MODE_RELIABLE  # WebSocket is always reliable and ordered
+
+    def set_transfer_mode(self, mode: int) -> None:
+        """Accepted and ignored, as in Godot: WebSocket is always reliable."""
+
+    def get_max_packet_size(self) -> int:
+        return self._out_bytes_limit - m.MP_HEADER_SIZE
+
+    def get_mp_stats(self) -> dict[str, int]:
+        """Client frames the relay dropped, by reason: short, type, from, target."""
+        return dict(self._mp_drops)
 
     # -- the supervisor's notices -------------------------------------------------------------
 
@@ -625,6 +779,8 @@ class WebSocketServer(SignalEmitter):
             self._shard_down(index)
         link = _ShardLink(index, pid, fds)
         self._links[index] = link
+        if self._refusing:
+            self._command(link, m.CMD_REFUSE, 0, 1, b"")
         if self._epoll is not None:
             self._epoll.register(link.events.fileno(), select.EPOLLIN)
         if self._select_mode:

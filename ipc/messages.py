@@ -24,6 +24,11 @@ EV_CLOSE_REQUEST = 4
 EV_DISCONNECTED = 5
 #: Outbound packets the shard handed to the kernel: payload `encode_credits`, peer 0.
 EV_CREDITS = 6
+#: Multiplayer mode: a client frame the front must handle (for the server, or for peers
+#: on other shards): peer = the sender, payload = the whole frame, 9-byte header included.
+EV_MP_FRAME = 7
+#: Multiplayer mode: client frames the shard dropped since its last report: `encode_drops`.
+EV_MP_DROPS = 8
 
 # -- commands: front -> shard ------------------------------------------------------
 
@@ -39,9 +44,52 @@ CMD_NO_DELAY = 5
 #: Stop / resume reading from one peer (the front's inbound queue is full / has room).
 CMD_PAUSE_READING = 6
 CMD_RESUME_READING = 7
+#: Drop new connections at once (flags 1) or accept them again (flags 0).
+CMD_REFUSE = 8
+#: Multiplayer mode: welcome peer N: SYS_ID(N), SYS_ADD(1), then SYS_ADD(E) for each id
+#: in the payload (`encode_ids`, ascending). From then on N takes part in the relay.
+CMD_MP_WELCOME = 9
+#: Multiplayer mode: send SYS_ADD/SYS_DEL (flags = the type) about peer ``peer`` to every
+#: welcomed peer of the shard except ``peer`` itself.
+CMD_MP_SYS_ALL = 10
+#: Multiplayer mode: deliver a frame (payload, header included) to this shard's welcomed
+#: peers by its ``to`` field, never to its ``from`` (= ``peer``).
+CMD_MP_FORWARD = 11
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
+
+# -- Godot's multiplayer header (GODOT_PROTOCOL.md §4) ----------------------------------
+
+MP_HEADER = struct.Struct("<Bii")  # type, from, to
+MP_HEADER_SIZE = MP_HEADER.size  # 9
+SYS_NONE, SYS_ADD, SYS_DEL, SYS_ID = 0, 1, 2, 3
+SERVER_ID = 1
+#: Why a client frame was dropped, in the order of `encode_drops`.
+DROP_REASONS = ("short", "type", "from", "target")
+_DROPS = struct.Struct("<4I")
+
+
+def sys_frame_payload(kind: int, peer_id: int) -> bytes:
+    """The 13-byte body of a system message: from the server, to everyone, about ``peer_id``."""
+    return MP_HEADER.pack(kind, SERVER_ID, 0) + struct.pack("<i", peer_id)
+
+
+def encode_drops(counts: list[int]) -> bytes:
+    return _DROPS.pack(*counts)
+
+
+def decode_drops(payload: bytes) -> tuple[int, ...]:
+    return _DROPS.unpack(payload)
+
+
+def encode_ids(ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
+def decode_ids(payload: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(payload) // 4}i", payload)
+
 
 _CONNECTED = struct.Struct("<H")
 _CLOSE = struct.Struct("<H")

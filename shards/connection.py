@@ -83,11 +83,15 @@ class PeerConnection(asyncio.Protocol):
         self._fast = False
         self._partial = b""  # the start of a frame the fast path waits to complete
         self._refused = False  # we failed the connection (e.g. invalid UTF-8)
+        self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.shard.refusing:
+            transport.abort()  # as Godot: a refused connection is dropped at once
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Godot does
@@ -233,7 +237,12 @@ class PeerConnection(asyncio.Protocol):
                 self._refused = True
                 self.ws.fail(1007, "invalid UTF-8 in a text message")
                 return
-            self.shard.emit(m.EV_TEXT, self.peer_id, 0, data)
+            if self.shard.mp:
+                self.shard.mp_frame(self, data)
+            else:
+                self.shard.emit(m.EV_TEXT, self.peer_id, 0, data)
+        elif self.shard.mp:
+            self.shard.mp_frame(self, data)
         else:
             self.shard.emit(m.EV_BINARY, self.peer_id, 0, data)
 

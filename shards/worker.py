@@ -10,6 +10,13 @@ and a commands ring to read.  Everything happens on the loop thread:
 * the commands ring is drained by a `RingReader`; frames for one connection
   are written with one ``writelines`` per batch.
 
+In Godot's multiplayer mode (``gd_mp_api``) the shard is also the relay:
+a client frame addressed to peers of this shard is written to them here,
+byte for byte; only frames for the server or for peers of other shards go
+through the front (`EV_MP_FRAME`).  A peer takes part in the relay once the
+front has welcomed it (`CMD_MP_WELCOME`: its id and the peers it may know),
+so that system messages and relayed frames reach every peer in Godot's order.
+
 A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
 front has made room.
@@ -61,6 +68,9 @@ class Shard:
         self.protocols: list[str] = config["protocols"]
         self.max_message: int = config["max_message"]
         self.handshake_timeout: float = config["handshake_timeout"]
+        self.mp: bool = config.get("gd_mp_api", False)
+        self.refusing = False
+        self._mp_drops = [0] * len(m.DROP_REASONS)
         self._id_base: int = config["id_base"]
         self._id_span: int = config["id_span"]
         # The next id lives in memory the supervisor keeps across restarts,
@@ -152,6 +162,11 @@ class Shard:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._touched:
+            self._write_touched()
+        if self.mp and any(self._mp_drops):
+            self._push(m.EV_MP_DROPS, 0, 0, m.encode_drops(self._mp_drops))
+            self._mp_drops = [0] * len(m.DROP_REASONS)
         if self._credits:
             credits, self._credits = self._credits, {}
             self._push(m.EV_CREDITS, 0, 0, m.encode_credits(credits))
@@ -182,6 +197,88 @@ class Shard:
 
     # -- commands from the front ------------------------------------------------------------
 
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _queue_frame(self, conn: PeerConnection, frame: bytes) -> None:
+        """Queue a built frame for ``conn``; it is written at the end of this iteration."""
+        first_in_batch = not conn.outbox
+        if conn.queue_frame(frame) and first_in_batch:
+            self._touched.append(conn)
+            self._schedule_flush()
+
+    def _write_touched(self) -> None:
+        touched, self._touched = self._touched, []
+        for conn in touched:
+            conn.write_outbox()
+
+    # -- multiplayer relay ----------------------------------------------------------------
+
+    def mp_frame(self, conn: PeerConnection, data: bytes) -> None:
+        """A frame from a client in multiplayer mode: check it, relay it (GODOT_PROTOCOL §4.2)."""
+        if len(data) < m.MP_HEADER_SIZE:
+            self._mp_drops[0] += 1
+            return
+        kind, sender, to = m.MP_HEADER.unpack_from(data)
+        if kind != m.SYS_NONE:
+            self._mp_drops[1] += 1
+        elif sender != conn.peer_id or not conn.mp_welcomed:
+            self._mp_drops[2] += 1
+        elif to > 1:
+            if to == sender:
+                self._mp_drops[3] += 1
+            elif self._owns(to):
+                target = self.peers.get(to)
+                if target is not None and target.mp_welcomed:
+                    self._queue_frame(target, frame_header(0x82, len(data)) + data)
+                else:
+                    self._mp_drops[3] += 1
+            else:
+                self.emit(m.EV_MP_FRAME, sender, 0, data)  # a peer of another shard
+        else:
+            if to != 1:  # 0 or -n: the local peers first, then the front
+                self._mp_deliver(data, sender, to)
+            self.emit(m.EV_MP_FRAME, sender, 0, data)
+        if any(self._mp_drops):
+            self._schedule_flush()
+
+    def _owns(self, peer_id: int) -> bool:
+        return 0 <= peer_id - self._id_base < self._id_span
+
+    def _mp_deliver(self, data: bytes | memoryview, sender: int, to: int) -> None:
+        """Write a frame to this shard's welcomed peers by its ``to``, never to ``sender``."""
+        frame = frame_header(0x82, len(data)) + data
+        if to > 1:
+            target = self.peers.get(to)
+            if target is not None and target.mp_welcomed and to != sender:
+                self._queue_frame(target, frame)
+            return
+        excluded = -to  # 0 excludes no one
+        for peer_id, conn in self.peers.items():
+            if peer_id != sender and peer_id != excluded and conn.mp_welcomed:
+                self._queue_frame(conn, frame)
+
+    def _mp_welcome(self, peer_id: int, known: bytes) -> None:
+        conn = self.peers.get(peer_id)
+        if conn is None:
+            return
+        frames = [m.sys_frame_payload(m.SYS_ID, peer_id), m.sys_frame_payload(m.SYS_ADD, 1)]
+        frames += [m.sys_frame_payload(m.SYS_ADD, other) for other in m.decode_ids(known)]
+        for body in frames:
+            self._queue_frame(conn, frame_header(0x82, len(body)) + body)
+        conn.mp_welcomed = True
+
+    def _mp_sys_all(self, kind: int, subject: int) -> None:
+        body = m.sys_frame_payload(kind, subject)
+        frame = frame_header(0x82, len(body)) + body
+        for peer_id, conn in self.peers.items():
+            if peer_id != subject and conn.mp_welcomed:
+                self._queue_frame(conn, frame)
+
+    # -- commands from the front ------------------------------------------------------------
+
     def on_commands(self, records: list[Record]) -> None:
         peers = self.peers
         touched = self._touched
@@ -192,6 +289,15 @@ class Shard:
                     first_in_batch = not conn.outbox
                     if conn.queue_message(payload, kind == m.CMD_SEND_TEXT) and first_in_batch:
                         touched.append(conn)
+            elif kind == m.CMD_MP_FORWARD:
+                to = m.MP_HEADER.unpack_from(payload)[2]
+                self._mp_deliver(payload, peer_id, to)
+            elif kind == m.CMD_MP_SYS_ALL:
+                self._mp_sys_all(flags, peer_id)
+            elif kind == m.CMD_MP_WELCOME:
+                self._mp_welcome(peer_id, payload)
+            elif kind == m.CMD_REFUSE:
+                self.refusing = bool(flags)
             elif kind == m.CMD_BROADCAST:
                 excluded, message = m.decode_broadcast(payload)
                 first = 0x81 if flags & m.FLAG_TEXT else 0x82
@@ -214,9 +320,7 @@ class Shard:
                     conn.set_no_delay(bool(flags))
                 else:
                     log.error("shard %d: unknown command kind %d", self.index, kind)
-        for conn in touched:
-            conn.write_outbox()
-        touched.clear()
+        self._write_touched()
 
     # -- shutdown ------------------------------------------------------------------------
 

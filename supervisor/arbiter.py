@@ -216,6 +216,7 @@ class Arbiter:
             "max_message": self.config["max_message"],
             "handshake_timeout": self.config["handshake_timeout"],
             "tls": self.config.get("tls"),
+            "gd_mp_api": self.config.get("gd_mp_api", False),
         }
 
     def reap(self) -> None:
