@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsfleet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run a server with the built-in echo application (Ctrl-C stops it)"
+        "serve",
+        help="run a server: the built-in echo application, or with --gd-mp-api a relay for "
+        "Godot 3.2 multiplayer games (Ctrl-C stops it)",
     )
     serve.add_argument("--port", type=int, default=9080, help="TCP port (default 9080)")
     serve.add_argument("--bind", default="*", help='address to listen on (default "*": all)')
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", help="PEM certificate (chain) file: serve wss://")
     serve.add_argument("--tls-key", help="PEM private key file")
+    serve.add_argument(
+        "--gd-mp-api",
+        action="store_true",
+        help="be peer 1 of Godot's high-level multiplayer API: relay between Godot clients",
+    )
     serve.add_argument("--quiet", action="store_true", help="do not log connections")
     return parser
 
@@ -57,33 +64,41 @@ def serve(args: argparse.Namespace) -> int:
             )
             peer.put_packet(packet)
 
-    server.connect("data_received", on_data)
-    if not args.quiet:
-        server.connect(
-            "client_connected",
-            lambda peer_id, protocol: log.info(
-                "peer %d connected from %s:%d%s",
-                peer_id,
-                server.get_peer_address(peer_id),
-                server.get_peer_port(peer_id),
-                f" ({protocol})" if protocol else "",
-            ),  # fmt: skip
-        )
-        server.connect(
-            "client_disconnected",
-            lambda peer_id, clean: log.info("peer %d left (clean: %s)", peer_id, clean),
-        )
+    def on_mp_packet(peer_id: int) -> None:
+        # A pure relay: packets addressed to the server itself are read and let go.
+        while server.get_available_packet_count():
+            server.get_packet()
+
+    if args.gd_mp_api:
+        server.connect("peer_packet", on_mp_packet)
+        if not args.quiet:
+            server.connect("peer_connected", lambda peer_id: log.info("peer %d joined", peer_id))
+            server.connect("peer_disconnected", lambda peer_id: log.info("peer %d left", peer_id))
+    else:
+        server.connect("data_received", on_data)
+        if not args.quiet:
+            server.connect("client_connected", lambda peer_id, protocol: log_connect(peer_id))
+            server.connect(
+                "client_disconnected",
+                lambda peer_id, clean: log.info("peer %d left (clean: %s)", peer_id, clean),
+            )
+
+    def log_connect(peer_id: int) -> None:
+        protocol = server.get_peer(peer_id).protocol
+        address, port = server.get_peer_address(peer_id), server.get_peer_port(peer_id)
+        log.info("peer %d connected from %s:%d %s", peer_id, address, port, protocol)
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    error = server.listen(args.port, protocols)
+    error = server.listen(args.port, protocols, gd_mp_api=args.gd_mp_api)
     if error != Error.OK:
         log.error("cannot listen on port %d: %s", args.port, error.name)
         return 1
     scheme = "wss" if args.tls_cert else "ws"
     log.info(
-        "wsfleet %s: echo on %s://%s:%d with %d shards (Ctrl-C stops)",
-        __version__, scheme, args.bind, server.port, server.shards,
+        "wsfleet %s: %s on %s://%s:%d with %d shards (Ctrl-C stops)",
+        __version__, "multiplayer relay" if args.gd_mp_api else "echo", scheme, args.bind,
+        server.port, server.shards,
     )  # fmt: skip
     try:
         while not stopping:
