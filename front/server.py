@@ -10,6 +10,7 @@ shard's commands ring, found from the peer id by arithmetic.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import ipaddress
 import logging
@@ -155,6 +156,7 @@ class WebSocketServer(SignalEmitter):
         self._target_peer = 0
         self._mp_packet_error = Error.OK
         self._mp_drops = dict.fromkeys(m.DROP_REASONS, 0)
+        self._mp_ids: list[int] = []  # every welcomed peer, ascending (Godot's join order)
 
     # -- properties --------------------------------------------------------------------------
 
@@ -375,6 +377,7 @@ class WebSocketServer(SignalEmitter):
             peer._connected = False
         self._peers.clear()
         self._mp_inbox.clear()
+        self._mp_ids.clear()
         for link in self._links:
             if link is not None:
                 link.close()
@@ -589,6 +592,9 @@ class WebSocketServer(SignalEmitter):
         peer._connected = False
         peer._inbox.clear()
         if self._gd_mp_api:
+            index = bisect.bisect_left(self._mp_ids, peer_id)
+            if index < len(self._mp_ids) and self._mp_ids[index] == peer_id:
+                del self._mp_ids[index]
             self._mp_sys_all(m.SYS_DEL, peer_id)
             self.emit_signal("peer_disconnected", peer_id)
         else:
@@ -629,8 +635,8 @@ class WebSocketServer(SignalEmitter):
 
     def _mp_welcome(self, link: _ShardLink, peer_id: int) -> None:
         """Godot's join: the new peer learns its id and every peer; every peer learns of it."""
-        known = sorted(other for other in self._peers if other != peer_id)
-        self._command(link, m.CMD_MP_WELCOME, peer_id, 0, m.encode_ids(known))
+        self._command(link, m.CMD_MP_WELCOME, peer_id, 0, m.encode_ids(self._mp_ids))
+        bisect.insort(self._mp_ids, peer_id)
         self._mp_sys_all(m.SYS_ADD, peer_id)
 
     def _mp_sys_all(self, kind: int, subject: int) -> None:

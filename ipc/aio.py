@@ -3,7 +3,9 @@
 The consumer drains the ring whenever its doorbell rings and, after each
 drain, announces that it sleeps (`Consumer.arm`).  If records slipped in
 meanwhile, the next drain is scheduled with ``call_soon`` rather than run in
-a loop here, so a busy ring cannot starve the loop's other callbacks.
+a loop here, and one drain takes at most ``max_batch`` records, so a busy
+ring (a join storm, a flood of commands) cannot starve the loop's other
+callbacks.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class RingReader:
         *,
         lifeline: int | None = None,
         on_gone: Callable[[], object] | None = None,
+        max_batch: int = 4096,
     ) -> None:
         self._loop = loop
         self._consumer = consumer
         self._on_records = on_records
         self._lifeline = lifeline
         self._on_gone = on_gone
+        self._max_batch = max_batch
         self._running = False
         self._drain_scheduled = False
 
@@ -66,10 +70,12 @@ class RingReader:
         self._drain_scheduled = False
         if not self._running:
             return
-        records = self._consumer.pop_all()
+        records = self._consumer.pop_all(self._max_batch)
         if records:
             self._on_records(records)
-        if self._running and self._consumer.arm():
+        if not self._running:
+            return
+        if len(records) >= self._max_batch or self._consumer.arm():
             self._schedule_drain()
 
     def _on_lifeline_end(self) -> None:
