@@ -462,6 +462,28 @@ def test_tls_with_certificate_and_key(servers, tmp_path, as_files) -> None:
     run_with(server, body)
 
 
+def test_ca_chain_completes_the_chain_the_client_needs(servers) -> None:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf = intermediate.issue_cert("127.0.0.1")
+    server = servers(
+        shards=1,
+        private_key=leaf.private_key_pem.bytes().decode(),
+        ssl_certificate=leaf.cert_chain_pems[0].bytes().decode(),  # the leaf alone
+        ca_chain=intermediate.cert_pem.bytes().decode(),
+    )
+    echo(server)
+    client_context = ssl.create_default_context()
+    root.configure_trust(client_context)  # the client trusts only the root
+
+    async def body() -> None:
+        async with connect(url(server, scheme="wss"), ssl=client_context) as ws:
+            await ws.send("chained")
+            assert await ws.recv() == "chained"
+
+    run_with(server, body)
+
+
 def test_tls_with_a_broken_key_fails_listen() -> None:
     server = WebSocketServer(shards=1)
     server.private_key = "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n"

@@ -1,0 +1,76 @@
+"""`wsfleet serve`: the echo server from the command line, and how it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from .test_shards import free_port
+
+
+async def connect_when_up(url: str, **kwargs):
+    for _ in range(200):
+        try:
+            return await connect(url, open_timeout=2, **kwargs)
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens at {url}")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_echoes_and_stops_on_a_signal_with_close_1001(signum: int) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "wsfleet", "serve", "--port", str(port), "--shards", "2"]
+    proc = subprocess.Popen([*argv, "--protocols", "chat,other"], stderr=subprocess.PIPE, text=True)
+    try:
+
+        async def body() -> None:
+            ws = await connect_when_up(f"ws://127.0.0.1:{port}", subprotocols=["other"])
+            assert ws.subprotocol == "other"
+            await ws.send("text")
+            assert await ws.recv() == "text"
+            await ws.send(b"\x00binary")
+            assert await ws.recv() == b"\x00binary"
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            proc.send_signal(signum)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1001
+            _, alive = await asyncio.to_thread(psutil.wait_procs, tree, 10)
+            assert alive == []
+
+        asyncio.run(asyncio.wait_for(body(), 40))
+        assert proc.wait(10) == 0
+        log = proc.stderr.read()
+        assert "connected from 127.0.0.1" in log and "stopped in" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.timeout(30)
+def test_serve_reports_a_port_in_use() -> None:
+    port = free_port()
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", port))
+        holder.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "wsfleet", "serve", "--port", str(port), "--shards", "1"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    assert result.returncode == 1
+    assert "ERR_ALREADY_IN_USE" in result.stderr
