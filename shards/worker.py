@@ -398,6 +398,9 @@ def run(
             lambda: PeerConnection(shard), sock=listen_sock, ssl=ssl_context, backlog=1024
         )
         reader.start()
+        # Blocked since the fork; unblocked only now that the loop runs, because uvloop
+        # drops a signal that arrives before (a pending SIGTERM is handled right here).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         await stopping
         await shard.close_gracefully()
 

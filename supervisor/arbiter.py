@@ -157,7 +157,13 @@ class Arbiter:
         slot.generation += 1
         slot.restart_at = None
         supervisor_pid = os.getpid()
+        # A SIGTERM that reached the child before it replaced our handlers would be
+        # swallowed by them: the child starts with it blocked, and the shard unblocks
+        # it once its own handler is in place (a pending one is then handled).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if pid == 0:  # the shard
             status = 1
             try:
