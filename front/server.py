@@ -690,9 +690,8 @@ class WebSocketServer(SignalEmitter):
                 log.error("put_packet: no peer %d", target)
                 return Error.FAILED
             return peer._send(frame, text=False)
-        if target == 1:
-            log.error("put_packet: the target is the server itself")
-            return Error.FAILED
+        if target == m.SERVER_ID:
+            return Error.OK  # as Godot: the server does not send to itself
         for link in self._links:
             if link is not None and link.peers:
                 self._command(link, m.CMD_MP_FORWARD, m.SERVER_ID, 0, frame)
