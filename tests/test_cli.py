@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import struct
 import subprocess
 import sys
 
@@ -74,3 +75,37 @@ def test_serve_reports_a_port_in_use() -> None:
         )
     assert result.returncode == 1
     assert "ERR_ALREADY_IN_USE" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_serve_gd_mp_api_is_a_multiplayer_relay() -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "wsfleet", "serve", "--port", str(port), "--gd-mp-api"]
+    proc = subprocess.Popen([*argv, "--shards", "2", "--quiet"])
+    header = struct.Struct("<Bii")
+    try:
+
+        async def body() -> None:
+            first = await connect_when_up(f"ws://127.0.0.1:{port}")
+            second = await connect(f"ws://127.0.0.1:{port}")
+            ids = []
+            for ws in (first, second):
+                kind, sender, to = header.unpack_from(frame := await ws.recv())
+                assert (kind, sender, to) == (3, 1, 0)  # SYS_ID from the server
+                ids.append(struct.unpack_from("<i", frame, 9)[0])
+            relayed = header.pack(0, ids[0], ids[1]) + b"\x04raw"
+            await first.send(relayed)
+            while (frame := await second.recv())[0] != 0:
+                pass  # system messages first
+            assert frame == relayed  # byte for byte, from kept
+            await first.send(header.pack(0, ids[0], 1) + b"\x04to the server")
+            await first.close()
+            await second.close()
+
+        asyncio.run(asyncio.wait_for(body(), 40))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
