@@ -16,15 +16,25 @@ frames, fragments, reserved bits, unmasked or oversized frames - and every
 byte after it is handed to ``websockets``, which applies RFC 6455 in full;
 the fast path resumes only once ``websockets`` has consumed all it was given.
 So the fast path accepts nothing the slow path would refuse.
+
+The opening handshake has the same split: a well-formed upgrade request
+(``GET ... HTTP/1.1`` with the headers RFC 6455 requires, each once, and a
+subprotocol Godot's rule accepts) is answered here with Godot's own 101
+response; any other request goes whole to ``websockets``, which accepts it
+or answers the right HTTP error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import socket
 import struct
 from typing import TYPE_CHECKING
 
+from websockets.exceptions import NegotiationError
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -38,10 +48,20 @@ if TYPE_CHECKING:
 _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
 _LEN16 = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_REQUEST = 8192  # a longer request is websockets' to refuse (431)
 _LEN64 = struct.Struct("!BBQ")
 _SMALL_HEADERS = {
     first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
 }
+
+
+def _valid_key(key: bytes) -> bool:
+    """Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 4.2.1)."""
+    try:
+        return len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 def frame_header(first: int, size: int) -> bytes:
@@ -60,10 +80,8 @@ class PeerConnection(asyncio.Protocol):
         self.shard = shard
         self.transport: asyncio.Transport | None = None
         self.peer_id = 0  # assigned when the handshake completes
-        self.ws = ServerProtocol(
-            select_subprotocol=shard.select_subprotocol,
-            max_size=shard.max_message,
-        )
+        # websockets' protocol, made when the handshake is decided (see _fast_handshake).
+        self.ws: ServerProtocol = None  # type: ignore[assignment]
         self.ip = ""
         self.port = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -112,6 +130,10 @@ class PeerConnection(asyncio.Protocol):
             if not data:
                 return
             self._fast = False
+        elif self.ws is None:
+            data = self._fast_handshake(data)
+            if not data:
+                return
         ws = self.ws
         ws.receive_data(data)
         events = ws.events_received()
@@ -184,19 +206,91 @@ class PeerConnection(asyncio.Protocol):
 
     # -- handshake ------------------------------------------------------------------
 
+    def _new_protocol(self, state: State) -> ServerProtocol:
+        return ServerProtocol(
+            select_subprotocol=self.shard.select_subprotocol,
+            max_size=self.shard.max_message,
+            state=state,
+        )
+
+    def _fast_handshake(self, data: bytes) -> bytes:
+        """Answer a plain upgrade request here; return the bytes websockets must handle."""
+        request = self._partial + data if self._partial else data
+        end = request.find(b"\r\n\r\n")
+        if end < 0:
+            if len(request) <= _MAX_REQUEST:
+                self._partial = request  # wait for the rest of the request
+                return b""
+            return self._handshake_by_websockets(request)
+        self._partial = b""
+        lines = request[:end].split(b"\r\n")
+        method, _, version = lines[0].partition(b" ")
+        if method != b"GET" or not version.endswith(b" HTTP/1.1"):
+            return self._handshake_by_websockets(request)
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            name = name.lower()
+            if not colon or not name or name in headers or name != name.strip():
+                return self._handshake_by_websockets(request)  # odd or repeated: the full rules
+            headers[name] = value.strip()
+        key = headers.get(b"sec-websocket-key", b"")
+        tokens = headers.get(b"connection", b"").split(b",")
+        connection = [token.strip().lower() for token in tokens]
+        if (
+            headers.get(b"upgrade", b"").lower() != b"websocket"
+            or b"upgrade" not in connection
+            or headers.get(b"sec-websocket-version") != b"13"
+            or not _valid_key(key)
+        ):
+            return self._handshake_by_websockets(request)
+        offered = [
+            token.strip().decode("ascii", "replace")
+            for token in headers.get(b"sec-websocket-protocol", b"").split(b",")
+            if token.strip()
+        ]
+        try:
+            protocol = self.shard.choose_subprotocol(offered)
+        except NegotiationError:
+            return self._handshake_by_websockets(request)  # it answers 400 with the reason
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        response = [
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: ",
+            accept,
+        ]
+        if protocol:
+            response += [b"\r\nSec-WebSocket-Protocol: ", protocol.encode()]
+        response.append(b"\r\n\r\n")
+        self.transport.writelines(response)
+        self.ws = self._new_protocol(State.OPEN)
+        self._opened(protocol)
+        self._fast = True
+        rest = request[end + 4 :]
+        if rest:
+            self.data_received(rest)  # frames that came with the request
+        return b""
+
+    def _handshake_by_websockets(self, request: bytes) -> bytes:
+        self._partial = b""
+        self.ws = self._new_protocol(State.CONNECTING)
+        return request
+
+    def _opened(self, protocol: str) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.peer_id = self.shard.peer_connected(self, protocol)
+
     def _handshake(self, events: list) -> None:
         request = events[0]
         if not isinstance(request, Request):
             return
         response = self.ws.accept(request)
         self.ws.send_response(response)
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
         if response.status_code != 101 or self.ws.state is not State.OPEN:
             return  # websockets queued the error response and the end of the stream
-        protocol = response.headers.get("Sec-WebSocket-Protocol", "")
-        self.peer_id = self.shard.peer_connected(self, protocol)
+        self._opened(response.headers.get("Sec-WebSocket-Protocol", ""))
         if len(events) > 1:
             self._frames(events[1:])
 
@@ -261,7 +355,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _write_protocol_output(self) -> None:
         transport = self.transport
-        if transport is None:
+        if transport is None or self.ws is None:
             return
         for chunk in self.ws.data_to_send():
             if chunk:
@@ -271,7 +365,7 @@ class PeerConnection(asyncio.Protocol):
 
     def queue_message(self, payload: bytes, text: bool) -> bool:
         """Queue one data frame for this batch; False if the connection no longer sends."""
-        if self.ws.state is not State.OPEN:
+        if self.ws is None or self.ws.state is not State.OPEN:
             return False
         size = len(payload)
         self.outbox.append(frame_header(_TEXT_BYTE if text else _BINARY_BYTE, size))
@@ -282,7 +376,7 @@ class PeerConnection(asyncio.Protocol):
 
     def queue_frame(self, frame: bytes) -> bool:
         """Queue an already built frame (a broadcast's) for this batch."""
-        if self.ws.state is not State.OPEN:
+        if self.ws is None or self.ws.state is not State.OPEN:
             return False
         self.outbox.append(frame)
         return True
@@ -301,7 +395,7 @@ class PeerConnection(asyncio.Protocol):
             self._credit_packets = self._credit_bytes = 0
 
     def close(self, code: int, reason: str) -> None:
-        if self.ws.state is State.OPEN:
+        if self.ws is not None and self.ws.state is State.OPEN:
             self.ws.send_close(code, reason)
             self._write_protocol_output()
 

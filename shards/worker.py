@@ -94,6 +94,10 @@ class Shard:
 
     # -- handshake policy -----------------------------------------------------------
 
+    def choose_subprotocol(self, offered: Sequence[str]) -> str:
+        """Godot's choice ("" for none); `NegotiationError` when Godot would refuse."""
+        return self._select_subprotocol(offered) or ""
+
     def _select_subprotocol(self, offered: Sequence[str]) -> str | None:
         """Godot's rule: the first protocol in the *client's* list that the server lists."""
         if not self.protocols:

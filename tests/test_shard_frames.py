@@ -189,3 +189,86 @@ def test_messages_just_before_a_close_frame_are_delivered() -> None:
     finally:
         server.stop()
     assert received == [b"fast", b"fragment"]
+
+
+def handshake_request(port: int, *extra: str) -> bytes:
+    lines = [
+        "GET /some/path?x=1 HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",  # RFC 6455's example
+        "Sec-WebSocket-Version: 13",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected_protocol"),
+    [
+        ((), None),
+        (("Sec-WebSocket-Protocol: nope, chat",), b"chat"),
+        # Repeated headers take websockets' path, which joins them: same answer.
+        (("Sec-WebSocket-Protocol: nope", "Sec-WebSocket-Protocol: chat"), b"chat"),
+    ],
+)
+@pytest.mark.parametrize("split", [False, True])
+def test_the_upgrade_answer_is_godots_however_the_request_arrives(
+    extra, expected_protocol, split
+) -> None:
+    server = WebSocketServer(shards=1)
+    protocols = ("chat",) if expected_protocol else ()
+    assert server.listen(0, protocols) == Error.OK
+    echo(server)
+
+    async def body() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        # The request and a first frame in one packet, or the request in 3-byte pieces.
+        stream = handshake_request(server.port, *extra) + build_frame(TEXT, b"first")
+        for i in range(0, len(stream), 3 if split else len(stream)):
+            writer.write(stream[i : i + (3 if split else len(stream))])
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+        if expected_protocol:
+            assert b"Sec-WebSocket-Protocol: " + expected_protocol + b"\r\n" in head
+        else:
+            assert b"Sec-WebSocket-Protocol" not in head
+        assert await read_frame(reader) == (TEXT, b"first")
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Key: om+NU/F8WvuHcXu2wN/Crg==\r\n"
+         b"Sec-WebSocket-Version: 8\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+    ],
+)  # fmt: skip
+def test_requests_the_fast_path_does_not_take_get_websockets_answer(request_bytes, status) -> None:
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+
+    async def body() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_bytes)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert head.split()[1] == status, head
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
