@@ -1,23 +1,15 @@
 """The real Godot 3.2.3 ``WebSocketClient`` (plain mode) against wsfleet with 2 shards.
 
 The server runs in this process and is polled here; ``godot3-server`` runs
-``tests/godot/client.gd`` as a subprocess, which prints one ``RESULT {json}``
-line per observation and exits with a status (0: every check passed). The
-server's side of each conversation is scripted below in signal handlers, one
-state per peer, and everything is asserted once the Godot processes have exited.
-
-CI installs Debian's ``godot3-server`` (3.2.3); without it these tests fail, on
-purpose. ``WSFLEET_GODOT`` may name another Godot 3.2 headless binary.
+``tests/godot/client.gd`` as a subprocess (see `godot_runner`), which prints one
+``RESULT {json}`` line per observation and exits with a status (0: every check
+passed). The server's side of each conversation is scripted below in signal
+handlers, one state per peer, and everything is asserted once the Godot processes
+have exited.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +20,13 @@ from wsfleet import Error, WebSocketServer
 from wsfleet.ipc import messages as m
 from wsfleet.variant import Color, Vector2, Vector3
 
+from .godot_runner import GODOT_DIR, GodotProcess, GodotProcesses, options, wait_until
 from .wsserver import Recorder, start
 
-SCRIPT = Path(__file__).resolve().parent / "godot" / "client.gd"
+SCRIPT = GODOT_DIR / "client.gd"
 SERVER_PROTOCOLS = ("chat", "godot-test")  # the client's preference must win, not this order
 GODOT_DEADLINE = 20  # seconds; client.gd gives up (status 2) after this
 WAIT = 30  # seconds for a whole conversation
-AFTER_EXIT = 5  # seconds for the server to see the end of exited clients
 
 # The same values, in the same order, as `vars()` in client.gd.
 TEXT = "héllo wörld ✓ 日本 🎮"
@@ -74,120 +66,35 @@ def same(a: Any, b: Any) -> bool:
 # -- the Godot side ------------------------------------------------------------------------
 
 
-class GodotClient:
-    """One ``godot3-server`` process running client.gd; its output is read by a thread."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def finish_reading(self) -> None:
-        self._reader.join(timeout=10)
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def results(self) -> list[dict[str, Any]]:
-        return [json.loads(line[7:]) for line in self.lines if line.startswith("RESULT ")]
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.results() if r.get("event") == name]
-
-    def checks(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.results() if r.get("check") == name]
-
-    def assert_clean_exit(self) -> None:
-        """Exit status 0 *and* the script's own exit line (a GDScript parse error exits 0)."""
-        failed = [r for r in self.results() if r.get("ok") is False]
-        assert failed == [], f"client.gd checks failed: {failed}\n{self.output()}"
-        exits = self.events("exit")
-        assert exits == [{"event": "exit", "status": 0, "failures": 0, "phase": "closed"}], (
-            self.output()
-        )
-        assert self.proc.returncode == 0, self.output()
-
-
-@pytest.fixture(scope="module")
-def godot_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = shutil.which(os.environ.get("WSFLEET_GODOT") or "godot3-server")
-    if not path:
-        pytest.fail(
-            "godot3-server (Godot 3.2.3 headless, Debian package 'godot3-server') is not "
-            "installed: these tests need the real engine. Install it, or set WSFLEET_GODOT "
-            "to a Godot 3.2 headless binary."
-        )
-    version = subprocess.run(
-        [path, "--version"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path_factory.mktemp("godot-version"),
-    ).stdout.strip()
-    if not version.startswith("3.2."):
-        pytest.fail(f"{path} is Godot {version!r}; these tests need Godot 3.2.x")
-    return path
+def assert_clean_exit(client: GodotProcess) -> None:
+    """Exit status 0 *and* the script's own exit line (a GDScript parse error exits 0)."""
+    failed = [r for r in client.results() if r.get("ok") is False]
+    assert failed == [], f"client.gd checks failed: {failed}\n{client.output()}"
+    exits = client.events("exit")
+    assert exits == [{"event": "exit", "status": 0, "failures": 0, "phase": "closed"}], (
+        client.output()
+    )
+    assert client.proc.returncode == 0, client.output()
 
 
 @pytest.fixture
-def godot(godot_binary: str, tmp_path: Path) -> Iterator[Callable[..., GodotClient]]:
+def godot(tmp_path: Path) -> Iterator[Callable[..., GodotProcess]]:
     """Start client.gd against a port; every process is killed (by pid) at teardown."""
-    started: list[GodotClient] = []
-    # Godot writes user:// and logs/ under res:// (the working directory when there is no
-    # project) and ~/.local/share/godot: keep all of that in tmp_path.
-    home = tmp_path / "home"
-    home.mkdir()
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        XDG_DATA_HOME=str(home / "data"),
-        XDG_CONFIG_HOME=str(home / "config"),
-        XDG_CACHE_HOME=str(home / "cache"),
-        LANG="en_US.UTF-8",  # Godot reads LANG only, and complains about "C"
-    )
+    with GodotProcesses(tmp_path) as processes:
 
-    def launch(port: int, scenario: str, protocols: str) -> GodotClient:
-        workdir = tmp_path / f"godot{len(started)}"
-        workdir.mkdir()
-        proc = subprocess.Popen(
-            [
-                godot_binary,
-                "--no-window",
-                "-s",
-                str(SCRIPT),
+        def launch(port: int, scenario: str, protocols: str) -> GodotProcess:
+            return processes.start(
+                SCRIPT,
                 "--",
-                f"--wsfleet-url=ws://127.0.0.1:{port}/wsfleet/test?x=1",
-                f"--wsfleet-protocols={protocols}",
-                f"--wsfleet-scenario={scenario}",
-                f"--wsfleet-timeout={GODOT_DEADLINE}",
-            ],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        client = GodotClient(proc)
-        started.append(client)
-        return client
+                *options(
+                    url=f"ws://127.0.0.1:{port}/wsfleet/test?x=1",
+                    protocols=protocols,
+                    scenario=scenario,
+                    timeout=GODOT_DEADLINE,
+                ),
+            )
 
-    yield launch
-    for client in started:
-        if client.proc.poll() is None:
-            client.proc.kill()
-        client.proc.wait(timeout=10)
-        client.finish_reading()
-        if client.proc.stdout is not None:
-            client.proc.stdout.close()
+        yield launch
 
 
 # -- the server side -----------------------------------------------------------------------
@@ -201,28 +108,10 @@ def server() -> Iterator[WebSocketServer]:
 
 
 def wait_for(
-    server: WebSocketServer, condition: Callable[[], Any], clients: list[GodotClient], what: str
+    server: WebSocketServer, condition: Callable[[], Any], clients: list[GodotProcess], what: str
 ) -> None:
-    """Poll the server until ``condition()``; on a deadline show what Godot printed.
-
-    The deadline is `WAIT`, or `AFTER_EXIT` once every Godot process has exited (what
-    the server still has to see of them arrives within milliseconds).
-    """
-    deadline = time.monotonic() + WAIT
-    exited_at = None
-    while not condition():
-        now = time.monotonic()
-        if exited_at is None and all(client.exited() for client in clients):
-            exited_at = now
-        if now > deadline or (exited_at is not None and now > exited_at + AFTER_EXIT):
-            for client in clients:
-                client.finish_reading()
-            outputs = "\n---\n".join(
-                f"exit status {client.proc.poll()}:\n{client.output()}" for client in clients
-            )
-            why = "every Godot process exited" if exited_at is not None else "timed out"
-            raise AssertionError(f"{why} before {what}; Godot printed:\n{outputs}")
-        server.poll(0.01)
+    """Poll the server until ``condition()`` (`wait_until`, `WAIT` seconds)."""
+    wait_until(condition, clients, what, wait=WAIT, poll=lambda: server.poll(0.01))
 
 
 class MainConversation:
@@ -322,7 +211,7 @@ def test_protocol_echo_put_var_get_var_and_kick_with_godot_clients(server, godot
         assert [c["was_clean"] for c in closed] == [True], client.output()
         results = client.results()
         assert results.index(close_requests[0]) < results.index(closed[0])
-        client.assert_clean_exit()
+        assert_clean_exit(client)
 
     for peer_id in peer_ids:
         # 2. What the server echoed.
@@ -374,4 +263,4 @@ def test_the_godot_clients_close_code_and_reason_reach_the_server(server, godot)
     assert client.events("server_close_request") == []
     # Godot 3.2.3 reports was_clean_close=false to the side that started the close.
     assert [c["was_clean"] for c in client.events("connection_closed")] == [False]
-    client.assert_clean_exit()
+    assert_clean_exit(client)

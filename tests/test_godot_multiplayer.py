@@ -14,23 +14,16 @@ The server is either wsfleet (2 shards, in this process, listening with
 ``gd_mp_api=True`` and scripted here: it confirms paths, answers RAW, sends
 "go" once the clients sit on both shards), or, as the reference, Godot's own
 ``WebSocketServer`` running ``tests/godot/mp_server.gd``, which plays the same part.
-
-CI installs Debian's ``godot3-server`` (3.2.3); without it these tests fail, on
-purpose. ``WSFLEET_GODOT`` may name another Godot 3.2 headless binary.
+The Godot processes are started and read as `godot_runner` says.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import struct
-import subprocess
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +32,21 @@ import pytest
 from wsfleet import Error, WebSocketServer
 from wsfleet.variant import decode_variant_at
 
-GODOT_DIR = Path(__file__).resolve().parent / "godot"
+from .godot_runner import (
+    GODOT_DIR,
+    GodotProcess,
+    GodotProcesses,
+    free_port,
+    options,
+    wait_until,
+)
+
 CLIENT_SCRIPT = GODOT_DIR / "mp_client.gd"
 SERVER_SCRIPT = GODOT_DIR / "mp_server.gd"
 CLIENTS = 4  # to start with; more join when the first ones all sit on one shard
 MAX_CLIENTS = 10
 GODOT_DEADLINE = 25  # seconds; mp_client.gd gives up (status 2) after this
 WAIT = 40  # seconds for a whole run
-AFTER_EXIT = 5  # seconds for the server to see the end of exited clients
 
 # MultiplayerAPI commands (the first payload byte after the 9-byte header).
 REMOTE_CALL, REMOTE_SET, SIMPLIFY_PATH, CONFIRM_PATH, RAW = range(5)
@@ -62,138 +62,16 @@ Receipt = tuple[int, str, str]  # (sender, call, node), node "raw" for RAW packe
 # -- the Godot processes ---------------------------------------------------------------------
 
 
-class GodotProcess:
-    """One ``godot3-server`` process; its output is read by a thread."""
-
-    def __init__(self, proc: subprocess.Popen, name: str) -> None:
-        self.proc = proc
-        self.name = name
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def finish_reading(self) -> None:
-        self._reader.join(timeout=10)
-
-    def output(self) -> str:
-        return f"[{self.name}, exit status {self.proc.poll()}]\n" + "\n".join(self.lines)
-
-    def results(self) -> list[dict[str, Any]]:
-        return [json.loads(line[7:]) for line in list(self.lines) if line.startswith("RESULT ")]
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.results() if r.get("event") == name]
-
-    def count_lines(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-
-@pytest.fixture(scope="module")
-def godot_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = shutil.which(os.environ.get("WSFLEET_GODOT") or "godot3-server")
-    if not path:
-        pytest.fail(
-            "godot3-server (Godot 3.2.3 headless, Debian package 'godot3-server') is not "
-            "installed: these tests need the real engine. Install it, or set WSFLEET_GODOT "
-            "to a Godot 3.2 headless binary."
-        )
-    version = subprocess.run(
-        [path, "--version"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path_factory.mktemp("godot-version"),
-    ).stdout.strip()
-    if not version.startswith("3.2."):
-        pytest.fail(f"{path} is Godot {version!r}; these tests need Godot 3.2.x")
-    return path
-
-
 @pytest.fixture
-def godot(godot_binary: str, tmp_path: Path) -> Iterator[Callable[..., GodotProcess]]:
-    """Start a script with options; every process is killed (by pid) at teardown."""
-    started: list[GodotProcess] = []
-    # Godot writes user:// and logs/ under res:// (the working directory when there is no
-    # project) and ~/.local/share/godot: keep all of that in tmp_path.
-    home = tmp_path / "home"
-    home.mkdir()
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        XDG_DATA_HOME=str(home / "data"),
-        XDG_CONFIG_HOME=str(home / "config"),
-        XDG_CACHE_HOME=str(home / "cache"),
-        LANG="en_US.UTF-8",  # Godot reads LANG only, and complains about "C"
+def godot(tmp_path: Path) -> Iterator[GodotProcesses]:
+    with GodotProcesses(tmp_path) as processes:
+        yield processes
+
+
+def launch_client(godot: GodotProcesses, port: int) -> GodotProcess:
+    return godot.start(
+        CLIENT_SCRIPT, *options(url=f"ws://127.0.0.1:{port}/", timeout=GODOT_DEADLINE)
     )
-
-    def launch(script: Path, **options: Any) -> GodotProcess:
-        name = f"{script.stem}-{len(started)}"
-        workdir = tmp_path / name
-        workdir.mkdir()
-        proc = subprocess.Popen(
-            [godot_binary, "--no-window", "-s", str(script)]
-            + [f"--wsfleet-{key.replace('_', '-')}={value}" for key, value in options.items()],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        process = GodotProcess(proc, name)
-        started.append(process)
-        return process
-
-    yield launch
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-        process.proc.wait(timeout=10)
-        process.finish_reading()
-        if process.proc.stdout is not None:
-            process.proc.stdout.close()
-
-
-def launch_client(godot: Callable[..., GodotProcess], port: int) -> GodotProcess:
-    return godot(CLIENT_SCRIPT, url=f"ws://127.0.0.1:{port}/", timeout=GODOT_DEADLINE)
-
-
-def wait_until(
-    condition: Callable[[], Any],
-    processes: list[GodotProcess],
-    what: str,
-    poll: Callable[[], None] = lambda: time.sleep(0.01),
-) -> None:
-    """``poll()`` until ``condition()``; on a deadline show what Godot printed.
-
-    The deadline is `WAIT`, or `AFTER_EXIT` once every Godot process has exited.
-    """
-    deadline = time.monotonic() + WAIT
-    exited_at = None
-    while not condition():
-        now = time.monotonic()
-        if exited_at is None and all(p.exited() for p in processes):
-            exited_at = now
-        if now > deadline or (exited_at is not None and now > exited_at + AFTER_EXIT):
-            for p in processes:
-                p.finish_reading()
-            outputs = "\n---\n".join(p.output() for p in processes)
-            why = "every Godot process exited" if exited_at is not None else "timed out"
-            raise AssertionError(f"{why} before {what}; Godot printed:\n{outputs}")
-        poll()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- what every party must see (mp_client.gd's run, in Python) ------------------------------
@@ -324,11 +202,11 @@ def check_clients(
 def test_reference_godot_server_relays_rpcs_raw_and_leaves(godot) -> None:
     """The same run against Godot 3.2.3's WebSocketServer (tests/godot/mp_server.gd)."""
     port = free_port()
-    server = godot(SERVER_SCRIPT, port=port, clients=CLIENTS, timeout=WAIT)
-    wait_until(lambda: server.events("listening"), [server], "mp_server.gd listens")
+    server = godot.start(SERVER_SCRIPT, *options(port=port, clients=CLIENTS, timeout=WAIT))
+    wait_until(lambda: server.events("listening"), [server], "mp_server.gd listens", wait=WAIT)
     clients = [launch_client(godot, port) for _ in range(CLIENTS)]
     everyone = [server, *clients]
-    wait_until(lambda: all(p.exited() for p in everyone), everyone, "the run ends")
+    wait_until(lambda: all(p.exited() for p in everyone), everyone, "the run ends", wait=WAIT)
     for p in everyone:
         p.finish_reading()
     (listening,) = server.events("listening")
@@ -490,7 +368,13 @@ def test_godot_clients_on_both_shards_rpc_raw_and_leave_through_wsfleet(server, 
     assert server.is_refusing_new_connections() is False
     clients = [launch_client(godot, server.port) for _ in range(CLIENTS)]
     while True:
-        wait_until(lambda: len(script.connected) == len(clients), clients, "all join", poll)
+        wait_until(
+            lambda: len(script.connected) == len(clients),
+            clients,
+            "all join",
+            wait=WAIT,
+            poll=poll,
+        )
         shards = {server.get_peer_shard(peer_id) for peer_id in script.connected}
         if shards == {0, 1} or len(clients) == MAX_CLIENTS:
             break
@@ -505,7 +389,8 @@ def test_godot_clients_on_both_shards_rpc_raw_and_leave_through_wsfleet(server, 
         lambda: all(c.exited() for c in clients) and len(script.disconnected) == len(clients),
         clients,
         "the run ends",
-        poll,
+        wait=WAIT,
+        poll=poll,
     )
     for client in clients:
         client.finish_reading()

@@ -23,14 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
 import random
-import shutil
-import socket
 import struct
-import subprocess
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from wsfleet import Error, WebSocketServer
 
+from .godot_runner import GODOT_DIR, GodotProcess, GodotProcesses, free_port, options
 from .wsserver import run_with, until
 
 HEADER = struct.Struct("<Bii")
@@ -693,85 +688,38 @@ def test_get_packet_queue_for_to_1_and_to_0(mp_servers) -> None:
 
 # -- the same rules on Godot 3.2.3's own server ------------------------------------------------
 
-GODOT_RELAY = Path(__file__).resolve().parent / "godot" / "mp_server.gd"
+GODOT_RELAY = GODOT_DIR / "mp_server.gd"
 RAW = b"\x04"  # MultiplayerAPI RAW command: mp_server.gd reports such packets ("raw" events)
 
 
-class GodotRelay:
-    """``godot3-server`` running mp_server.gd as a pure relay; its stdout read by a thread."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        env = dict(os.environ, HOME=str(workdir), XDG_DATA_HOME=str(workdir), LANG="en_US.UTF-8")
-        self.proc = subprocess.Popen(
-            [binary, "--no-window", "-s", str(GODOT_RELAY), f"--wsfleet-port={self.port}",
-             "--wsfleet-clients=0", "--wsfleet-timeout=50"],
-            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        results = [json.loads(x[7:]) for x in list(self.lines) if x.startswith("RESULT ")]
-        return [r for r in results if r.get("event") == name]
-
-    def packets(self) -> list[tuple[int, bytes]]:
-        """What the server's MultiplayerAPI got: (sender, payload after the RAW byte)."""
-        return [(r["from"], bytes.fromhex(r["hex"])) for r in self.events("raw")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # this pid only
-        self.proc.wait(10)
-        self._reader.join(5)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+def godot_packets(relay: GodotProcess) -> list[tuple[int, bytes]]:
+    """What mp_server.gd's MultiplayerAPI got: (sender, payload after the RAW byte)."""
+    return [(r["from"], bytes.fromhex(r["hex"])) for r in relay.events("raw")]
 
 
 @pytest.fixture
-def godot_relay(tmp_path: Path) -> Iterator[Callable[[], GodotRelay]]:
-    binary = shutil.which(os.environ.get("WSFLEET_GODOT") or "godot3-server")
-    if not binary:
-        pytest.fail("godot3-server (Godot 3.2.3 headless) is not installed; see WSFLEET_GODOT")
-    started: list[GodotRelay] = []
-
-    def start() -> GodotRelay:
-        workdir = tmp_path / f"godot{len(started)}"
-        workdir.mkdir()
-        relay = GodotRelay(binary, workdir)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop()
+def godot(tmp_path: Path) -> Iterator[GodotProcesses]:
+    with GodotProcesses(tmp_path) as processes:
+        yield processes
 
 
 @pytest.mark.timeout(60)
-def test_the_oracle_matches_godot_3_2_3s_own_server(godot_relay) -> None:
+def test_the_oracle_matches_godot_3_2_3s_own_server(godot) -> None:
     """`recipients` and the system message order above, against the real engine: the same
     deliveries to clients, invalid frames relayed to nobody, SYS_DEL on close. The one
     difference is documented: Godot's server also takes ``to = -1`` itself."""
-    godot = godot_relay()
+    port = free_port()
+    relay = godot.start(GODOT_RELAY, *options(port=port, clients=0, timeout=50))
 
     async def body() -> tuple[list[MPClient], list[tuple[int, int, bytes, bytes]], list[bytes]]:
         for _ in range(200):  # bounded: until Godot listens
-            if godot.events("listening") or godot.proc.poll() is not None:
+            if relay.events("listening") or relay.exited():
                 break
             await asyncio.sleep(0.05)
-        assert godot.events("listening"), "\n".join(godot.lines)
+        assert relay.events("listening"), relay.output()
         clients: list[MPClient] = []
         for _ in range(4):
-            c = await MPClient.open(godot.port)
+            c = await MPClient.open(port)
             await until(lambda c=c: len(c.frames) >= 2 + len(clients), 5)
             await until(lambda c=c: all(sys_frame(SYS_ADD, c.id) in d.frames for d in clients), 5)
             clients.append(c)
@@ -808,7 +756,7 @@ def test_the_oracle_matches_godot_3_2_3s_own_server(godot_relay) -> None:
             ),
             10,
         )
-        await until(lambda: all((c.id, MARKER) in godot.packets() for c in clients), 10)
+        await until(lambda: all((c.id, MARKER) in godot_packets(relay) for c in clients), 10)
         await a.close()
         await until(lambda: all(sys_frame(SYS_DEL, a.id) in c.frames for c in (b, x, y)), 10)
         return clients, sent, bad
@@ -828,7 +776,7 @@ def test_the_oracle_matches_godot_3_2_3s_own_server(godot_relay) -> None:
     server_wanted = [
         (s, p[1:]) for s, t, p, _ in sent if recipients(s, t, ids)[1] or t == -SERVER
     ]  # fmt: skip
-    got = [(s, p) for s, p in godot.packets() if MARKER not in p]
+    got = [(s, p) for s, p in godot_packets(relay) if MARKER not in p]
     assert sorted(got) == sorted(server_wanted)
 
 
