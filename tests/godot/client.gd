@@ -20,6 +20,7 @@
 #          wait for connection_closed.
 extends SceneTree
 
+const Common = preload("common.gd")
 const TEXT_PAYLOAD = "héllo wörld ✓ 日本 🎮"
 
 var client := WebSocketClient.new()
@@ -60,7 +61,7 @@ func vars() -> Array:
 
 
 func report(fields: Dictionary) -> void:
-	print("RESULT ", JSON.print(fields))
+	Common.result(fields)
 
 
 func check(what: String, ok: bool, details: Dictionary = {}) -> void:
@@ -105,31 +106,16 @@ func same(a, b) -> bool:
 			return a == b
 
 
-func hex(data: PoolByteArray) -> String:
-	var out := ""
-	for byte in data:
-		out += "%02x" % byte
-	return out
-
-
-func option(name: String, default: String) -> String:
-	var prefix := "--wsfleet-" + name + "="
-	for arg in OS.get_cmdline_args():
-		if arg.begins_with(prefix):
-			return arg.substr(prefix.length(), arg.length() - prefix.length())
-	return default
-
-
 func _init() -> void:
 	# Headless Godot sleeps low_processor_usage_mode_sleep_usec (6900) every frame.
 	OS.low_processor_usage_mode_sleep_usec = 1000
-	var url := option("url", "")
-	scenario = option("scenario", "main")
+	var url := Common.option("url", "")
+	scenario = Common.option("scenario", "main")
 	var protocols := PoolStringArray()
-	var protocol_list := option("protocols", "")
+	var protocol_list := Common.option("protocols", "")
 	if protocol_list != "":
 		protocols = PoolStringArray(protocol_list.split(","))
-	deadline_ms = OS.get_ticks_msec() + int(float(option("timeout", "20")) * 1000.0)
+	deadline_ms = OS.get_ticks_msec() + int(float(Common.option("timeout", "20")) * 1000.0)
 	for i in range(300):  # over 125 bytes: a 16-bit frame length
 		binary_payload.append((i * 7) % 256)
 	if url == "" or not scenario in ["main", "close"]:
@@ -205,13 +191,13 @@ func _on_data() -> void:
 		elif phase == "await_close_order":
 			var order := peer.get_packet()
 			var ok := peer.was_string_packet() and order.get_string_from_utf8() == "please-close"
-			check("close_order", ok, {"hex": hex(order), "was_string": peer.was_string_packet()})
+			check("close_order", ok, {"hex": Common.hex(order), "was_string": peer.was_string_packet()})
 			phase = "closing"
 			client.disconnect_from_host(4000, "bye")
 			return
 		else:
 			var extra := peer.get_packet()
-			check("unexpected_packet", false, {"phase": phase, "hex": hex(extra)})
+			check("unexpected_packet", false, {"phase": phase, "hex": Common.hex(extra)})
 
 
 func _on_echo(peer: WebSocketPeer) -> void:
@@ -220,7 +206,7 @@ func _on_echo(peer: WebSocketPeer) -> void:
 	var first := echoes_seen == 0
 	var sent := TEXT_PAYLOAD.to_utf8() if first else binary_payload
 	check("echo_text" if first else "echo_binary", text == first and same(data, sent), {
-		"was_string": text, "size": data.size(), "hex": hex(data).substr(0, 80)
+		"was_string": text, "size": data.size(), "hex": Common.hex(data).substr(0, 80)
 	})
 	echoes_seen += 1
 	if echoes_seen < 2:

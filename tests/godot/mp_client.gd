@@ -41,38 +41,11 @@
 #   So nothing that must arrive is sent by a client after its peers could close.
 extends SceneTree
 
-
-class Harness extends Node:
-	var sink: Object
-
-	remote func hello(from_id):
-		sink.on_rpc("hello", [from_id], self)
-
-	remote func hello_ack(from_id):
-		sink.on_rpc("hello_ack", [from_id], self)
-
-	remote func direct(from_id, seq):
-		sink.on_rpc("direct", [from_id, seq], self)
-
-	remote func tick(from_id):
-		sink.on_rpc("tick", [from_id], self)
-
-	remote func all_but(from_id):
-		sink.on_rpc("all_but", [from_id], self)
-
-	remote func finished(from_id):
-		sink.on_rpc("finished", [from_id], self)
-
-	remote func finished_all(from_id):
-		sink.on_rpc("finished_all", [from_id], self)
-
-	remote func bye(from_id):
-		sink.on_rpc("bye", [from_id], self)
-
+const Common = preload("common.gd")
 
 var client := WebSocketClient.new()
-var harness: Harness
-var inner: Harness
+var harness: Node  # /root/Harness (Common.Harness)
+var inner: Node  # /root/Harness/Inner
 var phase := "connecting"
 var finished_run := false
 var deadline_ms := 0
@@ -89,7 +62,7 @@ var connected_to_server := false
 
 func report(fields: Dictionary) -> void:
 	fields["ms"] = OS.get_ticks_msec() - start_ms
-	print("RESULT ", JSON.print(fields))
+	Common.result(fields)
 
 
 func end_run(status: int) -> void:
@@ -107,21 +80,6 @@ func end_run(status: int) -> void:
 	quit(status)
 
 
-func option(name: String, default: String) -> String:
-	var prefix := "--wsfleet-" + name + "="
-	for arg in OS.get_cmdline_args():
-		if arg.begins_with(prefix):
-			return arg.substr(prefix.length(), arg.length() - prefix.length())
-	return default
-
-
-func hex(data: PoolByteArray) -> String:
-	var out := ""
-	for byte in data:
-		out += "%02x" % byte
-	return out
-
-
 func _init() -> void:
 	# Headless Godot sleeps low_processor_usage_mode_sleep_usec (6900) every frame.
 	OS.low_processor_usage_mode_sleep_usec = 1000
@@ -129,20 +87,15 @@ func _init() -> void:
 
 
 func _initialize() -> void:
-	var url := option("url", "")
-	deadline_ms = start_ms + int(float(option("timeout", "20")) * 1000.0)
+	var url := Common.option("url", "")
+	deadline_ms = start_ms + int(float(Common.option("timeout", "20")) * 1000.0)
 	if url == "":
 		report({"event": "bad_arguments", "args": OS.get_cmdline_args()})
 		end_run(4)
 		return
-	harness = Harness.new()
-	harness.name = "Harness"
-	harness.sink = self
-	get_root().add_child(harness)
-	inner = Harness.new()
-	inner.name = "Inner"
-	inner.sink = self
-	harness.add_child(inner)
+	var nodes := Common.add_harness(self, self)
+	harness = nodes[0]
+	inner = nodes[1]
 	connect("network_peer_connected", self, "_on_peer_connected")
 	connect("network_peer_disconnected", self, "_on_peer_disconnected")
 	connect("connected_to_server", self, "_on_connected_to_server")
@@ -299,7 +252,7 @@ func on_rpc(call: String, args: Array, node: Node) -> void:
 
 func _on_raw(sender: int, packet: PoolByteArray) -> void:
 	var text := packet.get_string_from_utf8()
-	report({"event": "raw", "from": sender, "text": text, "hex": hex(packet)})
+	report({"event": "raw", "from": sender, "text": text, "hex": Common.hex(packet)})
 	if sender == 1 and text.begins_with("go:"):
 		var parsed := JSON.parse(text.substr(3, text.length() - 3))
 		if parsed.error != OK or typeof(parsed.result) != TYPE_DICTIONARY:

@@ -23,37 +23,9 @@
 # its end, 2 on the deadline, 3 when listen failed, 4 for bad arguments.
 extends SceneTree
 
-
-class Harness extends Node:
-	var sink: Object
-
-	remote func hello(from_id):
-		sink.on_rpc("hello", [from_id], self)
-
-	remote func hello_ack(from_id):
-		sink.on_rpc("hello_ack", [from_id], self)
-
-	remote func direct(from_id, seq):
-		sink.on_rpc("direct", [from_id, seq], self)
-
-	remote func tick(from_id):
-		sink.on_rpc("tick", [from_id], self)
-
-	remote func all_but(from_id):
-		sink.on_rpc("all_but", [from_id], self)
-
-	remote func finished(from_id):
-		sink.on_rpc("finished", [from_id], self)
-
-	remote func finished_all(from_id):
-		sink.on_rpc("finished_all", [from_id], self)
-
-	remote func bye(from_id):
-		sink.on_rpc("bye", [from_id], self)
-
+const Common = preload("common.gd")
 
 var server := WebSocketServer.new()
-var harness: Harness
 var expected_clients := 0
 var quiet := false
 var deadline_ms := 0
@@ -68,7 +40,7 @@ var received := {}  # "sender call node" -> count
 
 func report(fields: Dictionary) -> void:
 	fields["ms"] = OS.get_ticks_msec() - start_ms
-	print("RESULT ", JSON.print(fields))
+	Common.result(fields)
 
 
 func end_run(status: int) -> void:
@@ -83,45 +55,23 @@ func end_run(status: int) -> void:
 	quit(status)
 
 
-func option(name: String, default: String) -> String:
-	var prefix := "--wsfleet-" + name + "="
-	for arg in OS.get_cmdline_args():
-		if arg.begins_with(prefix):
-			return arg.substr(prefix.length(), arg.length() - prefix.length())
-	return default
-
-
-func hex(data: PoolByteArray) -> String:
-	var out := ""
-	for byte in data:
-		out += "%02x" % byte
-	return out
-
-
 func _init() -> void:
 	# Headless Godot sleeps low_processor_usage_mode_sleep_usec (6900) every frame.
-	OS.low_processor_usage_mode_sleep_usec = int(option("sleep-usec", "1000"))
+	OS.low_processor_usage_mode_sleep_usec = int(Common.option("sleep-usec", "1000"))
 	start_ms = OS.get_ticks_msec()
 
 
 func _initialize() -> void:
-	var port := int(option("port", "0"))
-	expected_clients = int(option("clients", "0"))
-	quiet = option("quiet", "0") == "1"
-	var timeout := float(option("timeout", "30"))
+	var port := int(Common.option("port", "0"))
+	expected_clients = int(Common.option("clients", "0"))
+	quiet = Common.option("quiet", "0") == "1"
+	var timeout := float(Common.option("timeout", "30"))
 	deadline_ms = start_ms + int(timeout * 1000.0) if timeout > 0 else 0
 	if port <= 0 or expected_clients < 0:
 		report({"event": "bad_arguments", "args": OS.get_cmdline_args()})
 		end_run(4)
 		return
-	harness = Harness.new()
-	harness.name = "Harness"
-	harness.sink = self
-	get_root().add_child(harness)
-	var inner := Harness.new()
-	inner.name = "Inner"
-	inner.sink = self
-	harness.add_child(inner)
+	Common.add_harness(self, self)
 	var err: int = server.listen(port, PoolStringArray(), true)
 	if err != OK:
 		report({"event": "listen_failed", "error": err, "port": port})
@@ -162,7 +112,7 @@ func on_rpc(call: String, args: Array, node: Node) -> void:
 func _on_raw(sender: int, packet: PoolByteArray) -> void:
 	var text := packet.get_string_from_utf8()
 	if not quiet:
-		report({"event": "raw", "from": sender, "text": text, "hex": hex(packet)})
+		report({"event": "raw", "from": sender, "text": text, "hex": Common.hex(packet)})
 	if expected_clients == 0:
 		return
 	if text.begins_with("client-raw:"):
