@@ -65,6 +65,15 @@ consumer goes to sleep always either is seen by its re-check or rings the
 bell.  ``space_bell`` uses the same pattern with ``producer_waiting`` and
 ``tail``.  Spurious wake-ups are harmless: every wait re-checks.
 
+Speed
+=====
+The per-record loops of `Producer.push_many` and `Consumer.pop_all` run in C
+(``_fastring.c``) for the common records - whole, unchunked, fitting before
+the end - and hand back to the Python code here at anything else (a wrap, a
+chunk, a full ring, a bad value), which stays the reference implementation.
+The C code touches no shared index: the atomics above happen here, before
+and after it.
+
 Liveness is not the ring's business: see `wsfleet.ipc.lifeline`.  `wait`
 methods accept the watch end of a lifeline and raise `PeerGone` once the other
 process is gone and nothing is left to read.
@@ -80,6 +89,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from . import _fastring
 from .atomic import AtomicWord
 
 __all__ = [
@@ -317,10 +327,8 @@ class Producer:
         overwritten.
         """
         mm = self._mm
-        mask = self._mask
         capacity = self._capacity
         max_message = self._max_message
-        pack_into = _HEADER.pack_into
         head = self._head
         tail = self._tail
         count = len(records)
@@ -333,23 +341,18 @@ class Producer:
             head = self._head
             tail = self._tail
             i += 1
+        push_records = _fastring.push_records
         while i < count:
+            i, head = push_records(mm, capacity, head, tail, records, i, max_message)
+            if i == count:
+                break
+            # The C loop stopped at a record it does not take: check it, then wrap,
+            # chunk or wait here.
             kind, peer, flags, payload = records[i]
             size = len(payload)
             if not (0 < kind <= KIND_MAX and 0 <= flags <= FLAGS_MAX and size <= max_message):
                 self._head = head
                 self._reject(kind, flags, size)
-            need = (HEADER_SIZE + size + 7) & ~7
-            pos = head & mask
-            # Fast path: the whole record fits before the end and in the free space.
-            if need <= capacity - pos and need <= capacity - (head - tail):
-                offset = _DATA_OFF + pos
-                pack_into(mm, offset, size, peer, kind, flags, size)
-                offset += HEADER_SIZE
-                mm[offset : offset + size] = payload
-                head += need
-                i += 1
-                continue
             self._head = head
             if not self._push_slow(kind, peer, flags, payload):
                 return i
@@ -556,8 +559,14 @@ class Consumer:
         mm = self._mm
         mask = self._mask
         capacity = self._capacity
+        if self._part_header is None:
+            # The common records in C; it stops at a chunk, which the loop below takes.
+            out, tail, stop = _fastring.pop_records(mm, capacity, tail, head, limit)
+            if stop == _fastring.STOP_CORRUPT:
+                raise RingCorrupted(f"a record at {tail} runs past the data")
+        else:
+            out = []
         unpack_from = _HEADER.unpack_from
-        out: list[Record] = []
         append = out.append
         while tail < head and len(out) < limit:
             pos = tail & mask
