@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Shard scaling, in one go, on a machine with at least 16 free cores (issue 5):
+# echo with 1, 2, 4 and 8 shards, each server pinned to its shards' cores plus one
+# for the front, against Godot 3.2.3's server pinned to one core of the same set,
+# with the load generator on 8 other cores (400 connections x 16 in flight).
+#
+#   loadtest/scaling.sh [RUNS]            (RUNS defaults to 3; JSON in scaling.json)
+#
+# The 2-core development machine cannot run it: the figures come from a lent
+# 16-core machine when a session has one.
+set -euo pipefail
+runs=${1:-3}
+py=${PYTHON:-python3}
+cores=$(nproc)
+if [ "$cores" -lt 16 ]; then
+    echo "scaling.sh needs 16 cores (shards on 0-8, load on 8 others); this machine has $cores" >&2
+    exit 2
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+godot_script="$(cd "$(dirname "$0")" && pwd)/godot_server.gd"
+servers=()
+for shards in 1 2 4 8; do
+    # shards on cores 0..shards-1, the front (and the idle supervisor) on core 8
+    servers+=(--server "wsfleet-$shards=taskset -c 0-$((shards - 1)),8 $py -m wsfleet serve --quiet --port {port} --shards $shards")
+done
+servers+=(--server "godot=taskset -c 0 env -C $work HOME=$work LANG=en_US.UTF-8 godot3-server --no-window -s $godot_script --wsfleet-port={port} --wsfleet-mode=echo --wsfleet-sleep-usec=0")
+exec "$py" -m wsfleet.loadtest.echo_bench --runs "$runs" --seconds 5 --warmup 1 \
+    --connections 400 --inflight 16 --client-procs 8 --client-cpus 9-15,$((cores - 1)) \
+    --server-cpus '' "${servers[@]}" --json scaling.json
