@@ -2,7 +2,7 @@
 # Shard scaling, in one go, on a machine with at least 16 free cores (issue 5):
 # echo with 1, 2, 4 and 8 shards, each server pinned to its shards' cores plus one
 # for the front, against Godot 3.2.3's server pinned to one core of the same set,
-# with the load generator on 8 other cores (400 connections x 16 in flight).
+# with the load generator on the 7 cores left (400 connections x 16 in flight).
 #
 #   loadtest/scaling.sh [RUNS]            (RUNS defaults to 3; JSON in scaling.json)
 #
@@ -13,7 +13,7 @@ runs=${1:-3}
 py=${PYTHON:-python3}
 cores=$(nproc)
 if [ "$cores" -lt 16 ]; then
-    echo "scaling.sh needs 16 cores (shards on 0-8, load on 8 others); this machine has $cores" >&2
+    echo "scaling.sh needs 16 cores (shards 0-7, front 8, load 9-15); this machine has $cores" >&2
     exit 2
 fi
 work=$(mktemp -d)
@@ -26,5 +26,5 @@ for shards in 1 2 4 8; do
 done
 servers+=(--server "godot=taskset -c 0 env -C $work HOME=$work LANG=en_US.UTF-8 godot3-server --no-window -s $godot_script --wsfleet-port={port} --wsfleet-mode=echo --wsfleet-sleep-usec=0")
 exec "$py" -m wsfleet.loadtest.echo_bench --runs "$runs" --seconds 5 --warmup 1 \
-    --connections 400 --inflight 16 --client-procs 8 --client-cpus 9-15,$((cores - 1)) \
+    --connections 400 --inflight 16 --client-procs 7 --client-cpus 9-15 \
     --server-cpus '' "${servers[@]}" --json scaling.json

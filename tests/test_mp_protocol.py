@@ -211,11 +211,9 @@ def on_shard(server: WebSocketServer, clients: list[MPClient], shard: int) -> li
     return [c for c in clients if server.get_peer_shard(c.id) == shard]
 
 
-async def settle(server: WebSocketServer, log: MPLog, clients: list[MPClient]) -> None:
-    """Markers along every sender->receiver pair (server included), and wait for all.
-    Every client must still be connected, before and after."""
-    assert [c.id for c in clients if c.closed] == []
-    tag = MARKER + next(_tokens).to_bytes(4, "little")
+async def send_markers(clients: list[MPClient], tag: bytes) -> None:
+    """``tag`` from every client to every other one and to the server; wait until every
+    client got it from every other one."""
     for c in clients:
         for d in clients:
             if d is not c:
@@ -227,6 +225,14 @@ async def settle(server: WebSocketServer, log: MPLog, clients: list[MPClient]) -
         ),
         10,
     )
+
+
+async def settle(server: WebSocketServer, log: MPLog, clients: list[MPClient]) -> None:
+    """Markers along every sender->receiver pair (server included), and wait for all.
+    Every client must still be connected, before and after."""
+    assert [c.id for c in clients if c.closed] == []
+    tag = MARKER + next(_tokens).to_bytes(4, "little")
+    await send_markers(clients, tag)
     await until(lambda: all((c.id, tag) in log.packets for c in clients), 10)
     for c in clients:
         server.set_target_peer(c.id)
@@ -741,21 +747,7 @@ def test_the_oracle_matches_godot_3_2_3s_own_server(godot) -> None:
         for frame in bad:
             await a.send_raw(frame)
         # Markers along every pair (the server: a RAW to=1), then wait for all of them.
-        tag = RAW + MARKER
-        for c in clients:
-            for d in clients:
-                if d is not c:
-                    await c.send(d.id, tag)
-            await c.send(SERVER, tag)
-        await until(
-            lambda: all(
-                mp_frame(d.id, c.id, tag) in c.frames
-                for c in clients
-                for d in clients
-                if d is not c
-            ),
-            10,
-        )
+        await send_markers(clients, RAW + MARKER)
         await until(lambda: all((c.id, MARKER) in godot_packets(relay) for c in clients), 10)
         await a.close()
         await until(lambda: all(sys_frame(SYS_DEL, a.id) in c.frames for c in (b, x, y)), 10)
