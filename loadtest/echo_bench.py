@@ -1,19 +1,26 @@
-"""Echo throughput and latency: wsfleet against a plain websockets server, side by side.
+"""Echo throughput and latency: wsfleet against websockets, Godot 3.2.3 and Node's ws.
 
     python -m wsfleet.loadtest.echo_bench [--runs 5] [--connections 50] [--inflight 16]
         [--size 64] [--seconds 5] [--warmup 1] [--client-procs 1] [--server-cpus 0]
-        [--client-cpus 1] [--server NAME=COMMAND ...] [--text] [--json FILE]
+        [--client-cpus 1] [--only NAMES] [--server NAME=COMMAND ...] [--godot BIN]
+        [--godot-sleep-usec 0] [--node BIN] [--node-path DIR] [--text] [--json FILE]
 
-Each server is a command line with ``{port}`` (and optionally ``{host}``) in it;
-the default set is::
+The servers are `harness.server_catalog`'s echo set (``--only`` picks from it, and
+also takes ``wsfleet-K`` for K shards), the first being the baseline of the ratios:
 
-    websockets=python -m wsfleet.loadtest.ws_echo_server --port {port}
-    wsfleet-1=wsfleet serve --port {port} --shards 1
-    wsfleet-2=wsfleet serve --port {port} --shards 2
+* ``websockets``: ``python -m wsfleet.loadtest.ws_echo_server`` (websockets on uvloop);
+* ``wsfleet-1``, ``wsfleet-2``: ``wsfleet serve --bind 127.0.0.1 --shards K --quiet``
+  (the echo runs in the front, as a user's ``data_received`` handler would);
+* ``godot``: ``godot3-server`` running ``loadtest/godot_server.gd --wsfleet-mode=echo``
+  (Godot 3.2.3's ``WebSocketServer``; with the default ``--godot-sleep-usec 0`` its main
+  loop never sleeps, so its CPU figure is 100 %);
+* ``node``: ``node loadtest/node_ws_server.js --mode echo`` (npm package ``ws``).
 
-A leading ``python``/``python3`` means this interpreter, and a program that is
-not on PATH is looked up next to it (so the venv's ``wsfleet`` is found without
-activating the venv). Each ``--server`` replaces the default set.
+A server whose program or (Node) ``ws`` module is missing is reported as skipped.
+``--server NAME=COMMAND`` (``{port}``, optionally ``{host}``) replaces the set; a
+leading ``python``/``python3`` means this interpreter, and a program that is not on
+PATH is looked up next to it (so the venv's ``wsfleet`` is found without activating
+the venv).
 
 One run of one server: start it under ``taskset -c SERVER_CPUS`` in its own
 session on a free 127.0.0.1 port, wait (bounded) until a WebSocket handshake
@@ -22,11 +29,11 @@ succeeds, start ``--client-procs`` load processes pinned (round robin) to
 connection keeps ``--inflight`` messages of ``--size`` bytes in flight: every
 echo received is checked (opcode, length and content) and replaced by a new
 message. Echoes are counted over ``--seconds`` after ``--warmup``; within that
-window the load processes report their own CPU time and a sample of round-trip
-times, and this process reads the server's process tree CPU time (psutil,
-children included: wsfleet runs a front, a supervisor and shards). Then the load
-stops, in-flight echoes drain, connections close, and the server gets SIGTERM
-(SIGKILL for the whole tree after ``--stop-timeout``).
+window the load processes report their own CPU time and one round-trip time in
+``LATENCY_STRIDE`` (an HdrHistogram), and this process reads the server's process
+tree CPU time (psutil, children included: wsfleet runs a front, a supervisor and
+shards). Then the load stops, in-flight echoes drain, connections close, and the
+server gets SIGTERM (SIGKILL for the whole tree after ``--stop-timeout``).
 
 ``--runs`` rounds run every server once each, in the same order, so drift on a
 shared machine hits all alike; the table gives medians over the runs. A server
@@ -39,7 +46,8 @@ a lost or duplicated echo shows when the in-flight messages drain at the end).
 The exit status is 1 if a server failed or any run counted errors.
 
 `run_echo_load` is the load generator itself, usable as a plain function call
-(the accounting test calls it).
+(the accounting test calls it); `SCENARIO` is how ``wsfleet loadtest echo`` and
+``compare`` run it.
 """
 
 from __future__ import annotations
@@ -55,14 +63,9 @@ from itertools import repeat
 from typing import Any
 
 from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column, percentile
+from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column
 from wsfleet.loadtest.wsclient import OP_BINARY, OP_TEXT, WSConnection, build_frame
 
-DEFAULT_SERVERS = (
-    "websockets=python -m wsfleet.loadtest.ws_echo_server --port {port}",
-    "wsfleet-1=wsfleet serve --port {port} --shards 1",
-    "wsfleet-2=wsfleet serve --port {port} --shards 2",
-)
 # Keep one round-trip time in this many: enough for p99 and bounded memory on long runs.
 LATENCY_STRIDE = 4
 TABLE = harness.Table(
@@ -82,8 +85,8 @@ TABLE = harness.Table(
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/msg", "server_us_per_msg", 10, ".1f"),
-        Column("p50 us", "p50_us", 8, ".0f"),
-        Column("p99 us", "p99_us", 8, ".0f"),
+        Column("p50 us", "p50_us", 8, ",.0f"),
+        Column("p99 us", "p99_us", 8, ",.0f"),
         Column("errors", "errors", 6),
         Column("runs", "runs_ok", 5),
     ),
@@ -119,8 +122,10 @@ def payload_for(index: int, size: int) -> bytes:
 class EchoConnection(WSConnection):
     """Keeps messages in flight: every echo received is checked and answered with a new one."""
 
-    def __init__(self, host: str, port: int, *, load: _Load, payload: bytes, opcode: int) -> None:
-        super().__init__(host, port)
+    def __init__(
+        self, host: str, port: int, *, load: _Load, payload: bytes, opcode: int, path: str = "/"
+    ) -> None:
+        super().__init__(host, port, path)
         self.load = load
         self.payload = payload
         self.opcode = opcode
@@ -186,8 +191,9 @@ async def run_echo_load(
     start_at: Callable[[], float] | None = None,
     connect_timeout: float = 10.0,
     drain_timeout: float = 5.0,
+    path: str = "/",
 ) -> LoadResult:
-    """Run the echo load against ``host:port`` on a fresh uvloop loop in this thread.
+    """Run the echo load against ``ws://host:port/path`` on a fresh uvloop loop in this thread.
 
     Opens ``connections`` connections, then calls ``start_at()`` (if given; it may
     block) for the ``time.monotonic()`` at which to start sending; counts over
@@ -202,7 +208,15 @@ async def run_echo_load(
         return {"load": load, "payload": payload_for(first_index + i, size), "opcode": opcode}
 
     async with harness.connections(
-        load, result, host, port, EchoConnection, connections, options, timeout=connect_timeout
+        load,
+        result,
+        host,
+        port,
+        EchoConnection,
+        connections,
+        options,
+        timeout=connect_timeout,
+        path=path,
     ) as conns:
         # Blocking is fine here: nothing is in flight until the start time.
         t_go = start_at() if start_at is not None else time.monotonic()
@@ -253,14 +267,12 @@ def echo_load(args: argparse.Namespace) -> harness.Load:
 def figures(results: list[LoadResult], server_cpu: float, window: float) -> dict[str, Any]:
     rate = sum(r.rate for r in results)
     client_cpu = sum(r.cpu_s / r.window_s for r in results if r.window_s > 0)
-    latencies = sorted(x for r in results for x in r.latencies)
     return {
         "msgs_per_s": rate,
         "client_cpu_pct": 100 * client_cpu,
         "server_cpu_pct": 100 * server_cpu / window,
         "server_us_per_msg": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
-        "p50_us": 1e6 * percentile(latencies, 0.50),
-        "p99_us": 1e6 * percentile(latencies, 0.99),
+        **harness.latency_figures(results),
         "window_received": sum(r.window_received for r in results),
         "sent": sum(r.sent for r in results),
         "received": sum(r.received for r in results),
@@ -276,45 +288,50 @@ def describe(run: dict[str, Any]) -> str:
         f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}%, "
         f"server CPU {run['server_cpu_pct']:.0f}% ({run['server_us_per_msg']:.1f} us/msg),"
         f" {run['server_processes']} server process(es),"
-        f" p50 {run['p50_us']:.0f} us, p99 {run['p99_us']:.0f} us, "
+        f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, "
         f"errors {run['errors']}"
     )
 
 
-# -- main -----------------------------------------------------------------------------------
+# -- the command line -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--runs", type=int, default=5)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--inflight", type=int, default=16, help="messages in flight per conn")
     parser.add_argument("--size", type=int, default=64, help="message size in bytes")
-    harness.add_load_arguments(parser)
     parser.add_argument("--text", action="store_true", help="text messages instead of binary")
-    harness.add_run_arguments(parser)
-    return parser
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.connections < 1 or args.inflight < 1 or args.size < 0:
+        parser.error("--connections and --inflight must be >= 1, --size >= 0")
+
+
+def config_text(args: argparse.Namespace) -> str:
+    return (
+        f"echo: {args.connections} connections x {args.inflight} in flight x {args.size} B "
+        f"{'text' if args.text else 'binary'}, {args.warmup:g} s warm-up + {args.seconds:g} s"
+    )
+
+
+SCENARIO = harness.Scenario(
+    name="echo",
+    mode="echo",
+    add_arguments=add_arguments,
+    check=check,
+    config_text=config_text,
+    describe=describe,
+    table=TABLE,
+    load=echo_load,
+    figures=figures,
+    seconds=5.0,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.runs < 1 or args.connections < 1 or args.inflight < 1 or args.size < 0:
-        parser.error("--runs, --connections and --inflight must be >= 1, --size >= 0")
-    client_cpus = harness.check_load_arguments(parser, args)
-    servers = harness.servers_from_specs(parser, args.server or DEFAULT_SERVERS)
-
-    print(
-        f"echo: {args.connections} connections x {args.inflight} in flight x {args.size} B "
-        f"{'text' if args.text else 'binary'}, {args.warmup:g} s warm-up + {args.seconds:g} s, "
-        f"{args.runs} run(s); server CPUs {args.server_cpus or 'any'}, "
-        f"{args.client_procs} load process(es) on CPUs {args.client_cpus or 'any'}",
-        flush=True,
-    )
-    harness.run_rounds(servers, args, echo_load(args), figures, describe)
-    return harness.report(servers, args, client_cpus, TABLE)
+    parser = harness.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
+    return harness.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ sending stops and the deliveries still in flight drain. Then every frame sent
 must have been delivered ``fanout`` times in total; the shortfall is reported
 as ``missing``.
 
-Servers (the default set; ``--server NAME=COMMAND`` with ``{port}`` replaces it):
+Servers (`harness.server_catalog`'s mp-relay set; ``--only`` picks from it, and also
+takes ``wsfleet-K``; ``--server NAME=COMMAND`` with ``{port}`` replaces it):
 
 * ``godot``: ``godot3-server`` running ``tests/godot/mp_server.gd`` as a pure relay
   (``--wsfleet-clients=0``), with ``OS.low_processor_usage_mode_sleep_usec`` set to
@@ -50,26 +51,22 @@ Servers (the default set; ``--server NAME=COMMAND`` with ``{port}`` replaces it)
   .listen(port, [], gd_mp_api=True)``, bound to 127.0.0.1, a pure relay that drains
   its packet queue in ``peer_packet``, as a game would, and polls until SIGTERM.
 
-Like ``echo_bench`` (both run on `harness`), each server is started fresh for every
+Like ``echo_bench`` (all run on `harness`), each server is started fresh for every
 run, pinned with ``taskset -c --server-cpus``. The load processes are pinned to
 ``--client-cpus``. ``--runs`` rounds run the servers in the same order, and the table
 gives medians and the ratio to the first server. Server CPU is the whole process tree
 (psutil).
 The exit status is 1 if a server failed or any run counted errors or missing
-deliveries.
+deliveries. `SCENARIO` is how ``wsfleet loadtest mp-relay`` and ``compare`` run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import shlex
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column, percentile
+from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, apply_mask
 
 HEADER = struct.Struct("<Bii")  # type, from, to
@@ -93,9 +90,6 @@ LATENCY_STRIDE = 8  # keep one latency in this many deliveries
 GODOT_OUT_PACKETS = 1024  # network/limits/websocket_server/max_out_packets
 DRAIN_QUIET = 0.5  # seconds without a delivery that end the drain
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_GODOT_SCRIPT = REPO / "tests" / "godot" / "mp_server.gd"
-WSFLEET = "wsfleet serve --gd-mp-api --quiet --bind {host} --port {port} --shards"
 TABLE = harness.Table(
     rate="deliveries_per_s",
     medians=(
@@ -115,8 +109,8 @@ TABLE = harness.Table(
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/dlv", "server_us_per_delivery", 10, ".2f"),
-        Column("p50 us", "p50_us", 8, ".0f"),
-        Column("p99 us", "p99_us", 8, ".0f"),
+        Column("p50 us", "p50_us", 8, ",.0f"),
+        Column("p99 us", "p99_us", 8, ",.0f"),
         Column("errors", "errors", 6),
         Column("missing", "missing", 7),
         Column("runs", "runs_ok", 4),
@@ -179,8 +173,10 @@ class _Load(harness.LoadState):
 class RelayConnection(WSConnection):
     """One multiplayer client: learns the peers from system messages, relays in a loop."""
 
-    def __init__(self, host: str, port: int, *, load: _Load, unicast: bool, size: int) -> None:
-        super().__init__(host, port)
+    def __init__(
+        self, host: str, port: int, *, load: _Load, unicast: bool, size: int, path: str = "/"
+    ) -> None:
+        super().__init__(host, port, path)
         self.load = load
         self.unicast = unicast
         self.pad = PAD * (size - MIN_SIZE)
@@ -308,9 +304,11 @@ async def run_relay_load(
     start_at: Callable[[], float] | None = None,
     connect_timeout: float = 20.0,
     drain_timeout: float = 5.0,
+    path: str = "/",
 ) -> RelayResult:
     """Run ``clients`` of the relay load (out of ``total_clients`` in all load processes)
-    on a fresh uvloop loop in this thread; see the module docstring."""
+    against ``ws://host:port/path`` on a fresh uvloop loop in this thread; see the module
+    docstring."""
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE}")
     total_clients = total_clients or clients
@@ -328,6 +326,7 @@ async def run_relay_load(
         lambda _: options,
         timeout=connect_timeout,
         what="clients",
+        path=path,
     ) as conns:
         # Every client must know every other one before the ring (or fan-out) is right.
         deadline = time.monotonic() + connect_timeout
@@ -387,15 +386,13 @@ def figures(results: list[RelayResult], server_cpu: float, window: float) -> dic
     sent = sum(r.sent for r in results)
     received = sum(r.received for r in results)
     fanout = results[0].fanout
-    latencies = sorted(x for r in results for x in r.latencies)
     return {
         "deliveries_per_s": rate,
         "frames_in_per_s": sum(r.window_sent for r in results) / window_s if window_s else 0.0,
         "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in results if r.window_s > 0),
         "server_cpu_pct": 100 * server_cpu / window,
         "server_us_per_delivery": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
-        "p50_us": 1e6 * percentile(latencies, 0.50),
-        "p99_us": 1e6 * percentile(latencies, 0.99),
+        **harness.latency_figures(results),
         "window_received": sum(r.window_received for r in results),
         "sent": sent,
         "received": received,
@@ -412,34 +409,16 @@ def describe(run: dict[str, Any]) -> str:
         f"{run['deliveries_per_s']:,.0f} deliveries/s ({run['frames_in_per_s']:,.0f} "
         f"frames in/s), client CPU {run['client_cpu_pct']:.0f}%, server CPU "
         f"{run['server_cpu_pct']:.0f}% ({run['server_us_per_delivery']:.2f} us/delivery),"
-        f" p50 {run['p50_us']:.0f} us, p99 {run['p99_us']:.0f} us, errors "
+        f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, errors "
         f"{run['errors']}, missing {run['missing']}"
     )
 
 
-# -- main -----------------------------------------------------------------------------------
+# -- the command line -----------------------------------------------------------------------
 
 
-def default_servers(args: argparse.Namespace, workdir: str) -> list[str]:
-    # Godot writes logs/ under res:// (its working directory when there is no project) and
-    # user data under $HOME: keep both in a temporary directory. LANG: Godot complains of "C".
-    w = shlex.quote(workdir)
-    godot = (
-        f"env -C {w} HOME={w} XDG_DATA_HOME={w} XDG_CONFIG_HOME={w} XDG_CACHE_HOME={w} "
-        "LANG=en_US.UTF-8 "
-        f"{shlex.quote(args.godot)} --no-window -s {shlex.quote(str(args.godot_script))}"
-        " --wsfleet-port={port} --wsfleet-clients=0 --wsfleet-timeout=0 --wsfleet-quiet=1"
-        f" --wsfleet-sleep-usec={args.godot_sleep_usec}"
-    )
-    return [f"godot={godot}", f"wsfleet-1={WSFLEET} 1", f"wsfleet-2={WSFLEET} 2"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=50)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", "--connections", dest="clients", type=int, default=50)
     parser.add_argument("--mode", choices=("all", "unicast"), default="all")
     parser.add_argument(
         "--inflight",
@@ -450,24 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--size", type=int, default=32, help=f"payload bytes after the header (>= {MIN_SIZE})"
     )
-    harness.add_load_arguments(parser)
     parser.add_argument(
-        "--only", metavar="NAMES", help="comma-separated names: run only these servers"
+        "--godot-script",
+        type=Path,
+        default=harness.GODOT_MP_SCRIPT,
+        help="the Godot relay script (default: tests/godot/mp_server.gd)",
     )
-    parser.add_argument("--godot", default=os.environ.get("WSFLEET_GODOT", "godot3-server"))
-    parser.add_argument("--godot-script", type=Path, default=DEFAULT_GODOT_SCRIPT)
-    parser.add_argument("--godot-sleep-usec", type=int, default=0)
-    harness.add_run_arguments(parser)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.inflight is None:
         args.inflight = 16 if args.mode == "unicast" else 2
-    if args.runs < 1 or args.clients < 2 or args.inflight < 1 or args.size < MIN_SIZE:
-        parser.error(f"--runs >= 1, --clients >= 2, --inflight >= 1, --size >= {MIN_SIZE}")
+    if args.clients < 2 or args.inflight < 1 or args.size < MIN_SIZE:
+        parser.error(f"--clients >= 2, --inflight >= 1, --size >= {MIN_SIZE}")
     if args.size + HEADER.size > 65535:
         parser.error("--size: frames must stay under 64 KiB")
     if args.clients * args.inflight > GODOT_OUT_PACKETS:
@@ -475,39 +449,34 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {args.clients} clients x {args.inflight} in flight > "
             f"{GODOT_OUT_PACKETS}: Godot may drop frames (its per-peer out queue)"
         )
-    client_cpus = harness.check_load_arguments(parser, args)
-
-    workdir = tempfile.mkdtemp(prefix="relay_bench-")
-    try:
-        return _benchmark(parser, args, client_cpus, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _benchmark(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, client_cpus: list[int], workdir: str
-) -> int:
-    specs = args.server or default_servers(args, workdir)
-    if args.only:
-        wanted = {n.strip() for n in args.only.split(",")}
-        specs = [spec for spec in specs if spec.partition("=")[0].strip() in wanted]
-        if not specs:
-            parser.error(f"--only {args.only}: no such server")
-    if not args.server and not args.godot_script.is_file():
-        print(f"warning: {args.godot_script} not found; godot will fail to start")
-    servers = harness.servers_from_specs(parser, specs)
-
+def config_text(args: argparse.Namespace) -> str:
     fanout = 1 if args.mode == "unicast" else args.clients - 1
-    print(
+    return (
         f"relay, mode {args.mode}: {args.clients} clients x {args.inflight} in flight "
         f"(x {fanout} deliveries each), {args.size} B payload + 9 B header, "
-        f"{args.warmup:g} s warm-up + {args.seconds:g} s, {args.runs} run(s); server CPUs "
-        f"{args.server_cpus or 'any'}, {args.client_procs} load process(es) on CPUs "
-        f"{args.client_cpus or 'any'}",
-        flush=True,
+        f"{args.warmup:g} s warm-up + {args.seconds:g} s"
     )
-    harness.run_rounds(servers, args, relay_load(args), figures, describe)
-    return harness.report(servers, args, client_cpus, TABLE)
+
+
+SCENARIO = harness.Scenario(
+    name="mp-relay",
+    mode="mp-relay",
+    add_arguments=add_arguments,
+    check=check,
+    config_text=config_text,
+    describe=describe,
+    table=TABLE,
+    load=relay_load,
+    figures=figures,
+    seconds=5.0,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
+    return harness.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
 
 
 if __name__ == "__main__":

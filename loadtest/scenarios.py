@@ -15,9 +15,10 @@
 
 The client side of each scenario is a plain function that runs on a fresh uvloop
 loop in the calling thread (`run_broadcast`, `run_connect`, `run_idle`), built on
-`wsclient.WSConnection`, and returns a dataclass. Latency percentiles come from
-an HdrHistogram (PyPI package ``hdrhistogram``, import name ``hdrh``; the
-results carry it encoded so that load processes' histograms add up).
+`wsclient.WSConnection`, and returns a dataclass; each takes ``path=`` for the
+URL's path. Latency percentiles come from an HdrHistogram (`harness`'s helpers,
+PyPI package ``hdrhistogram``; the results carry it encoded so that load
+processes' histograms add up).
 
 * **broadcast**: ``connections`` clients; the first ``senders`` of them each
   keep ``inflight`` broadcasts outstanding. A broadcast is one binary message
@@ -43,21 +44,23 @@ results carry it encoded so that load processes' histograms add up).
 * **idle**: raises this process's ``RLIMIT_NOFILE`` soft limit as far as the
   hard limit (`ResourceLimitError` with the numbers if ``connections`` cannot
   fit), measures the server's process tree memory (RSS and USS summed over the
-  root and every descendant, psutil), opens ``connections`` connections at
-  ``rate`` per second (at most ``CONNECT_CONCURRENCY`` handshakes at once) that
-  then stay idle, waits ``hold`` seconds, measures again and reports bytes per
-  connection; then checks that every one is still open and closes them all.
+  root and every descendant, psutil; without a server pid the memory figures
+  are NaN and only whether the connections stayed open is reported), opens
+  ``connections`` connections at ``rate`` per second (at most
+  ``CONNECT_CONCURRENCY`` handshakes at once) that then stay idle, waits
+  ``hold`` seconds, measures again and reports bytes per connection; then
+  checks that every one is still open and closes them all.
 
 The command line runs one scenario against a set of servers in one invocation,
-on the same CPUs, with `harness` (``harness.run_rounds``: each server started
+on the same CPUs, with `harness` (`harness.run_benchmark`: each server started
 fresh for each run under ``taskset -c --server-cpus``, ready once a WebSocket
 handshake succeeds, the load processes pinned to ``--client-cpus``, the server
-tree's CPU time over the window, SIGTERM then SIGKILL; ``harness.report``: the
-medians over ``--runs``, the table with the ratio to the first server, the JSON
-file). The idle scenario runs its connections in this process (it reads the
-server's memory), pinned to ``--client-cpus`` for the run. The default servers,
-first the baseline the ratio compares with (``{mode}`` below is ``broadcast``
-for the broadcast scenario, ``echo`` for the others):
+tree's CPU time over the window, SIGTERM then SIGKILL; the medians over
+``--runs``, the table with the ratio to the first server, the JSON file). The
+idle scenario runs its connections in this process (it reads the server's
+memory), pinned to ``--client-cpus`` for the run. The servers are
+`harness.server_catalog`'s (``echo`` set for connect and idle, ``broadcast`` set
+for broadcast), first the baseline the ratio compares with:
 
 * ``websockets``: websockets on uvloop, one process (``ws_echo_server`` for echo,
   ``serve-websockets --mode broadcast`` of this module for broadcast, which uses
@@ -75,8 +78,11 @@ module is missing is reported as "not installed" and skipped; that does not
 change the exit status (``--node-path DIR`` or ``NODE_PATH`` names the
 ``node_modules`` folder that holds ``ws``). ``--server NAME=COMMAND`` (with
 ``{port}``, and ``{mode}`` if wanted) replaces the default set, ``--only``
-picks from it. The exit status is 1 if a server failed or any run counted
-errors (or, for broadcast, missing deliveries).
+picks from it (or names ``wsfleet-K`` for K shards). The exit status is 1 if a
+server failed or any run counted errors (or, for broadcast, missing deliveries).
+
+`BROADCAST`, `CONNECT` and `IDLE` (`harness.Scenario`) are how these command
+lines, ``wsfleet loadtest`` (any URL) and ``compare`` run the scenarios.
 
 ``serve-websockets`` is the websockets baseline for broadcast and the
 instrumented server of the scenario tests: once listening it prints
@@ -91,24 +97,17 @@ import argparse
 import asyncio
 import os
 import resource
-import shlex
-import shutil
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from array import array
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
 import uvloop
-from hdrh.histogram import HdrHistogram
 
 from wsfleet.loadtest import harness
 from wsfleet.loadtest.harness import (
@@ -116,14 +115,12 @@ from wsfleet.loadtest.harness import (
     HOST,
     MAX_ERROR_SAMPLES,
     Column,
-    ServerFailed,
-    ServerProcess,
+    histogram_of,
+    percentiles_us,
 )
+from wsfleet.loadtest.harness import merge_histograms as merge_histograms  # for the tests
+from wsfleet.loadtest.harness import node_status as node_status
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, build_frame, connect
-
-LOADTEST_DIR = Path(__file__).resolve().parent
-GODOT_SCRIPT = LOADTEST_DIR / "godot_server.gd"
-NODE_SCRIPT = LOADTEST_DIR / "node_ws_server.js"
 
 # Broadcast payload head: sender index, sequence number (from 1), send time (monotonic ns).
 BROADCAST_HEAD = struct.Struct("<IIq")
@@ -132,8 +129,6 @@ MIN_BROADCAST_SIZE = BROADCAST_HEAD.size
 # to an array during the window and into the histogram afterwards.
 LATENCY_STRIDE = 4
 MAX_LATENCY_SAMPLES = 2_000_000
-HIST_HIGHEST_US = 60_000_000  # one minute; longer latencies are clamped to it
-HIST_DIGITS = 3
 # File descriptors this process needs besides the connections (stdio, event loop, pipes...).
 FD_MARGIN = 64
 
@@ -141,43 +136,11 @@ FD_MARGIN = 64
 # -- shared pieces -----------------------------------------------------------------------------
 
 
-def new_histogram() -> HdrHistogram:
-    return HdrHistogram(1, HIST_HIGHEST_US, HIST_DIGITS)
-
-
-def histogram_of(samples_us: Iterable[int]) -> HdrHistogram:
-    """An HdrHistogram of microsecond samples (equal values recorded once, with a count)."""
-    hist = new_histogram()
-    for value, count in Counter(samples_us).items():
-        hist.record_value(min(max(value, 1), HIST_HIGHEST_US), count)
-    return hist
-
-
-def merge_histograms(encoded: Iterable[str]) -> HdrHistogram:
-    """The sum of histograms as the results carry them (`HdrHistogram.encode`, ASCII)."""
-    total = new_histogram()
-    for text in encoded:
-        if text:
-            total.add(HdrHistogram.decode(text.encode("ascii")))
-    return total
-
-
-def percentiles_us(hist: HdrHistogram) -> tuple[float, float, float]:
-    """(p50, p99, max) in microseconds; NaN when nothing was recorded."""
-    if hist.get_total_count() == 0:
-        return float("nan"), float("nan"), float("nan")
-    return (
-        float(hist.get_value_at_percentile(50)),
-        float(hist.get_value_at_percentile(99)),
-        float(hist.get_max_value()),
-    )
-
-
 def _fill_latency(result: Any, samples_us: array) -> None:
     hist = histogram_of(samples_us)
     result.latency_samples = len(samples_us)
     result.p50_us, result.p99_us, result.max_us = percentiles_us(hist)
-    result.latency_hist = hist.encode().decode("ascii") if hist.get_total_count() else ""
+    result.latency_hist = harness.encode_histogram(hist)
 
 
 class _Errors:
@@ -276,8 +239,10 @@ class _BroadcastRun:
 class BroadcastConnection(WSConnection):
     """One client: checks every delivery and completes broadcasts for the run."""
 
-    def __init__(self, host: str, port: int, *, run: _BroadcastRun, index: int) -> None:
-        super().__init__(host, port)
+    def __init__(
+        self, host: str, port: int, *, run: _BroadcastRun, index: int, path: str = "/"
+    ) -> None:
+        super().__init__(host, port, path)
         self.run = run
         self.index = index
         self.last_seq = [0] * run.senders  # the last sequence number from each sender
@@ -343,6 +308,7 @@ async def _broadcast(
     start_at: Callable[[], float] | None,
     connect_timeout: float,
     drain_timeout: float,
+    path: str,
 ) -> BroadcastResult:
     run = _BroadcastRun(connections, senders, size)
     result = BroadcastResult(connections, senders, size, inflight)
@@ -353,6 +319,7 @@ async def _broadcast(
         connections,
         lambda i: {"run": run, "index": i},
         timeout=connect_timeout,
+        path=path,
     )
     try:
         # Let the server register every client: a broadcast that reaches a server which does
@@ -421,8 +388,9 @@ def run_broadcast(
     start_at: Callable[[], float] | None = None,
     connect_timeout: float = 10.0,
     drain_timeout: float = 5.0,
+    path: str = "/",
 ) -> BroadcastResult:
-    """Run the broadcast scenario against ``host:port`` on a fresh uvloop loop.
+    """Run the broadcast scenario against ``ws://host:port/path`` on a fresh uvloop loop.
 
     Opens the connections, waits ``settle``, then calls ``start_at()`` (if given; it
     may block) for the ``time.monotonic()`` at which to start; counts over ``[start +
@@ -448,6 +416,7 @@ def run_broadcast(
             start_at=start_at,
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
+            path=path,
         )
     )
 
@@ -491,6 +460,7 @@ async def _connect_loops(
     start_at: Callable[[], float] | None,
     connect_timeout: float,
     close_timeout: float,
+    path: str,
 ) -> ConnectResult:
     result = ConnectResult(concurrency)
     error = _Errors()
@@ -506,7 +476,7 @@ async def _connect_loops(
             t0 = time.perf_counter_ns()
             try:
                 conn = await connect(
-                    host, port, timeout=connect_timeout, close_timeout=close_timeout
+                    host, port, timeout=connect_timeout, close_timeout=close_timeout, path=path
                 )
             except (OSError, TimeoutError) as e:  # HandshakeError is an OSError
                 result.failures += 1
@@ -563,8 +533,10 @@ def run_connect(
     start_at: Callable[[], float] | None = None,
     connect_timeout: float = 5.0,
     close_timeout: float = 2.0,
+    path: str = "/",
 ) -> ConnectResult:
-    """Run ``concurrency`` handshake + close loops on a fresh uvloop loop.
+    """Run ``concurrency`` handshake + close loops against ``ws://host:port/path`` on a fresh
+    uvloop loop.
 
     Starts at ``start_at()`` (if given; it may block) and stops starting cycles at
     ``start + warmup + seconds``; cycles that end inside ``[start + warmup, start +
@@ -582,6 +554,7 @@ def run_connect(
             start_at=start_at,
             connect_timeout=connect_timeout,
             close_timeout=close_timeout,
+            path=path,
         )
     )
 
@@ -659,17 +632,22 @@ class IdleResult:
     rss_after: int = 0
     uss_before: int | None = None
     uss_after: int | None = None
+    memory_measured: bool = False  # False without a server pid: the figures are NaN
     server_processes: int = 0
     errors: int = 0  # failures + closed early + protocol errors
     error_samples: list[str] = field(default_factory=list)
 
     @property
     def rss_per_connection(self) -> float:
-        return (self.rss_after - self.rss_before) / self.opened if self.opened else float("nan")
+        if not self.opened or not self.memory_measured:
+            return float("nan")
+        return (self.rss_after - self.rss_before) / self.opened
 
     @property
     def uss_per_connection(self) -> float | None:
         if self.uss_before is None or self.uss_after is None or not self.opened:
+            return None
+        if not self.memory_measured:
             return None
         return (self.uss_after - self.uss_before) / self.opened
 
@@ -684,13 +662,15 @@ async def _idle(
     *,
     result: IdleResult,
     hold: float,
-    server_pid: int,
+    server_pid: int | None,
     connect_timeout: float,
     close_timeout: float,
+    path: str,
 ) -> IdleResult:
     error = _Errors()
-    before = tree_memory(server_pid)
-    result.rss_before, result.uss_before = before.rss, before.uss
+    if server_pid is not None:
+        before = tree_memory(server_pid)
+        result.rss_before, result.uss_before = before.rss, before.uss
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     conns: list[WSConnection] = []
     t0 = time.monotonic()
@@ -703,7 +683,7 @@ async def _idle(
         async with gate:
             try:
                 conn = await connect(
-                    host, port, timeout=connect_timeout, close_timeout=close_timeout
+                    host, port, timeout=connect_timeout, close_timeout=close_timeout, path=path
                 )
             except (OSError, TimeoutError) as e:
                 result.failures += 1
@@ -719,9 +699,11 @@ async def _idle(
         result.opened = len(conns)
         result.open_s = last_open - t0
         await asyncio.sleep(hold)
-        after = tree_memory(server_pid)
-        result.rss_after, result.uss_after = after.rss, after.uss
-        result.server_processes = after.processes
+        if server_pid is not None:
+            after = tree_memory(server_pid)
+            result.rss_after, result.uss_after = after.rss, after.uss
+            result.server_processes = after.processes
+            result.memory_measured = True
         result.still_open = sum(1 for c in conns if c.is_open)
         result.closed_early = result.opened - result.still_open
         if result.closed_early:
@@ -742,14 +724,16 @@ def run_idle(
     host: str,
     port: int,
     *,
-    server_pid: int,
+    server_pid: int | None,
     connections: int = 2000,
     rate: float = 1000.0,
     hold: float = 1.0,
     connect_timeout: float = 10.0,
     close_timeout: float = 2.0,
+    path: str = "/",
 ) -> IdleResult:
-    """Open ``connections`` idle connections at ``rate``/s; measure ``server_pid``'s tree.
+    """Open ``connections`` idle connections to ``ws://host:port/path`` at ``rate``/s;
+    measure ``server_pid``'s tree (without a pid, only whether they all stayed open).
 
     Raises `ResourceLimitError` before opening anything when the connections cannot
     fit in this process's file descriptor limit. Takes about ``connections / rate +
@@ -768,6 +752,7 @@ def run_idle(
             server_pid=server_pid,
             connect_timeout=connect_timeout,
             close_timeout=close_timeout,
+            path=path,
         )
     )
 
@@ -840,62 +825,7 @@ async def serve_websockets(host: str, port: int, mode: str, counts: ServerCounts
 # -- the command line ------------------------------------------------------------------------
 
 
-def node_status(node: str) -> str | None:
-    """None when ``node`` runs and finds the ``ws`` module, else why not ("not installed: ...")."""
-    exe = shutil.which(node)
-    if exe is None:
-        return f"not installed: {node} not found"
-    try:
-        # From the script's folder, as require() in the script resolves (plus NODE_PATH).
-        check = subprocess.run(
-            [exe, "-e", "require.resolve('ws')"], cwd=LOADTEST_DIR, capture_output=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"not installed: {node} does not run ({e})"
-    if check.returncode != 0:
-        return "not installed: the ws module is missing (npm install ws; --node-path or NODE_PATH)"
-    return None
-
-
-def scenario_mode(scenario: str) -> str:
-    return "broadcast" if scenario == "broadcast" else "echo"
-
-
-def default_servers(args: argparse.Namespace, workdir: str) -> list[dict[str, Any]]:
-    """The default set as `harness` server records, with ``skip`` set for those missing."""
-    mode = scenario_mode(args.scenario)
-    if mode == "echo":
-        websockets = "python -m wsfleet.loadtest.ws_echo_server --port {port}"
-        wsfleet = "wsfleet serve --bind 127.0.0.1 --port {port} --shards {shards} --quiet"
-    else:
-        websockets = "python -m wsfleet.loadtest.scenarios serve-websockets --mode broadcast"
-        websockets += " --port {port}"
-        wsfleet = "python -m wsfleet.loadtest.wsfleet_apps broadcast --port {port}"
-        wsfleet += " --shards {shards}"
-    # Godot writes logs/ under res:// (its working directory without a project) and user data
-    # under $HOME: both go to a temporary directory. LANG: Godot complains of "C".
-    w = shlex.quote(workdir)
-    godot = (
-        f"env -C {w} HOME={w} XDG_DATA_HOME={w} XDG_CONFIG_HOME={w} XDG_CACHE_HOME={w} "
-        f"LANG=en_US.UTF-8 {shlex.quote(args.godot)} --no-window"
-        f" -s {shlex.quote(str(GODOT_SCRIPT))} --wsfleet-port={{port}} --wsfleet-mode={mode}"
-        f" --wsfleet-sleep-usec={args.godot_sleep_usec}"
-    )
-    node = f"{shlex.quote(args.node)} {shlex.quote(str(NODE_SCRIPT))} --port {{port}} --mode {mode}"
-    specs = [
-        ("websockets", websockets, None),
-        ("wsfleet-1", wsfleet.replace("{shards}", "1"), None),
-        ("wsfleet-2", wsfleet.replace("{shards}", "2"), None),
-        ("godot", godot, None if shutil.which(args.godot) else f"not installed: {args.godot}"),
-        ("node", node, node_status(args.node)),
-    ]
-    return [
-        {"name": name, "command": command, "runs": [], "failure": None, "skip": skip}
-        for name, command, skip in specs
-    ]
-
-
-# Broadcast and connect: `harness.run_rounds` hands these to the load processes.
+# Broadcast and connect: `harness.run_clients` hands these to the load processes.
 
 
 def broadcast_load(args: argparse.Namespace) -> harness.Load:
@@ -1046,51 +976,51 @@ CONNECT_TABLE = harness.Table(
 # Idle: the connections live in this process, which reads the server's memory.
 
 
-def idle_one_run(name: str, template: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Start the server, open the idle connections, stop it. ServerFailed if it never served."""
-    server = ServerProcess(name, template, args.server_cpus)
-    run: dict[str, Any] = {"port": server.port, "argv": server.argv}
+def idle_measure(
+    args: argparse.Namespace, target: harness.Target, progress: harness.Progress
+) -> dict[str, Any]:
+    """One idle run against a server that is up, from this process pinned to
+    ``--client-cpus`` for the run; the server's memory needs its pid (``target.pid``)."""
     original = os.sched_getaffinity(0)
+    cpus = set(harness.parse_cpus(args.client_cpus))
     try:
-        server.wait_ready(args.start_timeout, args.settle)
-        cpus = set(harness.parse_cpus(args.client_cpus))
         if cpus:
             os.sched_setaffinity(0, cpus)
-        try:
-            r = run_idle(
-                HOST,
-                server.port,
-                server_pid=server.proc.pid,
-                connections=args.connections,
-                rate=args.rate,
-                hold=args.hold,
-            )
-        except (OSError, RuntimeError, psutil.Error) as e:
-            run.update(ok=False, failure=f"{e!r}; server log: {server.log_tail(4)}")
-            return run
-        uss = r.uss_per_connection
-        run.update(
-            ok=True,
-            kib_per_connection=r.rss_per_connection / 1024,
-            uss_kib_per_connection=uss / 1024 if uss is not None else float("nan"),
-            client_cpu_pct=100 * r.cpu_s / r.open_s if r.open_s > 0 else float("nan"),
-            achieved_rate=r.achieved_rate,
-            opened=r.opened,
-            requested=r.requested,
-            failures=r.failures,
-            closed_early=r.closed_early,
-            rss_before=r.rss_before,
-            rss_after=r.rss_after,
-            uss_before=r.uss_before,
-            uss_after=r.uss_after,
-            server_processes=r.server_processes,
-            errors=r.errors,
-            error_samples=r.error_samples,
+        progress(
+            f"opening {args.connections:,} connections at {args.rate:g}/s, holding {args.hold:g} s",
+            args.connections / args.rate + args.hold,
         )
-        return run
+        r = run_idle(
+            target.host,
+            target.port,
+            path=target.path,
+            server_pid=target.pid,
+            connections=args.connections,
+            rate=args.rate,
+            hold=args.hold,
+        )
     finally:
         os.sched_setaffinity(0, original)
-        run["stop"] = server.stop(args.stop_timeout)
+    uss = r.uss_per_connection
+    return {
+        "kib_per_connection": r.rss_per_connection / 1024,
+        "uss_kib_per_connection": uss / 1024 if uss is not None else float("nan"),
+        "client_cpu_pct": 100 * r.cpu_s / r.open_s if r.open_s > 0 else float("nan"),
+        "achieved_rate": r.achieved_rate,
+        "opened": r.opened,
+        "requested": r.requested,
+        "still_open": r.still_open,
+        "failures": r.failures,
+        "closed_early": r.closed_early,
+        "memory_measured": r.memory_measured,
+        "rss_before": r.rss_before,
+        "rss_after": r.rss_after,
+        "uss_before": r.uss_before,
+        "uss_after": r.uss_after,
+        "server_processes": r.server_processes if r.memory_measured else None,
+        "errors": r.errors,
+        "error_samples": r.error_samples,
+    }
 
 
 def idle_describe(run: dict[str, Any]) -> str:
@@ -1112,36 +1042,122 @@ IDLE_TABLE = harness.Table(
         Column("", "", 14),
         Column("USS KiB", "uss_kib_per_connection", 8, ",.1f"),
         Column("opened/s", "achieved_rate", 9, ",.0f"),
+        Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
         Column("errors", "errors", 6),
         Column("runs", "runs_ok", 5),
     ),
     name_width=12,
+    lower_is_better=True,
 )
 
 
-def idle_rounds(servers: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """`harness.run_rounds` for the idle scenario (its runs are not a load window)."""
-    for round_no in range(1, args.runs + 1):
-        for s in servers:
-            if s["failure"] is not None and not s["runs"]:
-                continue
-            print(f"[{round_no}/{args.runs}] {s['name']}: ", end="", flush=True)
-            try:
-                run = idle_one_run(s["name"], s["command"], args)
-            except ServerFailed as e:
-                s["failure"] = str(e)
-                print(f"FAILED: {e}", flush=True)
-                if s["runs"]:
-                    s["runs"].append({"ok": False, "failure": str(e)})
-                continue
-            s["runs"].append(run)
-            stop_text = harness.describe_stop(run["stop"])
-            if not run.get("ok"):
-                print(f"run failed: {run['failure']}; {stop_text}", flush=True)
-                continue
-            print(f"{idle_describe(run)}; {stop_text}", flush=True)
-            for sample in run["error_samples"]:
-                print(f"    {sample}")
+# -- the command line ------------------------------------------------------------------------
+
+
+def broadcast_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--senders", type=int, default=10)
+    parser.add_argument("--size", type=int, default=64, help=f"bytes (>= {MIN_BROADCAST_SIZE})")
+    parser.add_argument("--inflight", type=int, default=2, help="broadcasts in flight per sender")
+
+
+def broadcast_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.connections < 2 or not 1 <= args.senders <= args.connections:
+        parser.error("need --connections >= 2 and 1 <= --senders <= --connections")
+    if args.inflight < 1 or args.size < MIN_BROADCAST_SIZE:
+        parser.error(f"need --inflight >= 1 and --size >= {MIN_BROADCAST_SIZE}")
+
+
+def broadcast_config(args: argparse.Namespace) -> str:
+    return (
+        f"broadcast: {args.connections} connections, {args.senders} senders x "
+        f"{args.inflight} in flight x {args.size} B, {args.warmup:g} s warm-up + "
+        f"{args.seconds:g} s"
+    )
+
+
+def connect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency",
+        "--connections",
+        dest="concurrency",
+        type=int,
+        default=32,
+        help="handshake + close loops at once",
+    )
+
+
+def connect_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.concurrency < args.client_procs:
+        parser.error("--concurrency must be >= --client-procs")
+
+
+def connect_config(args: argparse.Namespace) -> str:
+    return (
+        f"connect: {args.concurrency} handshake + close loops, {args.warmup:g} s warm-up + "
+        f"{args.seconds:g} s"
+    )
+
+
+def idle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=1000.0, help="connections opened per second")
+    parser.add_argument("--hold", type=float, default=1.0, help="seconds before measuring again")
+
+
+def idle_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.connections < 1 or args.rate <= 0 or args.hold < 0:
+        parser.error("need --connections >= 1, --rate > 0, --hold >= 0")
+
+
+def idle_config(args: argparse.Namespace) -> str:
+    return f"idle: {args.connections} connections at {args.rate:g}/s, hold {args.hold:g} s"
+
+
+def idle_prepare(args: argparse.Namespace) -> None:
+    # Before any server starts, so that they inherit the limit too. ResourceLimitError if not.
+    raise_nofile(args.connections + FD_MARGIN)
+
+
+BROADCAST = harness.Scenario(
+    name="broadcast",
+    mode="broadcast",
+    add_arguments=broadcast_arguments,
+    check=broadcast_check,
+    config_text=broadcast_config,
+    describe=broadcast_describe,
+    table=BROADCAST_TABLE,
+    load=broadcast_load,
+    figures=broadcast_figures,
+    seconds=3.0,
+    one_process=True,
+)
+CONNECT = harness.Scenario(
+    name="connect",
+    mode="echo",
+    add_arguments=connect_arguments,
+    check=connect_check,
+    config_text=connect_config,
+    describe=connect_describe,
+    table=CONNECT_TABLE,
+    load=connect_load,
+    figures=connect_figures,
+    seconds=3.0,
+)
+IDLE = harness.Scenario(
+    name="idle",
+    mode="echo",
+    add_arguments=idle_arguments,
+    check=idle_check,
+    config_text=idle_config,
+    describe=idle_describe,
+    table=IDLE_TABLE,
+    run_here=idle_measure,
+    prepare=idle_prepare,
+    seconds=None,
+    one_process=True,
+)
+SCENARIOS = {s.name: s for s in (BROADCAST, CONNECT, IDLE)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1149,77 +1165,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--runs", type=int, default=1)
-        harness.add_load_arguments(p)
-        p.set_defaults(seconds=3.0)
-        p.add_argument("--only", default="", help="comma-separated names of servers to run")
-        p.add_argument("--godot", default=os.environ.get("WSFLEET_GODOT", "godot3-server"))
-        p.add_argument("--godot-sleep-usec", type=int, default=0)
-        p.add_argument("--node", default="node")
-        p.add_argument("--node-path", help="the node_modules folder that holds ws (NODE_PATH)")
-        harness.add_run_arguments(p)
-
-    b = sub.add_parser("broadcast", help="fan-out: deliveries/s and delivery latency")
-    b.add_argument("--connections", type=int, default=100)
-    b.add_argument("--senders", type=int, default=10)
-    b.add_argument("--size", type=int, default=64, help=f"bytes (>= {MIN_BROADCAST_SIZE})")
-    b.add_argument("--inflight", type=int, default=2, help="broadcasts in flight per sender")
-    common(b)
-    c = sub.add_parser("connect", help="handshake + close cycles per second")
-    c.add_argument("--concurrency", type=int, default=32)
-    common(c)
-    i = sub.add_parser("idle", help="server memory per idle connection")
-    i.add_argument("--connections", type=int, default=2000)
-    i.add_argument("--rate", type=float, default=1000.0, help="connections opened per second")
-    i.add_argument("--hold", type=float, default=1.0, help="seconds before measuring again")
-    common(i)
+    helps = {
+        "broadcast": "fan-out: deliveries/s and delivery latency",
+        "connect": "handshake + close cycles per second",
+        "idle": "server memory per idle connection",
+    }
+    for name, scenario in SCENARIOS.items():
+        harness.add_scenario_arguments(sub.add_parser(name, help=helps[name]), scenario, runs=1)
     s = sub.add_parser("serve-websockets", help="the websockets server (baseline, tests)")
     s.add_argument("--mode", choices=("echo", "broadcast"), required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--host", default=HOST)
     s.add_argument("--report-count", action="store_true")
     return parser
-
-
-def check_scenario_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.runs < 1:
-        parser.error("--runs must be >= 1")
-    if args.scenario == "broadcast":
-        if args.client_procs != 1:
-            parser.error("broadcast runs in one load process (--client-procs 1)")
-        if args.connections < 2 or not 1 <= args.senders <= args.connections:
-            parser.error("need --connections >= 2 and 1 <= --senders <= --connections")
-        if args.inflight < 1 or args.size < MIN_BROADCAST_SIZE:
-            parser.error(f"need --inflight >= 1 and --size >= {MIN_BROADCAST_SIZE}")
-    elif args.scenario == "connect":
-        if args.concurrency < args.client_procs:
-            parser.error("--concurrency must be >= --client-procs")
-    else:
-        if args.client_procs != 1:
-            parser.error("idle runs in this process (--client-procs 1)")
-        if args.connections < 1 or args.rate <= 0 or args.hold < 0:
-            parser.error("need --connections >= 1, --rate > 0, --hold >= 0")
-
-
-def config_text(args: argparse.Namespace) -> str:
-    where = (
-        f"{args.runs} run(s); server CPUs {args.server_cpus or 'any'}, "
-        f"{args.client_procs} load process(es) on CPUs {args.client_cpus or 'any'}"
-    )
-    window = f"{args.warmup:g} s warm-up + {args.seconds:g} s"
-    if args.scenario == "broadcast":
-        return (
-            f"broadcast: {args.connections} connections, {args.senders} senders x "
-            f"{args.inflight} in flight x {args.size} B, {window}, {where}"
-        )
-    if args.scenario == "connect":
-        return f"connect: {args.concurrency} handshake + close loops, {window}, {where}"
-    return (
-        f"idle: {args.connections} connections at {args.rate:g}/s, hold {args.hold:g} s, "
-        f"{where.replace('load process(es)', 'process')}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1231,57 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_count:
             print(counts.line(), flush=True)
         return 0
-    check_scenario_arguments(parser, args)
-    client_cpus = harness.check_load_arguments(parser, args)
-    if args.node_path:
-        os.environ["NODE_PATH"] = os.pathsep.join(
-            filter(None, [args.node_path, os.environ.get("NODE_PATH")])
-        )
-    if args.scenario == "idle":
-        try:
-            # Before any server starts, so that they inherit the limit too.
-            raise_nofile(args.connections + FD_MARGIN)
-        except ResourceLimitError as e:
-            print(f"idle: {e}", file=sys.stderr)
-            return 2
-
-    with tempfile.TemporaryDirectory(prefix="wsfleet-scenarios-") as workdir:
-        if args.server:
-            mode = scenario_mode(args.scenario)
-            specs = [spec.replace("{mode}", mode) for spec in args.server]
-            servers = harness.servers_from_specs(parser, specs)
-        else:
-            servers = default_servers(args, workdir)
-        only = {n.strip() for n in args.only.split(",") if n.strip()}
-        if only:
-            unknown = only - {s["name"] for s in servers}
-            if unknown:
-                parser.error(f"--only: unknown server(s) {sorted(unknown)}")
-            servers = [s for s in servers if s["name"] in only]
-        skipped = [s for s in servers if s.get("skip")]
-        servers = [s for s in servers if not s.get("skip")]
-
-        print(config_text(args), flush=True)
-        for s in skipped:
-            print(f"{s['name']}: {s['skip']}; skipped", flush=True)
-        if not servers:
-            print("no server to run")
-            return 1
-        if args.scenario == "broadcast":
-            harness.run_rounds(
-                servers, args, broadcast_load(args), broadcast_figures, broadcast_describe
-            )
-            table = BROADCAST_TABLE
-        elif args.scenario == "connect":
-            harness.run_rounds(servers, args, connect_load(args), connect_figures, connect_describe)
-            table = CONNECT_TABLE
-        else:
-            idle_rounds(servers, args)
-            table = IDLE_TABLE
-        status = harness.report(servers, args, client_cpus, table)
-    for s in skipped:
-        print(f"{s['name']:<{table.name_width}} {s['skip']}")
-    return status
+    return harness.run_benchmark(parser, args, SCENARIOS[args.scenario])
 
 
 if __name__ == "__main__":
