@@ -1,4 +1,5 @@
-"""The ``wsfleet`` command: ``wsfleet serve`` runs a server with a built-in application."""
+"""The ``wsfleet`` command: ``wsfleet serve`` runs a server with a built-in application,
+``wsfleet loadtest`` drives load against any WebSocket URL (`wsfleet.loadtest.cli`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="be peer 1 of Godot's high-level multiplayer API: relay between Godot clients",
     )
     serve.add_argument("--quiet", action="store_true", help="do not log connections")
+    # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="drive load against any WebSocket URL (wsfleet loadtest --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    loadtest.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -120,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             logging.getLogger("wsfleet").setLevel(logging.WARNING)
         return serve(args)
+    if args.command == "loadtest":
+        from .loadtest.cli import main as loadtest
+
+        return loadtest(args.args)
     parser.print_help()
     return 0
 

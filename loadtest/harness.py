@@ -914,7 +914,7 @@ def server_catalog(
                 command, skip = "", "not applicable: no Godot multiplayer mode"
         elif name == "godot":
             if mode == "mp-relay":
-                script = Path(getattr(args, "godot_script", None) or GODOT_MP_SCRIPT)
+                script = Path(args.godot_script)
                 options = "--wsfleet-clients=0 --wsfleet-timeout=0 --wsfleet-quiet=1"
             else:
                 script, options = GODOT_SCRIPT, f"--wsfleet-mode={mode}"
@@ -987,6 +987,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--godot", default=os.environ.get("WSFLEET_GODOT", "godot3-server"))
     parser.add_argument("--godot-sleep-usec", type=int, default=0)
+    parser.add_argument(
+        "--godot-script",
+        type=Path,
+        default=GODOT_MP_SCRIPT,
+        help="Godot's multiplayer relay script (mp-relay; default: tests/godot/mp_server.gd)",
+    )
     parser.add_argument("--node", default="node")
     parser.add_argument("--node-path", help="the node_modules folder that holds ws (NODE_PATH)")
 

@@ -70,7 +70,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from wsfleet.loadtest import harness
@@ -428,12 +427,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--size", type=int, default=32, help=f"payload bytes after the header (>= {MIN_SIZE})"
-    )
-    parser.add_argument(
-        "--godot-script",
-        type=Path,
-        default=harness.GODOT_MP_SCRIPT,
-        help="the Godot relay script (default: tests/godot/mp_server.gd)",
     )
 
 
