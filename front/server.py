@@ -37,6 +37,7 @@ DEFAULT_RING_CAPACITY = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 _LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT = 6.0
+_YIELDS_BEFORE_SLEEP = 8
 
 
 def _pow2_at_least(value: int) -> int:
@@ -496,7 +497,7 @@ class WebSocketServer(SignalEmitter):
             self._flush_commands()
             handled = self._read_control() + self._drain_events()
             if not handled and timeout and self._epoll is not None:
-                if not self._arm_all():
+                if not self._yield_for_events() and not self._arm_all():
                     self._epoll.poll(timeout)
                 self._disarm_all()
                 self._read_control()
@@ -506,6 +507,22 @@ class WebSocketServer(SignalEmitter):
                 self._arm_all()
         finally:
             self._in_poll = False
+
+    def _yield_for_events(self) -> bool:
+        """Let the shards run a moment before sleeping; True if events came meanwhile.
+
+        Sleeping costs each shard a doorbell (an eventfd write and a wake-up)
+        for its next batch.  A busy shard usually publishes within a few
+        scheduler yields, on another core or on this one (where the yield is
+        what lets it run).
+        """
+        links = [link for link in self._links if link is not None]
+        for _ in range(_YIELDS_BEFORE_SLEEP):
+            os.sched_yield()
+            for link in links:
+                if link.events.has_records():
+                    return True
+        return False
 
     def _arm_all(self) -> bool:
         """Ask every shard to ring when it publishes; True if one already has (self-rung)."""
