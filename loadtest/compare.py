@@ -51,19 +51,10 @@ import tempfile
 import time
 from typing import Any
 
-from wsfleet.loadtest import echo_bench, harness, relay_bench, scenarios
+from wsfleet.loadtest import harness
+from wsfleet.loadtest.cli import SCENARIOS  # one registry of the scenarios
 from wsfleet.loadtest.harness import REFERENCES, Scenario
 
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        echo_bench.SCENARIO,
-        scenarios.BROADCAST,
-        scenarios.CONNECT,
-        scenarios.IDLE,
-        relay_bench.SCENARIO,
-    )
-}
 DEFAULT_SERVERS = "websockets,wsfleet-1,wsfleet-2,godot,node"
 BASE = "wsfleet-1"
 SERVER_NAME = re.compile(r"websockets|godot|node|wsfleet-[1-9][0-9]*")
