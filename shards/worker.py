@@ -307,9 +307,8 @@ class Shard:
                 first = 0x81 if flags & m.FLAG_TEXT else 0x82
                 frame = frame_header(first, len(message)) + message
                 for conn_id, conn in peers.items():
-                    first_in_batch = not conn.outbox
-                    if conn_id not in excluded and conn.queue_frame(frame) and first_in_batch:
-                        touched.append(conn)
+                    if conn_id not in excluded:
+                        self._queue_frame(conn, frame)
             else:
                 conn = peers.get(peer_id)
                 if conn is None:
