@@ -57,6 +57,8 @@ from wsfleet.loadtest.wsclient import WSConnection, connect
 
 HOST = "127.0.0.1"
 MAX_ERROR_SAMPLES = 5
+# Handshakes one load process has in progress at once (``--connect-concurrency``): a burst
+# of SYNs larger than the server's listen backlog is dropped and retried a second later.
 CONNECT_CONCURRENCY = 64
 # Latency histograms: microseconds from 1 us to one minute (longer ones are clamped), 3 digits.
 HIST_HIGHEST_US = 60_000_000
@@ -297,12 +299,15 @@ def client_main(
     host: str,
     port: int,
     cfg: dict[str, Any],
+    connect_concurrency: int = CONNECT_CONCURRENCY,
 ) -> None:
     """Entry point of one load process: pin, connect, report ready, wait for go, run.
 
     ``run(host, port, start_at=..., **cfg)`` (``cfg`` holds ``path``) calls ``start_at()``
     once connected for the ``time.monotonic()`` at which to start sending.
     """
+    global CONNECT_CONCURRENCY
+    CONNECT_CONCURRENCY = connect_concurrency  # this process's own copy of the module
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
 
@@ -567,6 +572,7 @@ def run_clients(
                     target.host,
                     target.port,
                     {**cfg, "path": target.path},
+                    getattr(args, "connect_concurrency", CONNECT_CONCURRENCY),
                 ),
                 daemon=True,
             )
@@ -968,6 +974,13 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-procs", type=int, default=1)
     parser.add_argument("--server-cpus", default="0", help="taskset -c list; '' for no pinning")
     parser.add_argument("--client-cpus", default="1", help="CPUs for the load processes")
+    parser.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=CONNECT_CONCURRENCY,
+        help="handshakes each load process has in progress at once (default %(default)s; "
+        "Godot 3.2 listens with a backlog of 8)",
+    )
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1009,6 +1022,8 @@ def check_load_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     """Refuse what `add_load_arguments` cannot run; return the client CPUs."""
     if args.client_procs < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--client-procs must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.connect_concurrency < 1:
+        parser.error("--connect-concurrency must be >= 1")
     allowed = os.sched_getaffinity(0)
     client_cpus = parse_cpus(args.client_cpus)
     if not set(client_cpus) <= allowed:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Shard scaling, in one go, on a machine with at least 16 free cores (issue 5):
-# echo with 1, 2, 4 and 8 shards, each server pinned to its shards' cores plus one
-# for the front, against Godot 3.2.3's server pinned to one core of the same set,
-# with the load generator on the 7 cores left (400 connections x 16 in flight).
+# echo with 1, 2, 4 and 8 shards, wsfleet-K pinned to K cores with its front (and the
+# idle supervisor) inside that set, as `compare` pins every server; then 4 shards with
+# the front on a core of its own; against Godot 3.2.3's server pinned to one core. The
+# load generator runs on cores 9-15 (7 processes, 400 connections x 16 in flight), and
+# opens its connections one at a time per process (Godot 3.2 listens with a backlog of 8).
 #
 #   loadtest/scaling.sh [RUNS]            (RUNS defaults to 3; JSON in scaling.json)
 #
@@ -13,7 +15,7 @@ runs=${1:-3}
 py=${PYTHON:-python3}
 cores=$(nproc)
 if [ "$cores" -lt 16 ]; then
-    echo "scaling.sh needs 16 cores (shards 0-7, front 8, load 9-15); this machine has $cores" >&2
+    echo "scaling.sh needs 16 cores (servers 0-8, load 9-15); this machine has $cores" >&2
     exit 2
 fi
 work=$(mktemp -d)
@@ -21,10 +23,10 @@ trap 'rm -rf "$work"' EXIT
 godot_script="$(cd "$(dirname "$0")" && pwd)/godot_server.gd"
 servers=()
 for shards in 1 2 4 8; do
-    # shards on cores 0..shards-1, the front (and the idle supervisor) on core 8
-    servers+=(--server "wsfleet-$shards=taskset -c 0-$((shards - 1)),8 $py -m wsfleet serve --quiet --port {port} --shards $shards")
+    servers+=(--server "wsfleet-$shards=taskset -c 0-$((shards - 1)) $py -m wsfleet serve --quiet --port {port} --shards $shards")
 done
+servers+=(--server "wsfleet-4+front=taskset -c 0-3,8 $py -m wsfleet serve --quiet --port {port} --shards 4")
 servers+=(--server "godot=taskset -c 0 env -C $work HOME=$work LANG=en_US.UTF-8 godot3-server --no-window -s $godot_script --wsfleet-port={port} --wsfleet-mode=echo --wsfleet-sleep-usec=0")
 exec "$py" -m wsfleet.loadtest.echo_bench --runs "$runs" --seconds 5 --warmup 1 \
-    --connections 400 --inflight 16 --client-procs 7 --client-cpus 9-15 \
+    --connections 400 --inflight 16 --client-procs 7 --client-cpus 9-15 --connect-concurrency 1 \
     --server-cpus '' "${servers[@]}" --json scaling.json

@@ -111,7 +111,6 @@ import uvloop
 
 from wsfleet.loadtest import harness
 from wsfleet.loadtest.harness import (
-    CONNECT_CONCURRENCY,
     HOST,
     MAX_ERROR_SAMPLES,
     Column,
@@ -671,7 +670,7 @@ async def _idle(
     if server_pid is not None:
         before = tree_memory(server_pid)
         result.rss_before, result.uss_before = before.rss, before.uss
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    gate = asyncio.Semaphore(harness.CONNECT_CONCURRENCY)
     conns: list[WSConnection] = []
     t0 = time.monotonic()
     cpu0 = time.process_time()
