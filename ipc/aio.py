@@ -1,11 +1,14 @@
 """Reading a ring from an asyncio (or uvloop) event loop.
 
-The consumer drains the ring whenever its doorbell rings and, after each
-drain, announces that it sleeps (`Consumer.arm`).  If records slipped in
-meanwhile, the next drain is scheduled with ``call_soon`` rather than run in
-a loop here, and one drain takes at most ``max_batch`` records, so a busy
-ring (a join storm, a flood of commands) cannot starve the loop's other
-callbacks.
+The consumer drains the ring whenever its doorbell rings.  While drains
+find records it keeps draining once per loop iteration (``call_soon``, so
+the loop's I/O callbacks run in between) without arming the doorbell: a
+busy producer then publishes without an ``eventfd`` write, and this side
+reads no eventfd either.  Only a drain that finds the ring empty announces
+that it sleeps (`Consumer.arm`); if records slipped in meanwhile, the next
+drain is scheduled at once.  One drain takes at most ``max_batch`` records,
+so a busy ring (a join storm, a flood of commands) cannot starve the loop's
+other callbacks.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ class RingReader:
         records = self._consumer.pop_all(self._max_batch)
         if records:
             self._on_records(records)
-        if not self._running:
-            return
-        if len(records) >= self._max_batch or self._consumer.arm():
+            if self._running:
+                # More may follow within this loop iteration's I/O: look again next
+                # iteration rather than ask the producer for a doorbell.
+                self._schedule_drain()
+        elif self._consumer.arm():
             self._schedule_drain()
 
     def _on_lifeline_end(self) -> None:
