@@ -1,7 +1,8 @@
 """Shared-memory rings between the front and the shards.
 
 Owns: the single-producer single-consumer record ring (`ring`), the atomic
-words it synchronises on (`atomic`) and process lifelines (`lifeline`).
+words it synchronises on (`atomic`), the per-shard words that outlive a shard
+(`shardstate`: next peer id, peer count) and process lifelines (`lifeline`).
 Imports nothing else of wsfleet: the front, the supervisor and the shards
 all build on it.
 """
@@ -21,6 +22,7 @@ from .ring import (
     RingFds,
     SharedRing,
 )
+from .shardstate import ShardState
 
 __all__ = [
     "FLAGS_MAX",
@@ -35,6 +37,7 @@ __all__ = [
     "RingCorrupted",
     "RingError",
     "RingFds",
+    "ShardState",
     "SharedRing",
     "has_ended",
 ]

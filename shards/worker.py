@@ -38,7 +38,7 @@ from typing import Any
 import uvloop
 from websockets.exceptions import NegotiationError
 
-from wsfleet.ipc import Consumer, Producer, Record, SharedRing
+from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.aio import RingReader
 
@@ -61,7 +61,7 @@ class Shard:
         config: dict[str, Any],
         events: Producer,
         commands: Consumer,
-        next_id_word: memoryview,
+        state: ShardState,
     ) -> None:
         self.loop = loop
         self.index: int = config["index"]
@@ -74,8 +74,11 @@ class Shard:
         self._id_base: int = config["id_base"]
         self._id_span: int = config["id_span"]
         # The next id lives in memory the supervisor keeps across restarts,
-        # so a restarted shard does not hand out its predecessor's ids again.
-        self._next_id_word = next_id_word
+        # so a restarted shard does not hand out its predecessor's ids again;
+        # the peer counts of every shard live there too.
+        self._state = state
+        self._next_id_word = state.next_id_word(self.index)
+        state.set_peers(self.index, 0)
         self.events = events
         self.commands = commands
         self.peers: dict[int, PeerConnection] = {}
@@ -129,12 +132,14 @@ class Shard:
     def peer_connected(self, conn: PeerConnection, protocol: str) -> int:
         peer_id = self._allocate_id()
         self.peers[peer_id] = conn
+        self._state.set_peers(self.index, len(self.peers))
         self.emit(m.EV_CONNECTED, peer_id, 0, m.encode_connected(conn.ip, conn.port, protocol))
         return peer_id
 
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
         if self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
+        self._state.set_peers(self.index, len(self.peers))
         self._credits.pop(conn.peer_id, None)
         self.emit(m.EV_DISCONNECTED, conn.peer_id, m.FLAG_CLEAN if clean else 0, b"")
 
@@ -373,7 +378,7 @@ def run(
     listen_sock: socket.socket,
     events_ring: SharedRing,
     commands_ring: SharedRing,
-    next_id_word: memoryview,
+    state: ShardState,
     supervisor_pid: int,
 ) -> int:
     """The shard process's main function (called in the forked child); returns its exit status."""
@@ -391,7 +396,7 @@ def run(
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), next_id_word)
+    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state)
     reader = RingReader(loop, shard.commands, shard.on_commands)
     stopping = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, lambda: stopping.done() or stopping.set_result(None))

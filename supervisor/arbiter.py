@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import mmap
 import os
 import select
 import signal
@@ -32,7 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from wsfleet.ipc import SharedRing, control
+from wsfleet.ipc import ShardState, SharedRing, control
 from wsfleet.ipc import messages as m
 from wsfleet.shards import worker
 from wsfleet.shards.worker import EXIT_BOOT_FAILED
@@ -46,7 +45,6 @@ MAX_BACKOFF_SECONDS = 2.0
 #: How long shards get to close their peers when the front has died / asked to stop.
 FRONT_GONE_GRACE_SECONDS = 1.0
 STOP_GRACE_SECONDS = 3.0
-_SLOT_BYTES = 64  # per shard in the shared state block: the next peer id, on its own line
 
 
 @dataclass
@@ -71,9 +69,9 @@ class Arbiter:
         self.stopping = False
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Anonymous shared memory survives the shards: each one keeps its next
-        # peer id here so that its replacement continues after it.
-        self._state = mmap.mmap(-1, _SLOT_BYTES * max(1, len(self.slots)))
-        self._state_words = memoryview(self._state).cast("Q")
+        # peer id here so that its replacement continues after it, and its peer
+        # count, which every shard reads to enforce max_peers.
+        self.state = ShardState(len(self.slots))
 
     # -- the master loop ------------------------------------------------------------------
 
@@ -168,13 +166,12 @@ class Arbiter:
             status = 1
             try:
                 self._become_shard(slot)
-                word = memoryview(self._state)[slot.index * _SLOT_BYTES :][:8].cast("Q")
                 status = worker.run(
                     self._shard_config(slot),
                     slot.listen_sock,
                     events,
                     commands,
-                    word,
+                    self.state,
                     supervisor_pid,
                 )
             except BaseException:
@@ -237,6 +234,9 @@ class Arbiter:
             if slot is None:
                 continue
             slot.pid = 0
+            # Its connections died with it: its peer count goes back to 0 before anyone
+            # (the front, a new connection to another shard) hears of the death.
+            self.state.set_peers(slot.index, 0)
             code = os.waitstatus_to_exitcode(status)
             self._notify({"type": "shard_down", "shard": slot.index, "pid": pid, "exit": code})
             if not self.stopping:

@@ -1,0 +1,71 @@
+"""Per-shard words that outlive a shard: its next peer id and how many peers it holds.
+
+The supervisor maps this block (anonymous shared memory) before it forks the
+shards, so every shard, and each shard's replacement, sees the same words.
+Each shard owns one 64-byte line, so that shards do not bounce a cache line
+between cores:
+
+* word 0, the next peer-id offset: written only by that shard, read back by
+  its successor so that a restarted shard does not hand out its
+  predecessor's ids again (plain reads and writes: one process at a time);
+* word 1, the number of peers the shard holds: written only by that shard,
+  read by every shard to enforce the server-wide ``max_peers``, and reset to
+  0 by the supervisor when the shard dies (its connections died with it), so
+  a crash never leaks slots.
+
+A count per shard rather than one shared counter is what makes the reset
+possible: nobody has to know how many of a global total a dead shard held.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from .atomic import AtomicWord
+
+SLOT_BYTES = 64
+_NEXT_ID_OFF = 0
+_PEERS_OFF = 8
+
+
+class ShardState:
+    """The shared words of ``shards`` shards (see the module docstring)."""
+
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+        self._map = mmap.mmap(-1, SLOT_BYTES * max(1, shards))
+        view = memoryview(self._map)
+        self._peers = [AtomicWord(view[i * SLOT_BYTES + _PEERS_OFF :][:8]) for i in range(shards)]
+
+    def next_id_word(self, index: int) -> memoryview:
+        """Shard ``index``'s next-id word, as a one-element ``Q`` view (its own process only)."""
+        offset = index * SLOT_BYTES + _NEXT_ID_OFF
+        return memoryview(self._map)[offset : offset + 8].cast("Q")
+
+    def total_peers(self) -> int:
+        """Peers held by every shard together (each count read sequentially consistent)."""
+        return sum(word.load() for word in self._peers)
+
+    def peers(self, index: int) -> int:
+        return self._peers[index].load()
+
+    def set_peers(self, index: int, held: int) -> None:
+        """Publish how many peers shard ``index`` holds (it, or the supervisor once it died)."""
+        self._peers[index].store(held)
+
+    def admit(self, index: int, held: int, limit: int) -> bool:
+        """Count a new peer for shard ``index`` (which holds ``held``) if the server has room.
+
+        With ``limit`` 0 there is no limit.  Otherwise the shard publishes
+        ``held + 1`` *before* it reads the other shards' counts, both
+        sequentially consistent (Dekker's pattern): of two shards racing for
+        the last slot at least one sees the other's claim, so the total never
+        exceeds ``limit``.  At worst both refuse that once.  On refusal the
+        count goes back to ``held``.
+        """
+        word = self._peers[index]
+        word.store(held + 1)
+        if limit and self.total_peers() > limit:
+            word.store(held)
+            return False
+        return True
