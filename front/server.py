@@ -26,6 +26,7 @@ from typing import Any
 
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.ring import DEFAULT_MAX_MESSAGE
 
 from .errors import Error
 from .peer import WebSocketPeer, check_close
@@ -35,6 +36,8 @@ log = logging.getLogger("wsfleet")
 
 DEFAULT_RING_CAPACITY = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_MAX_REQUEST_BYTES = 8192
+_MIN_REQUEST_BYTES = 256
 _LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT = 6.0
 _YIELDS_BEFORE_SLEEP = 8
@@ -94,6 +97,35 @@ class WebSocketServer(SignalEmitter):
     ``client_disconnected(id, was_clean_close)``,
     ``client_close_request(id, code, reason)``, ``data_received(id)``; they
     fire inside `poll`.
+
+    Limits and protections: keyword arguments, or attributes of the same
+    name set before `listen` (which returns ``ERR_INVALID_PARAMETER`` for a
+    bad value; the constructor raises ``ValueError``):
+
+    ``max_peers`` (None or 0: no limit)
+        Peers the whole server holds, over every shard.  Further upgrade
+        requests are answered ``503 Service Unavailable``; slots free up as
+        peers leave, and a crashed shard's slots as soon as it is reaped.
+        Two shards racing for the last slot may both refuse once; the total
+        never goes over.
+    ``max_message_size`` (None: the input buffer of `set_buffers`, 64 KiB)
+        Bytes of one received message (fragments together); a longer one
+        closes the connection with 1009.  At most 16 MiB.
+    ``handshake_timeout`` (5 s)
+        From TCP accept (or the end of the TLS handshake, which has the same
+        bound) to a complete upgrade; a slower client is dropped.
+    ``max_request_bytes`` (8192)
+        Bytes of the upgrade request up to the blank line; more is answered
+        ``431 Request Header Fields Too Large``.  Whatever this says, one line
+        over 8190 bytes or more than 128 header lines also get 431
+        (websockets' own limits).
+    ``allowed_origins`` (None: no check) and ``require_origin`` (False)
+        When set, a request whose ``Origin`` is not in the list (compared
+        exactly, e.g. ``"https://game.example"``) is answered ``403
+        Forbidden`` (several Origin headers: 400, websockets' rule for any
+        request).  A request without ``Origin`` passes unless
+        ``require_origin``: browsers always send one, native clients (Godot's)
+        send none.
     """
 
     SIGNALS = (
@@ -119,6 +151,11 @@ class WebSocketServer(SignalEmitter):
         *,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_peers: int | None = None,
+        max_message_size: int | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        allowed_origins: Iterable[str] | None = None,
+        require_origin: bool = False,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -127,7 +164,15 @@ class WebSocketServer(SignalEmitter):
             raise ValueError(f"shards must be at least 1: {shards}")
         self.shards = shards
         self.ring_capacity = ring_capacity
+        # The limits (see the class docstring); checked again by listen().
         self.handshake_timeout = handshake_timeout
+        self.max_peers = max_peers
+        self.max_message_size = max_message_size
+        self.max_request_bytes = max_request_bytes
+        if allowed_origins is not None and not isinstance(allowed_origins, (str, bytes)):
+            allowed_origins = list(allowed_origins)  # an iterator would be spent by the check
+        self.allowed_origins = allowed_origins
+        self.require_origin = require_origin
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -158,6 +203,7 @@ class WebSocketServer(SignalEmitter):
         self._mp_packet_error = Error.OK
         self._mp_drops = dict.fromkeys(m.DROP_REASONS, 0)
         self._mp_ids: list[int] = []  # every welcomed peer, ascending (Godot's join order)
+        self._limits_config()  # ValueError now rather than an error from listen()
 
     # -- properties --------------------------------------------------------------------------
 
@@ -185,7 +231,11 @@ class WebSocketServer(SignalEmitter):
         self, input_buffer_size_kb: int, input_max_packets: int, output_buffer_size_kb: int,
         output_max_packets: int,
     ) -> Error:  # fmt: skip
-        """Per-peer limits, each rounded up to a power of two (Godot's rule). Before `listen`."""
+        """Per-peer limits, each rounded up to a power of two (Godot's rule). Before `listen`.
+
+        The input buffer is also the largest message a peer may send (longer:
+        close 1009) unless ``max_message_size`` says otherwise.
+        """
         if self._listening:
             log.error("set_buffers: the server is already listening")
             return Error.FAILED
@@ -214,6 +264,11 @@ class WebSocketServer(SignalEmitter):
             return Error.ERR_INVALID_PARAMETER
         protocols = [p.strip() for p in protocols]
         try:
+            limits = self._limits_config()
+        except ValueError as exc:
+            log.error("listen: %s", exc)
+            return Error.ERR_INVALID_PARAMETER
+        try:
             tls = self._tls_config()
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("listen: cannot use the TLS certificate/key: %s", exc)
@@ -223,7 +278,7 @@ class WebSocketServer(SignalEmitter):
             return error
         self._gd_mp_api = gd_mp_api
         try:
-            self._start_supervisor(sockets, protocols, tls)
+            self._start_supervisor(sockets, protocols, tls, limits)
         except OSError as exc:
             log.error("listen: cannot start the supervisor: %s", exc)
             self._teardown()
@@ -234,6 +289,36 @@ class WebSocketServer(SignalEmitter):
         self._gd_mp_api = gd_mp_api
         self._listening = True
         return Error.OK
+
+    def _limits_config(self) -> dict[str, Any]:
+        """The limits as the shards take them (config ``limits``); ValueError if one is bad."""
+        if not self.handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive: {self.handshake_timeout}")
+        max_peers = self.max_peers or 0
+        if max_peers < 0:
+            raise ValueError(f"max_peers must be None, 0 (no limit) or positive: {max_peers}")
+        max_message = self.max_message_size
+        if max_message is None:
+            max_message = self._in_bytes_limit
+        elif not 1 <= max_message <= DEFAULT_MAX_MESSAGE:
+            raise ValueError(f"max_message_size must be 1 to {DEFAULT_MAX_MESSAGE}: {max_message}")
+        if self.max_request_bytes < _MIN_REQUEST_BYTES:
+            raise ValueError(
+                f"max_request_bytes must be at least {_MIN_REQUEST_BYTES}: {self.max_request_bytes}"
+            )
+        origins = self.allowed_origins
+        if isinstance(origins, (str, bytes)):
+            raise ValueError("allowed_origins is a list of origins, not one string")
+        if origins is not None:
+            origins = sorted({str(origin).strip() for origin in origins})
+        return {
+            "handshake_timeout": float(self.handshake_timeout),
+            "max_peers": int(max_peers),
+            "max_message": int(max_message),
+            "max_request_bytes": int(self.max_request_bytes),
+            "allowed_origins": origins,
+            "require_origin": bool(self.require_origin),
+        }
 
     def _tls_config(self) -> dict[str, str] | None:
         key, cert = _load_pem(self.private_key), _load_pem(self.ssl_certificate)
@@ -309,7 +394,11 @@ class WebSocketServer(SignalEmitter):
         return Error.ERR_CANT_CREATE
 
     def _start_supervisor(
-        self, sockets: list[socket.socket], protocols: list[str], tls: dict[str, str] | None
+        self,
+        sockets: list[socket.socket],
+        protocols: list[str],
+        tls: dict[str, str] | None,
+        limits: dict[str, Any],
     ) -> None:
         ours, theirs = control.socketpair()
         lifeline = Lifeline()  # we hold it; the supervisor watches it
@@ -341,8 +430,7 @@ class WebSocketServer(SignalEmitter):
             {
                 "type": "config",
                 "protocols": protocols,
-                "max_message": self._in_bytes_limit,
-                "handshake_timeout": self.handshake_timeout,
+                "limits": limits,
                 "ring_capacity": self.ring_capacity,
                 "tls": tls,
                 "gd_mp_api": self._gd_mp_api,

@@ -22,6 +22,13 @@ The opening handshake has the same split: a well-formed upgrade request
 subprotocol Godot's rule accepts) is answered here with Godot's own 101
 response; any other request goes whole to ``websockets``, which accepts it
 or answers the right HTTP error.
+
+The server's limits apply on both paths, at handshake or timer time only
+(nothing is added per message): a request over ``max_request_bytes`` is
+answered 431 before either path parses it; an Origin outside
+``allowed_origins`` gets 403; a server that holds ``max_peers`` answers 503
+(see `Shard.admit`); a handshake not done within ``handshake_timeout`` is
+dropped.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ import binascii
 import hashlib
 import socket
 import struct
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import NegotiationError
 from websockets.frames import Close, Frame, Opcode, apply_mask
-from websockets.http11 import Request
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -49,8 +57,11 @@ _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
 _LEN16 = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_REQUEST = 8192  # a longer request is websockets' to refuse (431)
 _LEN64 = struct.Struct("!BBQ")
+_MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
+_TOO_LARGE = "Request headers too large.\n"
+_FORBIDDEN = "Origin not allowed.\n"
+_FULL = "Server full: try again later.\n"
 _SMALL_HEADERS = {
     first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
 }
@@ -84,7 +95,8 @@ class PeerConnection(asyncio.Protocol):
         self.ws: ServerProtocol = None  # type: ignore[assignment]
         self.ip = ""
         self.port = 0
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        # The handshake's deadline: the one timer a connection has.
+        self._deadline: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragments_text = False
         # The peer sent a close frame first: Godot's "clean close" for the server.
@@ -117,9 +129,7 @@ class PeerConnection(asyncio.Protocol):
         ip = peername[0]
         self.ip = ip[7:] if ip.startswith("::ffff:") else ip
         self.port = peername[1]
-        self._handshake_timer = self.shard.loop.call_later(
-            self.shard.handshake_timeout, self._handshake_timed_out
-        )
+        self._set_deadline(self.shard.handshake_timeout)
         if self.shard.reading_paused:
             self._paused_by_shard = True
             transport.pause_reading()  # type: ignore[attr-defined]
@@ -191,9 +201,7 @@ class PeerConnection(asyncio.Protocol):
         return data[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+        self._clear_deadline()
         if self.peer_id:
             self.shard.peer_gone(self, self._peer_closed_first)
 
@@ -215,15 +223,22 @@ class PeerConnection(asyncio.Protocol):
 
     def _fast_handshake(self, data: bytes) -> bytes:
         """Answer a plain upgrade request here; return the bytes websockets must handle."""
+        if self.transport.is_closing():
+            return b""  # refused already: nothing more is read
         request = self._partial + data if self._partial else data
         end = request.find(b"\r\n\r\n")
+        limit = self.shard.max_request_bytes
         if end < 0:
-            if len(request) <= _MAX_REQUEST:
+            if len(request) < limit:
                 self._partial = request  # wait for the rest of the request
                 return b""
-            return self._handshake_by_websockets(request)
+            return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE)
+        if end + 4 > limit:
+            return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE)
         self._partial = b""
         lines = request[:end].split(b"\r\n")
+        if len(lines) > MAX_NUM_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
+            return self._handshake_by_websockets(request)  # its limits (431) apply
         method, _, version = lines[0].partition(b" ")
         if method != b"GET" or not version.endswith(b" HTTP/1.1"):
             return self._handshake_by_websockets(request)
@@ -253,6 +268,10 @@ class PeerConnection(asyncio.Protocol):
             protocol = self.shard.choose_subprotocol(offered)
         except NegotiationError:
             return self._handshake_by_websockets(request)  # it answers 400 with the reason
+        origin = headers.get(b"origin")
+        refusal = self._admission([] if origin is None else [origin.decode("latin-1")])
+        if refusal is not None:
+            return self._refuse(*refusal)
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         response = [
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -276,10 +295,32 @@ class PeerConnection(asyncio.Protocol):
         self.ws = self._new_protocol(State.CONNECTING)
         return request
 
+    def _admission(self, origins: list[str]) -> tuple[HTTPStatus, str] | None:
+        """The server's policy for a valid upgrade request: None to accept, else the refusal.
+
+        None also means that a ``max_peers`` slot is now counted for this
+        connection: the caller must open it at once (`_opened`).
+        """
+        if not self.shard.origin_allowed(origins):
+            return HTTPStatus.FORBIDDEN, _FORBIDDEN
+        if not self.shard.admit():
+            return HTTPStatus.SERVICE_UNAVAILABLE, _FULL
+        return None
+
+    def _refuse(self, status: HTTPStatus, text: str) -> bytes:
+        """Answer the upgrade request with an HTTP error and close, as websockets' ``reject``."""
+        body = text.encode()
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\nConnection: close\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self._partial = b""
+        self.transport.write(head.encode() + body)
+        self.transport.close()  # after the response is written; the deadline still bounds it
+        return b""
+
     def _opened(self, protocol: str) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+        self._clear_deadline()
         self.peer_id = self.shard.peer_connected(self, protocol)
 
     def _handshake(self, events: list) -> None:
@@ -287,6 +328,10 @@ class PeerConnection(asyncio.Protocol):
         if not isinstance(request, Request):
             return
         response = self.ws.accept(request)
+        if response.status_code == 101:
+            refusal = self._admission(request.headers.get_all("Origin"))
+            if refusal is not None:
+                response = self.ws.reject(*refusal)
         self.ws.send_response(response)
         if response.status_code != 101 or self.ws.state is not State.OPEN:
             return  # websockets queued the error response and the end of the stream
@@ -294,10 +339,20 @@ class PeerConnection(asyncio.Protocol):
         if len(events) > 1:
             self._frames(events[1:])
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.peer_id == 0 and self.transport is not None:
-            self.transport.abort()
+    def _set_deadline(self, seconds: float) -> None:
+        """Cut the TCP connection in ``seconds`` unless it is gone or the deadline cleared."""
+        self._clear_deadline()
+        self._deadline = self.shard.loop.call_later(seconds, self._deadline_passed)
+
+    def _clear_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost follows: a peer is reported gone
 
     # -- receiving ------------------------------------------------------------------
 

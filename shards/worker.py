@@ -20,6 +20,10 @@ so that system messages and relayed frames reach every peer in Godot's order.
 A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
 front has made room.
+
+Limits (the ``limits`` part of the config, see ``WebSocketServer``) cost
+nothing per message: the handshake checks them (`admit`, `origin_allowed`,
+``max_request_bytes``).
 """
 
 from __future__ import annotations
@@ -66,8 +70,16 @@ class Shard:
         self.loop = loop
         self.index: int = config["index"]
         self.protocols: list[str] = config["protocols"]
-        self.max_message: int = config["max_message"]
-        self.handshake_timeout: float = config["handshake_timeout"]
+        limits: dict[str, Any] = config["limits"]
+        self.max_message: int = limits["max_message"]
+        self.handshake_timeout: float = limits["handshake_timeout"]
+        self.max_request_bytes: int = limits["max_request_bytes"]
+        self.max_peers: int = limits["max_peers"]  # 0: no limit
+        origins = limits["allowed_origins"]
+        self.allowed_origins: frozenset[str] | None = (
+            None if origins is None else frozenset(origins)
+        )
+        self.require_origin: bool = limits["require_origin"]
         self.mp: bool = config.get("gd_mp_api", False)
         self.refusing = False
         self._mp_drops = [0] * len(m.DROP_REASONS)
@@ -75,7 +87,7 @@ class Shard:
         self._id_span: int = config["id_span"]
         # The next id lives in memory the supervisor keeps across restarts,
         # so a restarted shard does not hand out its predecessor's ids again;
-        # the peer counts of every shard live there too.
+        # the peer counts of every shard live there too (max_peers).
         self._state = state
         self._next_id_word = state.next_id_word(self.index)
         state.set_peers(self.index, 0)
@@ -116,6 +128,26 @@ class Shard:
             "no common subprotocol; the server speaks: " + ", ".join(self.protocols)
         )
 
+    def origin_allowed(self, origins: Sequence[str]) -> bool:
+        """The Origin check: any without ``allowed_origins``; else exactly one listed Origin.
+
+        A request without Origin (native clients such as Godot's send none;
+        browsers always do) passes unless ``require_origin``.
+        """
+        if self.allowed_origins is None:
+            return True
+        if not origins:
+            return not self.require_origin
+        return len(origins) == 1 and origins[0] in self.allowed_origins
+
+    def admit(self) -> bool:
+        """Take a ``max_peers`` slot for a connection about to open; False when the server is full.
+
+        On True the caller opens the connection at once (`peer_connected`),
+        which is what makes ``len(self.peers)`` match the published count.
+        """
+        return self._state.admit(self.index, len(self.peers), self.max_peers)
+
     # -- peers ----------------------------------------------------------------------------
 
     def _allocate_id(self) -> int:
@@ -132,14 +164,13 @@ class Shard:
     def peer_connected(self, conn: PeerConnection, protocol: str) -> int:
         peer_id = self._allocate_id()
         self.peers[peer_id] = conn
-        self._state.set_peers(self.index, len(self.peers))
         self.emit(m.EV_CONNECTED, peer_id, 0, m.encode_connected(conn.ip, conn.port, protocol))
         return peer_id
 
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
         if self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
-        self._state.set_peers(self.index, len(self.peers))
+        self._state.set_peers(self.index, len(self.peers))  # the slot is free again
         self._credits.pop(conn.peer_id, None)
         self.emit(m.EV_DISCONNECTED, conn.peer_id, m.FLAG_CLEAN if clean else 0, b"")
 
@@ -403,7 +434,12 @@ def run(
 
     async def serve() -> None:
         shard.server = await loop.create_server(
-            lambda: PeerConnection(shard), sock=listen_sock, ssl=ssl_context, backlog=1024
+            lambda: PeerConnection(shard),
+            sock=listen_sock,
+            ssl=ssl_context,
+            backlog=1024,
+            # The TLS handshake comes before the WebSocket one: the same bound applies.
+            ssl_handshake_timeout=shard.handshake_timeout if ssl_context else None,
         )
         reader.start()
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop

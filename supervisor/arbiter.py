@@ -216,8 +216,7 @@ class Arbiter:
             "id_base": ids.start,
             "id_span": len(ids),
             "protocols": self.config["protocols"],
-            "max_message": self.config["max_message"],
-            "handshake_timeout": self.config["handshake_timeout"],
+            "limits": self.config["limits"],  # see WebSocketServer._limits_config
             "tls": self.config.get("tls"),
             "gd_mp_api": self.config.get("gd_mp_api", False),
         }
@@ -234,7 +233,7 @@ class Arbiter:
             if slot is None:
                 continue
             slot.pid = 0
-            # Its connections died with it: its peer count goes back to 0 before anyone
+            # Its connections died with it: free their max_peers slots before anyone
             # (the front, a new connection to another shard) hears of the death.
             self.state.set_peers(slot.index, 0)
             code = os.waitstatus_to_exitcode(status)

@@ -1,0 +1,346 @@
+"""Limits and protections, against real server processes and real (or deliberately bad) clients.
+
+Each limit is checked on the shard's fast handshake path (a plain upgrade
+request) and on websockets' path (the same request with a repeated harmless
+header, which the fast path hands over), and each test makes sure that the
+other peers keep being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from wsfleet import Error, WebSocketServer
+from wsfleet.loadtest.wsclient import build_frame
+from wsfleet.supervisor.arbiter import CRASH_LIMIT, MAX_BACKOFF_SECONDS
+
+from .test_server_api import echo, servers, url  # noqa: F401  (fixture)
+from .test_shard_frames import BINARY, CLOSE, CONT, TEXT, handshake_request, read_frame
+from .wsserver import Recorder, run_with, until
+
+#: A header the fast path leaves to websockets (it is repeated), harmless otherwise.
+TO_WEBSOCKETS = ("X-Twice: a", "X-Twice: b")
+PATHS = {"fast path": (), "websockets path": TO_WEBSOCKETS}
+
+
+async def http_answer(port: int, request: bytes, pieces: int = 1) -> tuple[int, bytes, bytes]:
+    """Send ``request`` (in ``pieces`` writes) and read the answer: (status, head, body).
+
+    A refused request is answered and the connection closed, so the body is
+    whatever comes until the end of the stream.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        step = -(-len(request) // pieces)
+        for i in range(0, len(request), step):
+            writer.write(request[i : i + step])
+            await writer.drain()
+            if pieces > 1:
+                await asyncio.sleep(0.05)  # separate reads on the server's side
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if head.startswith(b"HTTP/1.1 101"):
+            return 101, head, b""
+        body = await asyncio.wait_for(reader.read(), 5)
+        return int(head.split()[1]), head, body
+    finally:
+        writer.close()
+
+
+async def echoes(ws, payload: str = "still served") -> None:
+    """``ws`` still gets its messages echoed."""
+    await ws.send(payload)
+    assert await asyncio.wait_for(ws.recv(), 5) == payload
+
+
+async def open_raw_with(
+    port: int, *extra: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(handshake_request(port, *extra))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def close_code(payload: bytes) -> int:
+    return struct.unpack("!H", payload[:2])[0]
+
+
+# -- max_peers -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_max_peers_over_every_shard_answers_503_on_both_paths(servers) -> None:  # noqa: F811
+    server = servers(shards=2, max_peers=3)
+    echo(server)
+    recorder = Recorder(server, read_data=False)
+
+    async def body() -> None:
+        clients = [await connect(url(server)) for _ in range(3)]
+        await until(lambda: len(recorder.connected_ids()) == 3)
+        # Whichever shard the kernel picks for each attempt, the server is full.
+        for attempt in range(6):
+            extra = TO_WEBSOCKETS if attempt % 2 else ()
+            status, head, text = await http_answer(
+                server.port, handshake_request(server.port, *extra)
+            )
+            assert status == 503, head
+            assert b"connection: close" in head.lower()
+            assert text == b"Server full: try again later.\n"
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url(server), open_timeout=5)
+        assert refused.value.response.status_code == 503
+        for ws in clients:
+            await echoes(ws)
+        # A slot freed by a leaving peer is taken again, and only one.
+        await clients.pop().close()
+        await until(lambda: len(recorder.named("disconnected")) == 1)
+        clients.append(await connect(url(server), open_timeout=5))
+        await echoes(clients[-1])
+        with pytest.raises(InvalidStatus):
+            await connect(url(server), open_timeout=5)
+        for ws in clients:
+            await ws.close()
+
+    run_with(server, body)
+    assert len(recorder.connected_ids()) == 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("given_up", [False, True])
+def test_a_dead_shard_gives_its_max_peers_slots_back(servers, given_up: bool) -> None:  # noqa: F811
+    server = servers(shards=2, max_peers=2)
+    echo(server)
+    recorder = Recorder(server, read_data=False)
+
+    async def body() -> None:
+        clients = [await connect(url(server)) for _ in range(2)]
+        await until(lambda: len(recorder.connected_ids()) == 2)
+        with pytest.raises(InvalidStatus):
+            await connect(url(server), open_timeout=5)
+        victim = server.get_peer_shard(recorder.connected_ids()[0])
+        victims = [i for i in recorder.connected_ids() if server.get_peer_shard(i) == victim]
+        victim_ports = {server.get_peer_port(i) for i in victims}
+        survivors = [ws for ws in clients if ws.local_address[1] not in victim_ports]
+        # Killed once it is restarted; killed again and again, the supervisor gives it up
+        # and only the other shard takes connections: no new process resets the count.
+        for _ in range(CRASH_LIMIT + 1 if given_up else 1):
+            await until(lambda: server.get_shard_status()[victim]["pid"] is not None)
+            pid = server.get_shard_status()[victim]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda pid=pid: server.get_shard_status()[victim]["pid"] != pid)
+        await until(lambda: len(recorder.named("disconnected")) == len(victims))
+        if given_up:
+            await asyncio.sleep(MAX_BACKOFF_SECONDS + 0.5)
+            assert server.get_shard_status()[victim]["pid"] is None
+        # Exactly the dead shard's slots are free again, whichever shard takes them.
+        fresh = [await connect(url(server), open_timeout=5) for _ in victims]
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url(server), open_timeout=5)
+        assert refused.value.response.status_code == 503
+        for ws in survivors + fresh:
+            await echoes(ws)
+        for ws in clients + fresh:
+            await ws.close()
+
+    run_with(server, body)
+
+
+# -- max message size ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_max_message_size_closes_with_1009_whole_or_fragmented(servers) -> None:  # noqa: F811
+    server = servers(shards=1, max_message_size=1000)
+    echo(server)
+
+    async def body() -> None:
+        bystander = await connect(url(server))
+        async with connect(url(server), max_size=None) as ws:
+            await ws.send(bytes(1000))  # at the limit: fine
+            assert await ws.recv() == bytes(1000)
+        for frames in (
+            build_frame(BINARY, bytes(1001)),  # one frame (the fast path's check)
+            build_frame(TEXT, b"a" * 600, fin=False) + build_frame(CONT, b"b" * 401),
+        ):
+            reader, writer = await open_raw_with(server.port)
+            writer.write(frames)
+            opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+            assert (opcode, close_code(payload)) == (CLOSE, 1009)
+            writer.close()
+        await echoes(bystander)
+        await bystander.close()
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+def test_max_message_size_may_exceed_the_input_buffer(servers) -> None:  # noqa: F811
+    server = servers(shards=1, max_message_size=200_000)  # set_buffers' input: 64 KiB
+    recorder = Recorder(server)
+
+    async def body() -> None:
+        async with connect(url(server), max_size=None) as ws:
+            await ws.send(bytes(150_000))
+            await until(lambda: recorder.packets)
+            await ws.send(bytes(200_001))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+
+    run_with(server, body)
+    assert [len(p) for p, _ in next(iter(recorder.packets.values()))] == [150_000]
+
+
+def test_bad_limits_are_refused() -> None:
+    for bad in (
+        {"max_peers": -1},
+        {"max_message_size": 0},
+        {"max_message_size": 17 * 1024 * 1024},
+        {"max_request_bytes": 100},
+        {"handshake_timeout": 0},
+        {"allowed_origins": "https://one.example"},
+    ):
+        with pytest.raises(ValueError):
+            WebSocketServer(shards=1, **bad)
+    server = WebSocketServer(shards=1)
+    server.max_request_bytes = 10  # set as an attribute: listen() checks it
+    assert server.listen(0) == Error.ERR_INVALID_PARAMETER
+    assert not server.is_listening()
+
+
+# -- handshake timeout -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_slowloris_is_dropped_at_the_handshake_timeout(servers) -> None:  # noqa: F811
+    server = servers(shards=1, handshake_timeout=1.0)
+    echo(server)
+
+    async def slowloris() -> float:
+        """The request line, then one header byte every 0.2 s: seconds until the server cuts."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.monotonic()
+        writer.write(b"GET / HTTP/1.1\r\n")
+        try:
+            for byte in b"Host: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                await asyncio.sleep(0.2)
+                writer.write(bytes([byte]))
+                await writer.drain()
+                if reader.at_eof():
+                    break
+            data = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:
+            data = b""
+        writer.close()
+        assert data == b"", data  # no answer at all: dropped
+        return time.monotonic() - started
+
+    async def body() -> None:
+        async with connect(url(server)) as bystander:
+            cut = asyncio.create_task(slowloris())
+            served = 0
+            while not cut.done():
+                await echoes(bystander, f"meanwhile {served}")
+                served += 1
+                await asyncio.sleep(0.05)
+            elapsed = await cut
+            assert 0.9 <= elapsed <= 2.5, elapsed
+            assert served >= 10
+            await echoes(bystander)
+
+    run_with(server, body)
+
+
+# -- request header size ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_max_request_bytes_answers_431_on_both_paths(servers, path: str) -> None:  # noqa: F811
+    server = servers(shards=1, max_request_bytes=1024)
+    extra = PATHS[path]
+
+    def request_of(size: int) -> bytes:
+        bare = handshake_request(server.port, *extra, "X-Pad: ")
+        return handshake_request(server.port, *extra, "X-Pad: " + "p" * (size - len(bare)))
+
+    async def body() -> None:
+        assert len(request_of(1024)) == 1024
+        assert (await http_answer(server.port, request_of(1024)))[0] == 101  # at the limit
+        status, head, text = await http_answer(server.port, request_of(1025))
+        assert status == 431 and b"connection: close" in head.lower(), head
+        assert text == b"Request headers too large.\n"
+        # In pieces, without its end: refused as soon as it cannot fit any more.
+        unfinished = request_of(1100)[:-4]
+        assert (await http_answer(server.port, unfinished, pieces=3))[0] == 431
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_max_request_bytes_can_allow_larger_requests(servers, path: str) -> None:  # noqa: F811
+    server = servers(shards=1, max_request_bytes=16384)
+    pads = [f"X-Pad-{i}: " + "p" * 90 for i in range(100)]  # ~10 KB, short lines
+    request = handshake_request(server.port, *PATHS[path], *pads)
+    assert 8192 < len(request) < 16384
+
+    async def body() -> None:
+        assert (await http_answer(server.port, request))[0] == 101
+
+    run_with(server, body)
+
+
+# -- Origin ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_allowed_origins_answer_403_to_others(servers) -> None:  # noqa: F811
+    good, evil = "https://game.example", "https://evil.example"
+    server = servers(shards=2, allowed_origins=[good, "http://localhost:8060"])
+    echo(server)
+
+    async def body() -> None:
+        async with connect(url(server), origin=good) as ws:  # a browser from the game's page
+            await echoes(ws)
+        async with connect(url(server)) as ws:  # no Origin: a native client, allowed
+            await echoes(ws)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url(server), origin=evil, open_timeout=5)
+        assert refused.value.response.status_code == 403
+        for extra in PATHS.values():
+            status, head, text = await http_answer(
+                server.port, handshake_request(server.port, *extra, f"Origin: {evil}")
+            )
+            assert (status, text) == (403, b"Origin not allowed.\n"), head
+            assert b"connection: close" in head.lower()
+            request = handshake_request(server.port, *extra, f"Origin: {good}")
+            assert (await http_answer(server.port, request))[0] == 101
+        # Two Origin headers (websockets' path) make a bad request, even if one is allowed.
+        twice = handshake_request(server.port, f"Origin: {good}", f"Origin: {evil}")
+        assert (await http_answer(server.port, twice))[0] == 400
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_require_origin_refuses_requests_without_one(servers, path: str) -> None:  # noqa: F811
+    server = servers(shards=1, allowed_origins=["https://game.example"], require_origin=True)
+
+    async def body() -> None:
+        request = handshake_request(server.port, *PATHS[path])
+        assert (await http_answer(server.port, request))[0] == 403
+        request = handshake_request(server.port, *PATHS[path], "Origin: https://game.example")
+        assert (await http_answer(server.port, request))[0] == 101
+
+    run_with(server, body)
