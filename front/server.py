@@ -37,6 +37,8 @@ log = logging.getLogger("wsfleet")
 DEFAULT_RING_CAPACITY = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
+DEFAULT_PING_INTERVAL = 20.0
+DEFAULT_PING_TIMEOUT = 20.0
 _MIN_REQUEST_BYTES = 256
 _LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT = 6.0
@@ -126,6 +128,14 @@ class WebSocketServer(SignalEmitter):
         request).  A request without ``Origin`` passes unless
         ``require_origin``: browsers always send one, native clients (Godot's)
         send none.
+    ``ping_interval`` (20 s) and ``ping_timeout`` (20 s); None or 0: off
+        Every ``ping_interval`` each peer gets a ping, whatever its traffic;
+        one that has not answered with a pong within ``ping_timeout`` is
+        closed with 1011 and reported by ``client_disconnected(id, False)``.
+        Godot's clients and browsers answer pings by themselves.  A close
+        handshake the server starts that the peer does not finish within
+        ``ping_timeout`` ends with the connection cut, too.  One timer per
+        shard sweeps its connections.
     """
 
     SIGNALS = (
@@ -156,6 +166,8 @@ class WebSocketServer(SignalEmitter):
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         allowed_origins: Iterable[str] | None = None,
         require_origin: bool = False,
+        ping_interval: float | None = DEFAULT_PING_INTERVAL,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -173,6 +185,8 @@ class WebSocketServer(SignalEmitter):
             allowed_origins = list(allowed_origins)  # an iterator would be spent by the check
         self.allowed_origins = allowed_origins
         self.require_origin = require_origin
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -311,6 +325,11 @@ class WebSocketServer(SignalEmitter):
             raise ValueError("allowed_origins is a list of origins, not one string")
         if origins is not None:
             origins = sorted({str(origin).strip() for origin in origins})
+        ping_interval = self.ping_interval or None
+        ping_timeout = self.ping_timeout or None
+        for name, value in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be None, 0 (off) or positive: {value}")
         return {
             "handshake_timeout": float(self.handshake_timeout),
             "max_peers": int(max_peers),
@@ -318,6 +337,8 @@ class WebSocketServer(SignalEmitter):
             "max_request_bytes": int(self.max_request_bytes),
             "allowed_origins": origins,
             "require_origin": bool(self.require_origin),
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
         }
 
     def _tls_config(self) -> dict[str, str] | None:

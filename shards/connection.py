@@ -10,11 +10,12 @@ per batch of commands.
 
 Receiving has a fast path: the common frame - a whole, unfragmented, masked
 text or binary frame with no extension bits and at most 64 KiB, within the
-size limit - is parsed here (``websockets``' parser costs about 3 us per
-frame: a generator, a ``Frame`` object, checks).  Anything else - control
-frames, fragments, reserved bits, unmasked or oversized frames - and every
-byte after it is handed to ``websockets``, which applies RFC 6455 in full;
-the fast path resumes only once ``websockets`` has consumed all it was given.
+size limit, and the pong that answers a keepalive ping - is parsed here
+(``websockets``' parser costs about 3 us per frame: a generator, a ``Frame``
+object, checks).  Anything else - other control frames, fragments, reserved
+bits, unmasked or oversized frames - and every byte after it is handed to
+``websockets``, which applies RFC 6455 in full; the fast path resumes only
+once ``websockets`` has consumed all it was given.
 So the fast path accepts nothing the slow path would refuse.
 
 The opening handshake has the same split: a well-formed upgrade request
@@ -28,7 +29,7 @@ The server's limits apply on both paths, at handshake or timer time only
 answered 431 before either path parses it; an Origin outside
 ``allowed_origins`` gets 403; a server that holds ``max_peers`` answers 503
 (see `Shard.admit`); a handshake not done within ``handshake_timeout`` is
-dropped.
+dropped.  Keepalive pings are sent by the shard's sweep (`keepalive`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
 _LEN16 = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_PING_FRAME = b"\x89\x00"  # FIN + ping, no payload: built once, written as is
+#: Once the server closes a connection, how long what it still has to send (its close
+#: frame, an HTTP error) may wait for a peer that does not read before the TCP
+#: connection is cut (the peer is reported gone then).
+CLOSE_GRACE_SECONDS = 1.0
 _LEN64 = struct.Struct("!BBQ")
 _MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
 _TOO_LARGE = "Request headers too large.\n"
@@ -95,8 +101,12 @@ class PeerConnection(asyncio.Protocol):
         self.ws: ServerProtocol = None  # type: ignore[assignment]
         self.ip = ""
         self.port = 0
-        # The handshake's deadline: the one timer a connection has.
+        # The one timer a connection may have: the handshake's deadline, later the
+        # deadline of its close (CLOSE_GRACE_SECONDS). Keepalive is the shard's sweep.
         self._deadline: asyncio.TimerHandle | None = None
+        self._next_ping = 0.0  # loop time of the next keepalive ping
+        self._pong_due = 0.0  # loop time by which a pong must come (0: none awaited)
+        self._close_due = 0.0  # loop time by which our close handshake must end (0: none)
         self._fragments: list[bytes] = []
         self._fragments_text = False
         # The peer sent a close frame first: Godot's "clean close" for the server.
@@ -174,6 +184,17 @@ class PeerConnection(asyncio.Protocol):
                 return b""
             first, second = data[pos], data[pos + 1]
             if (first != 0x82 and first != 0x81) or second < 0x80:
+                # A masked pong (FIN, no reserved bits, at most 125 bytes and max_message):
+                # keepalive's answer, every interval on every connection. Nothing to
+                # check in its payload, nothing to answer.
+                if first == 0x8A and 0x80 <= second <= 0xFD and second - 0x80 <= max_message:
+                    end = pos + 6 + (second - 0x80)
+                    if end > size:
+                        self._partial = data[pos:]
+                        return b""
+                    self._pong_due = 0.0
+                    pos = end
+                    continue
                 break  # not FIN+text/binary without reserved bits, or not masked
             length = second & 0x7F
             if length < 126:
@@ -322,6 +343,7 @@ class PeerConnection(asyncio.Protocol):
     def _opened(self, protocol: str) -> None:
         self._clear_deadline()
         self.peer_id = self.shard.peer_connected(self, protocol)
+        self._next_ping = self.shard.first_ping_time()
 
     def _handshake(self, events: list) -> None:
         request = events[0]
@@ -377,6 +399,8 @@ class PeerConnection(asyncio.Protocol):
                     self._message(data, self._fragments_text)
             elif opcode is Opcode.CLOSE:
                 self._close_received()
+            elif opcode is Opcode.PONG:
+                self._pong_due = 0.0  # alive (any pong will do: it is a heartbeat)
 
     def _message(self, data: bytes, text: bool) -> None:
         if text:
@@ -417,6 +441,8 @@ class PeerConnection(asyncio.Protocol):
                 transport.write(chunk)
             else:  # websockets' "end of stream": the server closes the TCP connection
                 transport.close()
+                if transport.get_write_buffer_size():
+                    self._set_deadline(CLOSE_GRACE_SECONDS)  # a peer that does not read
 
     def queue_message(self, payload: bytes, text: bool) -> bool:
         """Queue one data frame for this batch; False if the connection no longer sends."""
@@ -453,6 +479,51 @@ class PeerConnection(asyncio.Protocol):
         if self.ws is not None and self.ws.state is State.OPEN:
             self.ws.send_close(code, reason)
             self._write_protocol_output()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): a close frame, then close TCP without waiting.
+
+        A peer that does not read (a dead or slow one: why we fail it) may
+        never take the close frame; the connection is cut after
+        `CLOSE_GRACE_SECONDS` then.
+        """
+        if self.ws is None or self.ws.state is not State.OPEN:
+            return
+        self._refused = True
+        self._fast = False
+        self.ws.fail(code, reason)
+        self._write_protocol_output()  # the close frame, then transport.close()
+
+    def keepalive(self, now: float, interval: float, timeout: float | None) -> None:
+        """The shard's sweep: ping when due; fail (1011) a peer whose pong is overdue.
+
+        Pings go out every ``interval`` whatever the traffic (websockets'
+        model), each an unmasked empty frame built once.  While reading from
+        the peer is paused its pong may sit unread, so no verdict is reached
+        then: the next ping after reading resumes gets a fresh ``timeout``.
+        A close handshake we started that the peer does not finish within
+        ``timeout`` (or ``interval``) ends with the TCP connection cut.
+        """
+        ws, transport = self.ws, self.transport
+        if ws is None or transport is None or transport.is_closing():
+            return  # closed already: CLOSE_GRACE_SECONDS bounds it
+        if ws.state is not State.OPEN:
+            if not self._close_due:
+                self._close_due = now + (timeout or interval)
+            elif now >= self._close_due:
+                transport.abort()
+            return
+        if self._paused_by_front or self._paused_by_shard:
+            self._pong_due = 0.0
+            return
+        if self._pong_due and now >= self._pong_due:
+            self.fail(1011, "keepalive ping timeout")
+            return
+        if now >= self._next_ping:
+            transport.write(_PING_FRAME)
+            self._next_ping = now + interval
+            if timeout and not self._pong_due:
+                self._pong_due = now + timeout
 
     def set_no_delay(self, enabled: bool) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None

@@ -23,7 +23,7 @@ from wsfleet.loadtest.wsclient import build_frame
 from wsfleet.supervisor.arbiter import CRASH_LIMIT, MAX_BACKOFF_SECONDS
 
 from .test_server_api import echo, servers, url  # noqa: F401  (fixture)
-from .test_shard_frames import BINARY, CLOSE, CONT, TEXT, handshake_request, read_frame
+from .test_shard_frames import BINARY, CLOSE, CONT, PING, PONG, TEXT, handshake_request, read_frame
 from .wsserver import Recorder, run_with, until
 
 #: A header the fast path leaves to websockets (it is repeated), harmless otherwise.
@@ -208,6 +208,7 @@ def test_bad_limits_are_refused() -> None:
         {"max_request_bytes": 100},
         {"handshake_timeout": 0},
         {"allowed_origins": "https://one.example"},
+        {"ping_interval": -1},
     ):
         with pytest.raises(ValueError):
             WebSocketServer(shards=1, **bad)
@@ -342,5 +343,134 @@ def test_require_origin_refuses_requests_without_one(servers, path: str) -> None
         assert (await http_answer(server.port, request))[0] == 403
         request = handshake_request(server.port, *PATHS[path], "Origin: https://game.example")
         assert (await http_answer(server.port, request))[0] == 101
+
+    run_with(server, body)
+
+
+# -- keepalive -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_keepalive_closes_a_silent_peer_with_1011_and_keeps_the_others(servers) -> None:  # noqa: F811
+    server = servers(shards=1, ping_interval=0.3, ping_timeout=0.3)
+    echo(server)
+    recorder = Recorder(server, read_data=False)
+
+    async def answering(reader, writer, stop: asyncio.Event) -> int:
+        """A raw client that answers every ping: how many it answered."""
+        pings = 0
+        while not stop.is_set():
+            try:
+                opcode, payload = await asyncio.wait_for(read_frame(reader), 0.1)
+            except TimeoutError:
+                continue
+            assert opcode == PING, opcode
+            writer.write(build_frame(PONG, payload))
+            pings += 1
+        return pings
+
+    async def body() -> None:
+        websockets_client = await connect(url(server))  # answers pings by itself
+        reader, writer = await open_raw_with(server.port)
+        stop = asyncio.Event()
+        responsive = asyncio.create_task(answering(reader, writer, stop))
+        await until(lambda: len(recorder.connected_ids()) == 2)
+        silent_reader, silent_writer = await open_raw_with(server.port)
+        await until(lambda: len(recorder.connected_ids()) == 3)
+        silent_id = recorder.connected_ids()[2]
+        opcode, _ = await asyncio.wait_for(read_frame(silent_reader), 3)
+        pinged = time.monotonic()
+        assert opcode == PING
+        opcode, payload = await asyncio.wait_for(read_frame(silent_reader), 3)
+        assert (opcode, close_code(payload)) == (CLOSE, 1011)
+        assert time.monotonic() - pinged >= 0.2  # the pong had ping_timeout to come
+        assert await asyncio.wait_for(silent_reader.read(), 3) == b""  # and TCP is closed
+        await until(lambda: ("disconnected", silent_id, False) in recorder.events, timeout=3)
+        await asyncio.sleep(1.0)  # several more intervals: the answering peers stay
+        stop.set()
+        assert await responsive >= 3
+        await echoes(websockets_client)
+        assert len(recorder.named("disconnected")) == 1
+        await websockets_client.close()
+        writer.close()
+        silent_writer.close()
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_pongs_between_data_frames_in_any_split_keep_a_peer_alive(servers, split) -> None:  # noqa: F811
+    server = servers(shards=1, ping_interval=0.3, ping_timeout=0.3)
+    echo(server)
+    recorder = Recorder(server, read_data=False)
+
+    async def body() -> None:
+        reader, writer = await open_raw_with(server.port)
+        received: list[tuple[int, bytes]] = []
+        for round_ in range(4):
+            # Wait for a ping, then answer it between two messages, cut anywhere.
+            while (frame := await asyncio.wait_for(read_frame(reader), 3))[0] != PING:
+                received.append(frame)
+            stream = (
+                build_frame(TEXT, f"before {round_}".encode())
+                + build_frame(PONG, frame[1] + b"any payload")
+                + build_frame(BINARY, bytes([round_]) * 130)  # 16-bit length
+            )
+            step = split or len(stream)
+            for i in range(0, len(stream), step):
+                writer.write(stream[i : i + step])
+                await writer.drain()
+        while len(received) < 8:
+            opcode, payload = await asyncio.wait_for(read_frame(reader), 3)
+            if opcode != PING:
+                received.append((opcode, payload))
+        expected = []
+        for round_ in range(4):
+            expected += [(TEXT, f"before {round_}".encode()), (BINARY, bytes([round_]) * 130)]
+        assert received == expected
+        assert recorder.named("disconnected") == []  # four intervals, every ping answered
+        writer.close()
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("off", [None, 0])
+def test_keepalive_off_sends_no_pings(servers, off) -> None:  # noqa: F811
+    server = servers(shards=1, ping_interval=off)
+    echo(server)
+
+    async def body() -> None:
+        reader, writer = await open_raw_with(server.port)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read_frame(reader), 1.0)
+        writer.write(build_frame(TEXT, b"alive"))
+        assert await asyncio.wait_for(read_frame(reader), 5) == (TEXT, b"alive")
+        writer.close()
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+def test_a_close_handshake_the_peer_ignores_is_cut_after_ping_timeout(servers) -> None:  # noqa: F811
+    server = servers(shards=1, ping_interval=0.3, ping_timeout=0.3)
+    recorder = Recorder(server, read_data=False)
+
+    async def body() -> None:
+        reader, writer = await open_raw_with(server.port)
+        await until(lambda: recorder.connected_ids())
+        peer_id = recorder.connected_ids()[0]
+        server.disconnect_peer(peer_id, 4000, "bye")
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 3)
+        assert (opcode, close_code(payload)) == (CLOSE, 4000)
+        started = time.monotonic()  # we never answer the close frame
+        try:
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+        except ConnectionResetError:
+            pass  # cut: a reset is as good as an end
+        assert time.monotonic() - started < 2
+        await until(lambda: ("disconnected", peer_id, False) in recorder.events, timeout=3)
+        writer.close()
 
     run_with(server, body)
