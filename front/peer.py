@@ -5,7 +5,8 @@ commands for the owning shard.  The per-peer limits of ``set_buffers`` apply
 on both sides, without loss: a full inbound queue pauses reading from that
 peer's socket (TCP pushes back on the client), and ``put_packet`` returns
 ``ERR_OUT_OF_MEMORY`` once the packets/bytes the shard has not yet handed to
-the kernel reach the outbound limit.
+the kernel reach the outbound limit (or, with the server's
+``slow_consumer_close_code``, the peer is disconnected then).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class WebSocketPeer:
         if self._out_packets >= server._out_packets_limit or (
             self._out_bytes + size >= server._out_bytes_limit
         ):
+            if server._slow_close_code is not None:
+                self._drop_slow(server._slow_close_code)
             return Error.ERR_OUT_OF_MEMORY
         self._out_packets += 1
         self._out_bytes += size
@@ -126,6 +129,15 @@ class WebSocketPeer:
             self._link, m.CMD_SEND_TEXT if text else m.CMD_SEND_BINARY, self._id, 0, payload
         )
         return Error.OK
+
+    def _drop_slow(self, code: int) -> None:
+        """The server's ``slow_consumer_close_code``: fail this peer, which does not keep up."""
+        log.warning("peer %d does not read what it is sent: closing it with %d", self._id, code)
+        self._closing = True  # put_packet fails from now on; client_disconnected follows
+        self._inbox.clear()  # as close(): what was not read is dropped
+        self._inbox_bytes = 0
+        payload = m.encode_close(code, b"slow consumer")
+        self._server._command(self._link, m.CMD_CLOSE, self._id, m.FLAG_FAIL, payload)
 
     def get_packet(self) -> bytes:
         """The oldest received message (b"" and an error from `get_packet_error` if none)."""

@@ -39,6 +39,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
 DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
+#: Close codes that fit a peer dropped for not reading: policy violation, try again later.
+SLOW_CONSUMER_CLOSE_CODES = (1008, 1013)
 _MIN_REQUEST_BYTES = 256
 _LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT = 6.0
@@ -136,6 +138,16 @@ class WebSocketServer(SignalEmitter):
         handshake the server starts that the peer does not finish within
         ``ping_timeout`` ends with the connection cut, too.  One timer per
         shard sweeps its connections.
+    ``slow_consumer_close_code`` (None: off; 1008 or 1013)
+        By default `WebSocketPeer.put_packet` returns ``ERR_OUT_OF_MEMORY``
+        while a peer's outbound buffer (`set_buffers`) is full and the peer
+        stays.  With a code, that ``put_packet`` still returns
+        ``ERR_OUT_OF_MEMORY`` (the packet is not sent) and the peer is
+        disconnected with that code: a close frame, then the TCP connection is
+        closed (cut after 1 s if the peer does not read it), and
+        ``client_disconnected(id, False)`` follows.  Packets sent in one
+        `poll` tick count until the shard hands them to the kernel, so size the
+        output buffer for a tick's burst.
     """
 
     SIGNALS = (
@@ -168,6 +180,7 @@ class WebSocketServer(SignalEmitter):
         require_origin: bool = False,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        slow_consumer_close_code: int | None = None,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -187,6 +200,8 @@ class WebSocketServer(SignalEmitter):
         self.require_origin = require_origin
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.slow_consumer_close_code = slow_consumer_close_code
+        self._slow_close_code: int | None = None  # the one taken by listen()
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -291,6 +306,7 @@ class WebSocketServer(SignalEmitter):
         if error != Error.OK:
             return error
         self._gd_mp_api = gd_mp_api
+        self._slow_close_code = self.slow_consumer_close_code
         try:
             self._start_supervisor(sockets, protocols, tls, limits)
         except OSError as exc:
@@ -330,6 +346,9 @@ class WebSocketServer(SignalEmitter):
         for name, value in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be None, 0 (off) or positive: {value}")
+        code = self.slow_consumer_close_code
+        if code is not None and code not in SLOW_CONSUMER_CLOSE_CODES:
+            raise ValueError(f"slow_consumer_close_code must be None, 1008 or 1013: {code}")
         return {
             "handshake_timeout": float(self.handshake_timeout),
             "max_peers": int(max_peers),

@@ -35,7 +35,8 @@ EV_MP_DROPS = 8
 #: Send one message: payload = the message.
 CMD_SEND_TEXT = 1
 CMD_SEND_BINARY = 2
-#: Start the close handshake: payload `encode_close`.
+#: Start the close handshake: payload `encode_close`. With FLAG_FAIL, fail the
+#: connection instead: the close frame, then the TCP connection is closed at once.
 CMD_CLOSE = 3
 #: Send to every peer of the shard: flags = FLAG_TEXT or 0, payload `encode_broadcast`.
 CMD_BROADCAST = 4
@@ -58,6 +59,7 @@ CMD_MP_FORWARD = 11
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
+FLAG_FAIL = 1
 
 # -- Godot's multiplayer header (GODOT_PROTOCOL.md §4) ----------------------------------
 

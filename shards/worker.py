@@ -385,7 +385,10 @@ class Shard:
                 if conn is None:
                     continue
                 if kind == m.CMD_CLOSE:
-                    conn.close(*m.decode_close(payload))
+                    if flags & m.FLAG_FAIL:
+                        conn.fail(*m.decode_close(payload))
+                    else:
+                        conn.close(*m.decode_close(payload))
                 elif kind == m.CMD_PAUSE_READING:
                     conn.pause_by_front(True)
                 elif kind == m.CMD_RESUME_READING:

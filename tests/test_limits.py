@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import struct
 import time
 
@@ -209,6 +210,7 @@ def test_bad_limits_are_refused() -> None:
         {"handshake_timeout": 0},
         {"allowed_origins": "https://one.example"},
         {"ping_interval": -1},
+        {"slow_consumer_close_code": 1000},
     ):
         with pytest.raises(ValueError):
             WebSocketServer(shards=1, **bad)
@@ -474,3 +476,82 @@ def test_a_close_handshake_the_peer_ignores_is_cut_after_ping_timeout(servers) -
         writer.close()
 
     run_with(server, body)
+
+
+# -- slow consumers --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", [1008, 1013])
+def test_a_slow_consumer_is_closed_with_the_code(code: int) -> None:
+    server = WebSocketServer(shards=1, slow_consumer_close_code=code)
+    assert server.set_buffers(64, 1024, 256, 1024) == Error.OK  # 256 KiB out per peer
+    assert server.listen(0) == Error.OK
+    recorder = Recorder(server, read_data=False)
+    chunk = bytes(32 * 1024)
+
+    async def body() -> None:
+        bystander = await connect(url(server))
+        await until(lambda: recorder.connected_ids())
+        echo(server)
+        # A client that stops reading: its socket buffers fill, then the shard's.
+        reader, writer = await open_raw_with(server.port)
+        await until(lambda: len(recorder.connected_ids()) == 2)
+        peer = server.get_peer(recorder.connected_ids()[1])
+        results = []
+        while not results or results[-1] == Error.OK:
+            results.append(peer.put_packet(chunk))
+            await asyncio.sleep(0.002)  # one packet per tick: only a full buffer stops it
+            assert len(results) < 5000, "the outbound limit was never reached"
+        assert results[-1] == Error.ERR_OUT_OF_MEMORY and len(results) > 8
+        assert peer.put_packet(b"after") == Error.FAILED  # it is being disconnected
+        await echoes(bystander)
+        # The client reads again (within the grace): everything sent, then the close frame.
+        received = 0
+        while True:
+            opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+            if opcode != BINARY:
+                break
+            received += 1
+        assert (opcode, close_code(payload)) == (CLOSE, code)
+        assert received == len(results) - 1  # nothing lost without an error
+        await until(lambda: ("disconnected", peer.id, False) in recorder.events, timeout=5)
+        await echoes(bystander)
+        await bystander.close()
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_consumer_that_never_reads_is_cut_off() -> None:
+    server = WebSocketServer(shards=1, slow_consumer_close_code=1013)
+    assert server.set_buffers(64, 1024, 256, 1024) == Error.OK
+    assert server.listen(0) == Error.OK
+    recorder = Recorder(server, read_data=False)
+
+    async def body() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(handshake_request(server.port))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        await until(lambda: recorder.connected_ids())
+        peer = server.get_peer(recorder.connected_ids()[0])
+        while peer.put_packet(bytes(32 * 1024)) == Error.OK:
+            await asyncio.sleep(0.002)
+        started = time.monotonic()
+        await until(lambda: recorder.named("disconnected"), timeout=5)
+        assert recorder.named("disconnected") == [("disconnected", peer.id, False)]
+        assert time.monotonic() - started < 3  # the 1 s grace, then cut
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
