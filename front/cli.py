@@ -11,7 +11,14 @@ import time
 
 from . import __version__
 from .errors import Error
-from .server import WebSocketServer
+from .server import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    SLOW_CONSUMER_CLOSE_CODES,
+    WebSocketServer,
+)
 
 log = logging.getLogger("wsfleet")
 
@@ -42,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="be peer 1 of Godot's high-level multiplayer API: relay between Godot clients",
     )
     serve.add_argument("--quiet", action="store_true", help="do not log connections")
+    _add_limit_options(serve)
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
     loadtest = commands.add_parser(
         "loadtest",
@@ -53,9 +61,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_limit_options(serve: argparse.ArgumentParser) -> None:
+    """WebSocketServer's limits (its docstring says more), with the same defaults."""
+    group = serve.add_argument_group("limits and protections")
+    group.add_argument(
+        "--max-peers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="peers over all shards; more handshakes get 503 (default: no limit)",
+    )
+    group.add_argument(
+        "--max-message-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest message a peer may send, else close 1009 (default 65536)",
+    )
+    group.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="S",
+        help="seconds from accept to upgrade, else dropped "
+        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="BYTES",
+        help=f"upgrade request size, else 431 (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    group.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="ORIGINS",
+        help="comma-separated Origin values accepted, others get 403 (default: any)",
+    )
+    group.add_argument(
+        "--require-origin",
+        action="store_true",
+        help="with --allowed-origins: refuse requests without Origin too (default: allow them)",
+    )
+    group.add_argument(
+        "--ping-interval",
+        type=float,
+        default=DEFAULT_PING_INTERVAL,
+        metavar="S",
+        help=f"ping every peer every S seconds; 0: off (default {DEFAULT_PING_INTERVAL:g})",
+    )
+    group.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=DEFAULT_PING_TIMEOUT,
+        metavar="S",
+        help="close with 1011 a peer whose pong is this late; 0: never "
+        f"(default {DEFAULT_PING_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--slow-consumer-close-code",
+        type=int,
+        default=None,
+        choices=SLOW_CONSUMER_CLOSE_CODES,
+        help="close a peer whose outbound buffer is full with this code (default: keep it, "
+        "drop the echo)",
+    )
+
+
+def server_from_args(args: argparse.Namespace) -> WebSocketServer:
+    """A server configured by `wsfleet serve`'s options (ValueError for a bad limit)."""
+    origins = args.allowed_origins
+    return WebSocketServer(
+        shards=args.shards,
+        handshake_timeout=args.handshake_timeout,
+        max_peers=args.max_peers,
+        max_message_size=args.max_message_size,
+        max_request_bytes=args.max_request_bytes,
+        allowed_origins=None if origins is None else [o for o in origins.split(",") if o.strip()],
+        require_origin=args.require_origin,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        slow_consumer_close_code=args.slow_consumer_close_code,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     """Echo every message back to its sender, in the same write mode (text/binary)."""
-    server = WebSocketServer(shards=args.shards)
+    try:
+        server = server_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     server.bind_ip = args.bind
     if bool(args.tls_cert) != bool(args.tls_key):
         log.error("--tls-cert and --tls-key go together")
@@ -106,9 +203,13 @@ def serve(args: argparse.Namespace) -> int:
     scheme = "wss" if args.tls_cert else "ws"
     log.info(
         "wsfleet %s: %s on %s://%s:%d with %d shards (Ctrl-C stops)",
-        __version__, "multiplayer relay" if args.gd_mp_api else "echo", scheme, args.bind,
-        server.port, server.shards,
-    )  # fmt: skip
+        __version__,
+        "multiplayer relay" if args.gd_mp_api else "echo",
+        scheme,
+        args.bind,
+        server.port,
+        server.shards,
+    )
     try:
         while not stopping:
             server.poll(0.05)

@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,11 +22,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsfleet import Error, WebSocketServer
+from wsfleet.cli import build_parser, server_from_args
 from wsfleet.loadtest.wsclient import build_frame
 from wsfleet.supervisor.arbiter import CRASH_LIMIT, MAX_BACKOFF_SECONDS
 
+from .test_cli import connect_when_up
 from .test_server_api import echo, servers, url  # noqa: F401  (fixture)
 from .test_shard_frames import BINARY, CLOSE, CONT, PING, PONG, TEXT, handshake_request, read_frame
+from .test_shards import free_port
 from .wsserver import Recorder, run_with, until
 
 #: A header the fast path leaves to websockets (it is repeated), harmless otherwise.
@@ -555,3 +560,88 @@ def test_a_slow_consumer_that_never_reads_is_cut_off() -> None:
         run_with(server, body)
     finally:
         server.stop()
+
+
+# -- wsfleet serve ---------------------------------------------------------------------------
+
+
+def test_serve_options_reach_the_server() -> None:
+    argv = [
+        "serve", "--max-peers", "7", "--max-message-size", "5000", "--handshake-timeout", "2.5",
+        "--max-request-bytes", "4096", "--allowed-origins", "https://a.example,https://b.example",
+        "--require-origin", "--ping-interval", "0", "--ping-timeout", "3",
+        "--slow-consumer-close-code", "1008",
+    ]  # fmt: skip
+    server = server_from_args(build_parser().parse_args(argv))
+    assert (server.max_peers, server.max_message_size, server.handshake_timeout) == (7, 5000, 2.5)
+    assert server.max_request_bytes == 4096
+    assert server.allowed_origins == ["https://a.example", "https://b.example"]
+    assert server.require_origin
+    assert (server.ping_interval, server.ping_timeout) == (0, 3)
+    assert server.slow_consumer_close_code == 1008
+    defaults = server_from_args(build_parser().parse_args(["serve"]))
+    assert defaults.max_peers is None and defaults.allowed_origins is None
+    assert (defaults.ping_interval, defaults.ping_timeout, defaults.handshake_timeout) == (
+        20,
+        20,
+        5,
+    )
+    assert defaults.slow_consumer_close_code is None and defaults.max_request_bytes == 8192
+
+
+@pytest.mark.timeout(60)
+def test_serve_enforces_its_limits() -> None:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "wsfleet", "serve", "--port", str(port), "--shards", "2", "--quiet",
+        "--max-peers", "1", "--allowed-origins", "https://ok.example", "--max-request-bytes",
+        "1024", "--max-message-size", "1000", "--handshake-timeout", "1",
+        "--ping-interval", "0.3", "--ping-timeout", "0.3",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+
+        async def body() -> None:
+            ws = await connect_when_up(f"ws://127.0.0.1:{port}", origin="https://ok.example")
+            await echoes(ws)
+            full = handshake_request(port)
+            assert (await http_answer(port, full))[0] == 503
+            evil = handshake_request(port, "Origin: https://evil.example")
+            assert (await http_answer(port, evil))[0] == 403
+            large = handshake_request(port, "X-Pad: " + "p" * 1024)
+            assert (await http_answer(port, large))[0] == 431
+            await asyncio.sleep(1.0)  # pings come and go: the client answers them
+            await echoes(ws)
+            await ws.send(bytes(1001))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+            # Its slot is free again.
+            for _ in range(100):
+                try:
+                    ws = await connect(f"ws://127.0.0.1:{port}", open_timeout=2)
+                    break
+                except InvalidStatus:
+                    await asyncio.sleep(0.05)
+            await echoes(ws)
+            await ws.close()
+
+        asyncio.run(asyncio.wait_for(body(), 40))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_serve_refuses_a_bad_limit() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsfleet", "serve", "--port", "0", "--max-request-bytes", "10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "max_request_bytes" in result.stderr
