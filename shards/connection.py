@@ -10,12 +10,11 @@ per batch of commands.
 
 Receiving has a fast path: the common frame - a whole, unfragmented, masked
 text or binary frame with no extension bits and at most 64 KiB, within the
-size limit, and the pong that answers a keepalive ping - is parsed here
-(``websockets``' parser costs about 3 us per frame: a generator, a ``Frame``
-object, checks).  Anything else - other control frames, fragments, reserved
-bits, unmasked or oversized frames - and every byte after it is handed to
-``websockets``, which applies RFC 6455 in full; the fast path resumes only
-once ``websockets`` has consumed all it was given.
+size limit - is parsed here (``websockets``' parser costs about 3 us per
+frame: a generator, a ``Frame`` object, checks).  Anything else - control
+frames, fragments, reserved bits, unmasked or oversized frames - and every
+byte after it is handed to ``websockets``, which applies RFC 6455 in full;
+the fast path resumes only once ``websockets`` has consumed all it was given.
 So the fast path accepts nothing the slow path would refuse.
 
 The opening handshake has the same split: a well-formed upgrade request
@@ -184,17 +183,6 @@ class PeerConnection(asyncio.Protocol):
                 return b""
             first, second = data[pos], data[pos + 1]
             if (first != 0x82 and first != 0x81) or second < 0x80:
-                # A masked pong (FIN, no reserved bits, at most 125 bytes and max_message):
-                # keepalive's answer, every interval on every connection. Nothing to
-                # check in its payload, nothing to answer.
-                if first == 0x8A and 0x80 <= second <= 0xFD and second - 0x80 <= max_message:
-                    end = pos + 6 + (second - 0x80)
-                    if end > size:
-                        self._partial = data[pos:]
-                        return b""
-                    self._pong_due = 0.0
-                    pos = end
-                    continue
                 break  # not FIN+text/binary without reserved bits, or not masked
             length = second & 0x7F
             if length < 126:
