@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsfleet")
 
+# Bound once: put_packet/get_packet run per message.
+_OK, _FAILED = Error.OK, Error.FAILED
+_UNAVAILABLE, _OUT_OF_MEMORY = Error.ERR_UNAVAILABLE, Error.ERR_OUT_OF_MEMORY
+_SEND_TEXT, _SEND_BINARY = m.CMD_SEND_TEXT, m.CMD_SEND_BINARY
+
 MAX_CLOSE_REASON_BYTES = 123
 
 
@@ -102,19 +107,22 @@ class WebSocketPeer:
 
     def put_packet(self, data: bytes | bytearray | memoryview | str) -> Error:
         """Send one message (text or binary by the write mode). Goes out at the next ``poll``."""
-        if not self._connected or self._closing:
-            return Error.FAILED
-        if isinstance(data, str):
+        if self._closing or not self._connected:
+            return _FAILED
+        if type(data) is bytes:
+            payload = data
+        elif isinstance(data, str):
             payload = data.encode()
         else:
             payload = bytes(data)
-        text = self._write_mode == self.WRITE_MODE_TEXT
-        if text and not _is_utf8(payload):
+        if self._write_mode == self.WRITE_MODE_BINARY:
+            return self._send(payload, _SEND_BINARY)
+        if not _is_utf8(payload):
             log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self._id)
             return Error.ERR_INVALID_PARAMETER
-        return self._send(payload, text)
+        return self._send(payload, _SEND_TEXT)
 
-    def _send(self, payload: bytes, text: bool) -> Error:
+    def _send(self, payload: bytes, command: int) -> Error:
         server = self._server
         size = len(payload)
         if self._out_packets >= server._out_packets_limit or (
@@ -122,13 +130,11 @@ class WebSocketPeer:
         ):
             if server._slow_close_code is not None:
                 self._drop_slow(server._slow_close_code)
-            return Error.ERR_OUT_OF_MEMORY
+            return _OUT_OF_MEMORY
         self._out_packets += 1
         self._out_bytes += size
-        server._command(
-            self._link, m.CMD_SEND_TEXT if text else m.CMD_SEND_BINARY, self._id, 0, payload
-        )
-        return Error.OK
+        server._command(self._link, command, self._id, 0, payload)
+        return _OK
 
     def _drop_slow(self, code: int) -> None:
         """The server's ``slow_consumer_close_code``: fail this peer, which does not keep up."""
@@ -141,15 +147,13 @@ class WebSocketPeer:
 
     def get_packet(self) -> bytes:
         """The oldest received message (b"" and an error from `get_packet_error` if none)."""
-        if not self._connected:
-            self._packet_error = Error.FAILED
+        inbox = self._inbox
+        if not inbox:  # also when disconnected: leaving empties the inbox
+            self._packet_error = _UNAVAILABLE if self._connected else _FAILED
             return b""
-        if not self._inbox:
-            self._packet_error = Error.ERR_UNAVAILABLE
-            return b""
-        payload, self._last_was_string = self._inbox.popleft()
+        payload, self._last_was_string = inbox.popleft()
         self._inbox_bytes -= len(payload)
-        self._packet_error = Error.OK
+        self._packet_error = _OK
         if self._reading_paused:
             self._server._maybe_resume_reading(self)
         return payload
@@ -158,7 +162,7 @@ class WebSocketPeer:
         return self._packet_error
 
     def get_available_packet_count(self) -> int:
-        return len(self._inbox) if self._connected else 0
+        return len(self._inbox)  # leaving empties it
 
     def put_var(self, value: Any, full_objects: bool = False) -> Error:
         """Send ``value`` in Godot 3.2's Variant encoding, as one binary-or-text message."""
@@ -188,7 +192,7 @@ class WebSocketPeer:
         return self._write_mode
 
     def set_write_mode(self, mode: int) -> None:
-        if mode not in (self.WRITE_MODE_TEXT, self.WRITE_MODE_BINARY):
+        if mode != 1 and mode != 0:  # WRITE_MODE_BINARY, WRITE_MODE_TEXT
             raise ValueError(
                 f"write mode must be WRITE_MODE_TEXT (0) or WRITE_MODE_BINARY (1): {mode}"
             )

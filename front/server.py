@@ -84,7 +84,9 @@ class _ShardLink:
         self.commands_ring = SharedRing.attach(RingFds(*fds[3:6]))
         self.events = Consumer(self.events_ring)
         self.commands = Producer(self.commands_ring)
-        # Commands the full ring did not take yet, in order (bounded by the per-peer limits).
+        # Commands not yet in the ring, in order: those of this poll() (pushed together
+        # when it ends, one C loop for the batch) and those a full ring did not take
+        # (bounded by the per-peer limits).
         self.backlog: list[Record] = []
         self.peers: set[int] = set()
 
@@ -504,6 +506,7 @@ class WebSocketServer(SignalEmitter):
     def _teardown(self) -> None:
         for peer in self._peers.values():
             peer._connected = False
+            peer._inbox.clear()
         self._peers.clear()
         self._mp_inbox.clear()
         self._mp_ids.clear()
@@ -678,17 +681,19 @@ class WebSocketServer(SignalEmitter):
         return count
 
     def _dispatch(self, link: _ShardLink, records: list[Record]) -> None:
+        # The per-message path of every application: names are bound to locals once.
         peers = self._peers
         on_data = self._handlers["data_received"]
         in_packets_limit = self._in_packets_limit
         in_bytes_limit = self._in_bytes_limit
+        ev_binary, ev_text = m.EV_BINARY, m.EV_TEXT
         for kind, peer_id, flags, payload in records:
-            if kind == m.EV_BINARY or kind == m.EV_TEXT:
+            if kind == ev_binary or kind == ev_text:
                 peer = peers.get(peer_id)
                 if peer is None:
                     continue
                 inbox = peer._inbox
-                inbox.append((payload, kind == m.EV_TEXT))
+                inbox.append((payload, kind == ev_text))
                 peer._inbox_bytes += len(payload)
                 if not peer._reading_paused and (
                     len(inbox) >= in_packets_limit or peer._inbox_bytes >= in_bytes_limit
@@ -758,8 +763,7 @@ class WebSocketServer(SignalEmitter):
     def _command(
         self, link: _ShardLink, kind: int, peer_id: int, flags: int, payload: bytes
     ) -> None:
-        if link.backlog or not link.commands.push(kind, peer_id, payload, flags):
-            link.backlog.append((kind, peer_id, flags, payload))
+        link.backlog.append((kind, peer_id, flags, payload))
         if not self._in_poll:
             # Outside poll() (a timer, another task): send now rather than at the next poll.
             self._flush_link(link)
@@ -834,7 +838,7 @@ class WebSocketServer(SignalEmitter):
             if peer is None:
                 log.error("put_packet: no peer %d", target)
                 return Error.FAILED
-            return peer._send(frame, text=False)
+            return peer._send(frame, m.CMD_SEND_BINARY)
         if target == m.SERVER_ID:
             return Error.OK  # as Godot: the server does not send to itself
         for link in self._links:
