@@ -101,7 +101,9 @@ class Shard:
         self.events = events
         self.commands = commands
         self.peers: dict[int, PeerConnection] = {}
-        self._backlog: list[Record] = []  # events the full ring did not take yet
+        # Events not yet in the ring, in order: those of this loop iteration (pushed
+        # together by _flush, one C loop for the batch) and those a full ring did not take.
+        self._backlog: list[Record] = []
         self.reading_paused = False
         self._flush_scheduled = False
         self._credits: dict[int, list[int]] = {}
@@ -213,16 +215,19 @@ class Shard:
 
     def emit(self, kind: int, peer: int, flags: int, payload: bytes) -> None:
         """Queue an event for the front; it is published at the end of this loop iteration."""
-        self._push(kind, peer, flags, payload)
+        self._backlog.append((kind, peer, flags, payload))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _push(self, kind: int, peer: int, flags: int, payload: bytes) -> None:
-        if self._backlog or not self.events.push(kind, peer, payload, flags):
-            self._backlog.append((kind, peer, flags, payload))
-            if not self.reading_paused:
-                self._ring_full()
+    def _push_backlog(self) -> None:
+        """Move the queued events into the ring; if it is full, stop reading until it drains."""
+        if self.reading_paused:
+            return  # waiting for space: _on_space pushes them
+        taken = self.events.push_many(self._backlog)
+        del self._backlog[:taken]
+        if self._backlog:
+            self._ring_full()
 
     def credit(self, peer: int, packets: int, size: int) -> None:
         entry = self._credits.get(peer)
@@ -239,12 +244,15 @@ class Shard:
         self._flush_scheduled = False
         if self._touched:
             self._write_touched()
+        backlog = self._backlog
         if self.mp and any(self._mp_drops):
-            self._push(m.EV_MP_DROPS, 0, 0, m.encode_drops(self._mp_drops))
+            backlog.append((m.EV_MP_DROPS, 0, 0, m.encode_drops(self._mp_drops)))
             self._mp_drops = [0] * len(m.DROP_REASONS)
         if self._credits:
             credits, self._credits = self._credits, {}
-            self._push(m.EV_CREDITS, 0, 0, m.encode_credits(credits))
+            backlog.append((m.EV_CREDITS, 0, 0, m.encode_credits(credits)))
+        if backlog:
+            self._push_backlog()
         self.events.flush()
 
     def _ring_full(self) -> None:
