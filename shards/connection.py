@@ -122,6 +122,7 @@ class PeerConnection(asyncio.Protocol):
         self._fast = False
         self._partial = b""  # the start of a frame the fast path waits to complete
         self._refused = False  # we failed the connection (e.g. invalid UTF-8)
+        self._lingering = False  # the handshake was refused: what comes is discarded
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -232,8 +233,8 @@ class PeerConnection(asyncio.Protocol):
 
     def _fast_handshake(self, data: bytes) -> bytes:
         """Answer a plain upgrade request here; return the bytes websockets must handle."""
-        if self.transport.is_closing():
-            return b""  # refused already: nothing more is read
+        if self._lingering:
+            return b""  # refused already: discarded (see _linger)
         request = self._partial + data if self._partial else data
         end = request.find(b"\r\n\r\n")
         limit = self.shard.max_request_bytes
@@ -325,8 +326,24 @@ class PeerConnection(asyncio.Protocol):
         )
         self._partial = b""
         self.transport.write(head.encode() + body)
-        self.transport.close()  # after the response is written; the deadline still bounds it
+        self._linger()
         return b""
+
+    def _linger(self) -> None:
+        """End a refused handshake without resetting a client that is still sending.
+
+        Closing a socket with unread bytes makes the kernel answer with a
+        reset, which can destroy the HTTP answer at the client before it is
+        read (a 431 goes out while the client still sends its request).  So:
+        half-close (the answer, then FIN), discard what comes until the
+        client closes, and cut it after `CLOSE_GRACE_SECONDS` if it does not.
+        """
+        self._lingering = True
+        self._set_deadline(CLOSE_GRACE_SECONDS)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()  # TLS cannot half-close
 
     def _opened(self, protocol: str) -> None:
         self._clear_deadline()
@@ -427,6 +444,8 @@ class PeerConnection(asyncio.Protocol):
         for chunk in self.ws.data_to_send():
             if chunk:
                 transport.write(chunk)
+            elif self.peer_id == 0:  # websockets' "end of stream" for a refused handshake
+                self._linger()
             else:  # websockets' "end of stream": the server closes the TCP connection
                 transport.close()
                 if transport.get_write_buffer_size():

@@ -296,6 +296,27 @@ def test_max_request_bytes_answers_431_on_both_paths(servers, path: str) -> None
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", list(PATHS))
+def test_a_refused_client_still_sending_gets_the_answer(servers, path: str) -> None:  # noqa: F811
+    """The server half-closes and discards instead of closing: no reset destroys the answer."""
+    server = servers(shards=1, max_peers=1)
+
+    async def body() -> None:
+        async with connect(url(server)):  # the server is full from now on
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(handshake_request(server.port, *PATHS[path]))
+            await asyncio.sleep(0.2)  # answered and half-closed by now
+            for _ in range(16):
+                writer.write(b"x" * 65536)  # a client that goes on sending
+                await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 503 "), head
+            writer.close()
+
+    run_with(server, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", list(PATHS))
 def test_max_request_bytes_can_allow_larger_requests(servers, path: str) -> None:  # noqa: F811
     server = servers(shards=1, max_request_bytes=16384)
     pads = [f"X-Pad-{i}: " + "p" * 90 for i in range(100)]  # ~10 KB, short lines
