@@ -8,14 +8,18 @@ the front are built here directly (server frames are unmasked: a 2-10 byte
 header plus the payload) and written with one ``writelines`` per connection
 per batch of commands.
 
-Receiving has a fast path: the common frame - a whole, unfragmented, masked
-text or binary frame with no extension bits and at most 64 KiB, within the
-size limit - is parsed here (``websockets``' parser costs about 3 us per
-frame: a generator, a ``Frame`` object, checks).  Anything else - control
-frames, fragments, reserved bits, unmasked or oversized frames - and every
-byte after it is handed to ``websockets``, which applies RFC 6455 in full;
-the fast path resumes only once ``websockets`` has consumed all it was given.
-So the fast path accepts nothing the slow path would refuse.
+Receiving has a fast path.  The byte stream is cut into frames here, by
+their headers; the common frame - a whole, unfragmented, masked text or
+binary frame with no extension bits, within the size limit, while no
+fragmented message is open - is parsed here (``websockets``' parser costs
+about 3 us per frame: a generator, a ``Frame`` object, checks).  Every other
+frame - control frames, fragments, reserved bits, unknown opcodes, unmasked
+frames - is handed to ``websockets`` whole, once all its bytes are in, so
+its parser always starts at a frame boundary; it applies RFC 6455 in full.
+A header that ``websockets`` refuses by itself (a length over the limit) is
+handed over at once with everything after it, and from a failed or closing
+connection on, every byte goes to ``websockets``.  So the fast path accepts
+nothing the slow path would refuse.
 
 The opening handshake has the same split: a well-formed upgrade request
 (``GET ... HTTP/1.1`` with the headers RFC 6455 requires, each once, and a
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
 _LEN16 = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _PING_FRAME = b"\x89\x00"  # FIN + ping, no payload: built once, written as is
 #: Once the server closes a connection, how long what it still has to send (its close
@@ -118,9 +123,11 @@ class PeerConnection(asyncio.Protocol):
         self._credit_packets = 0
         self._credit_bytes = 0
         self._write_paused = False
-        # The fast path is on while websockets holds no unparsed bytes of ours.
-        self._fast = False
-        self._partial = b""  # the start of a frame the fast path waits to complete
+        self._partial = b""  # the start of an upgrade request, waiting for its end
+        # The start of a frame waiting for the rest, and the bytes it needs in all (0: its
+        # header is not complete yet). A bytearray: a large frame may come in many reads.
+        self._pending = bytearray()
+        self._pending_need = 0
         self._refused = False  # we failed the connection (e.g. invalid UTF-8)
         self._lingering = False  # the handshake was refused: what comes is discarded
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
@@ -145,70 +152,85 @@ class PeerConnection(asyncio.Protocol):
             transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if self._fast:
-            data = self._fast_frames(data)
-            if not data:
-                return
-            self._fast = False
+        if self.peer_id:
+            self._receive_frames(data)
         elif self.ws is None:
-            data = self._fast_handshake(data)
-            if not data:
-                return
-        ws = self.ws
-        ws.receive_data(data)
-        events = ws.events_received()
-        if events:
-            if self.peer_id == 0:
-                self._handshake(events)
-            else:
-                self._frames(events)
-        self._write_protocol_output()
-        self._fast = (
-            self.peer_id != 0
-            and ws.state is State.OPEN
-            and not self._fragments
-            and not ws.reader.buffer  # websockets has parsed every byte it was given
-        )
+            self._fast_handshake(data)
+        else:
+            # websockets refused the handshake: it discards what still comes.
+            self._to_websockets(data)
+            self._write_protocol_output()
 
-    def _fast_frames(self, data: bytes) -> bytes:
-        """Take the simple data frames at the start of ``data``; return the rest for websockets."""
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+    def _receive_frames(self, data: bytes) -> None:
+        """Cut ``data`` into frames: simple data frames are taken here, all others go whole to
+        websockets (see the module docstring)."""
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._pending_need:
+                return  # a large frame still coming: no copy until it is whole
+            data = bytes(self._pending)
+            self._pending = bytearray()
+        ws = self.ws
         size = len(data)
         max_message = self.shard.max_message
-        pos = 0
+        used_websockets = False
+        pos = need = 0
         while pos < size:
+            if self._refused or ws.state is not State.OPEN:
+                # Failed or closing: websockets reads (and answers or discards) the rest.
+                self._to_websockets(data[pos:])
+                used_websockets = True
+                pos = size
+                break
             if size - pos < 2:
-                self._partial = data[pos:]
-                return b""
+                break
             first, second = data[pos], data[pos + 1]
-            if (first != 0x82 and first != 0x81) or second < 0x80:
-                break  # not FIN+text/binary without reserved bits, or not masked
             length = second & 0x7F
-            if length < 126:
-                start = pos + 6
-            elif length == 126:
+            start = pos + 2
+            if length == 126:
                 if size - pos < 4:
-                    self._partial = data[pos:]
-                    return b""
-                length = _U16.unpack_from(data, pos + 2)[0]
-                start = pos + 8
-            else:
-                break  # 64-bit lengths are rare: websockets handles them
-            if length > max_message:
-                break  # websockets closes with 1009
+                    break
+                length = _U16.unpack_from(data, start)[0]
+                start += 2
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = _U64.unpack_from(data, start)[0]
+                start += 8
+            if second & 0x80:
+                start += 4  # the masking key
             end = start + length
+            if length > max_message:
+                # websockets fails the connection on this header (1009, or 1002 for a
+                # 64-bit length with the top bit set): no need to wait for the payload.
+                self._to_websockets(data[pos:])
+                used_websockets = True
+                pos = size
+                break
             if end > size:
-                self._partial = data[pos:]
-                return b""
-            payload = apply_mask(data[start:end], data[start - 4 : start])
-            self._message(payload, first == 0x81)
+                need = end - pos
+                break
+            if (first == 0x82 or first == 0x81) and second & 0x80 and not self._fragments:
+                payload = apply_mask(data[start:end], data[start - 4 : start])
+                self._message(payload, first == 0x81)
+                if self._refused:  # invalid UTF-8: the close frame must go out
+                    used_websockets = True
+            else:
+                self._to_websockets(data[pos:end])
+                used_websockets = True
             pos = end
-            if self._refused:
-                self._write_protocol_output()
-                return b""
-        return data[pos:]
+        if pos < size:
+            self._pending = bytearray(data[pos:])
+            self._pending_need = need
+        if used_websockets:
+            self._write_protocol_output()
+
+    def _to_websockets(self, data: bytes) -> None:
+        """Let websockets parse ``data`` (whole frames, or the rest of a closing stream)."""
+        self.ws.receive_data(data)
+        events = self.ws.events_received()
+        if events:
+            self._frames(events)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._clear_deadline()
@@ -231,33 +253,33 @@ class PeerConnection(asyncio.Protocol):
             state=state,
         )
 
-    def _fast_handshake(self, data: bytes) -> bytes:
-        """Answer a plain upgrade request here; return the bytes websockets must handle."""
+    def _fast_handshake(self, data: bytes) -> None:
+        """Answer a plain upgrade request here; hand any other to websockets."""
         if self._lingering:
-            return b""  # refused already: discarded (see _linger)
+            return  # refused already: discarded (see _linger)
         request = self._partial + data if self._partial else data
         end = request.find(b"\r\n\r\n")
         limit = self.shard.max_request_bytes
         if end < 0:
             if len(request) < limit:
                 self._partial = request  # wait for the rest of the request
-                return b""
+                return
             return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE)
         if end + 4 > limit:
             return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE)
         self._partial = b""
         lines = request[:end].split(b"\r\n")
         if len(lines) > MAX_NUM_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
-            return self._handshake_by_websockets(request)  # its limits (431) apply
+            return self._handshake_by_websockets(request, end)  # its limits (431) apply
         method, _, version = lines[0].partition(b" ")
         if method != b"GET" or not version.endswith(b" HTTP/1.1"):
-            return self._handshake_by_websockets(request)
+            return self._handshake_by_websockets(request, end)
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             name = name.lower()
             if not colon or not name or name in headers or name != name.strip():
-                return self._handshake_by_websockets(request)  # odd or repeated: the full rules
+                return self._handshake_by_websockets(request, end)  # odd or repeated: full rules
             headers[name] = value.strip()
         key = headers.get(b"sec-websocket-key", b"")
         tokens = headers.get(b"connection", b"").split(b",")
@@ -268,7 +290,7 @@ class PeerConnection(asyncio.Protocol):
             or headers.get(b"sec-websocket-version") != b"13"
             or not _valid_key(key)
         ):
-            return self._handshake_by_websockets(request)
+            return self._handshake_by_websockets(request, end)
         offered = [
             token.strip().decode("ascii", "replace")
             for token in headers.get(b"sec-websocket-protocol", b"").split(b",")
@@ -277,7 +299,7 @@ class PeerConnection(asyncio.Protocol):
         try:
             protocol = self.shard.choose_subprotocol(offered)
         except NegotiationError:
-            return self._handshake_by_websockets(request)  # it answers 400 with the reason
+            return self._handshake_by_websockets(request, end)  # it answers 400 with the reason
         origin = headers.get(b"origin")
         refusal = self._admission([] if origin is None else [origin.decode("latin-1")])
         if refusal is not None:
@@ -294,16 +316,20 @@ class PeerConnection(asyncio.Protocol):
         self.transport.writelines(response)
         self.ws = self._new_protocol(State.OPEN)
         self._opened(protocol)
-        self._fast = True
         rest = request[end + 4 :]
         if rest:
-            self.data_received(rest)  # frames that came with the request
-        return b""
+            self._receive_frames(rest)  # frames that came with the request
 
-    def _handshake_by_websockets(self, request: bytes) -> bytes:
+    def _handshake_by_websockets(self, request: bytes, end: int) -> None:
+        """Let websockets answer the request (``request[:end]``); frames after it are ours."""
         self._partial = b""
-        self.ws = self._new_protocol(State.CONNECTING)
-        return request
+        ws = self.ws = self._new_protocol(State.CONNECTING)
+        ws.receive_data(request[: end + 4])
+        self._handshake(ws.events_received())
+        self._write_protocol_output()
+        rest = request[end + 4 :]
+        if rest and self.peer_id:
+            self._receive_frames(rest)
 
     def _admission(self, origins: list[str]) -> tuple[HTTPStatus, str] | None:
         """The server's policy for a valid upgrade request: None to accept, else the refusal.
@@ -317,7 +343,7 @@ class PeerConnection(asyncio.Protocol):
             return HTTPStatus.SERVICE_UNAVAILABLE, _FULL
         return None
 
-    def _refuse(self, status: HTTPStatus, text: str) -> bytes:
+    def _refuse(self, status: HTTPStatus, text: str) -> None:
         """Answer the upgrade request with an HTTP error and close, as websockets' ``reject``."""
         body = text.encode()
         head = (
@@ -327,7 +353,6 @@ class PeerConnection(asyncio.Protocol):
         self._partial = b""
         self.transport.write(head.encode() + body)
         self._linger()
-        return b""
 
     def _linger(self) -> None:
         """End a refused handshake without resetting a client that is still sending.
@@ -497,7 +522,6 @@ class PeerConnection(asyncio.Protocol):
         if self.ws is None or self.ws.state is not State.OPEN:
             return
         self._refused = True
-        self._fast = False
         self.ws.fail(code, reason)
         self._write_protocol_output()  # the close frame, then transport.close()
 

@@ -108,6 +108,39 @@ def test_mixed_frames_in_any_split_echo_in_order(chunk: int | None) -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("cut", [1, 2, 6, 8])
+def test_a_frame_for_websockets_cut_anywhere_leaves_the_stream_in_step(cut: int) -> None:
+    """A ping (which websockets parses) arrives in two reads, the second also holding data
+    frames: whatever the cut, the frames after it are read from their own first byte."""
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    echo(server)
+    # The ping's payload starts like a masked 5-byte binary frame: a parser that resumed
+    # at the wrong byte would take it for one.
+    ping_payload = b"\x82\x85abcdhello"
+    # A zero masking key keeps those bytes as they are on the wire.
+    ping = build_frame(PING, ping_payload, mask=bytes(4))  # 2 header bytes, 4 of mask, payload
+    after = build_frame(BINARY, b"\x82\x85" + bytes(20)) + build_frame(TEXT, b"next")
+
+    async def body() -> None:
+        reader, writer = await open_raw(server.port)
+        writer.write(build_frame(BINARY, b"before") + ping[:cut])
+        await writer.drain()
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert (opcode, payload) == (BINARY, b"before")
+        await asyncio.sleep(0.2)  # the server has read the first part by now
+        writer.write(ping[cut:] + after)
+        data, pongs = await read_data_frames(reader, 2)
+        assert data == [(BINARY, b"\x82\x85" + bytes(20)), (TEXT, b"next")]
+        assert pongs == [(PONG, ping_payload)]
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+
+
 BAD_FRAMES = {
     "unmasked": (b"\x82\x03abc", 1002),
     "reserved bit": (build_frame(BINARY | 0x40, b"x"), 1002),
