@@ -102,7 +102,12 @@ class WebSocketServer(SignalEmitter):
     process may run on).  Signals: ``client_connected(id, protocol)``,
     ``client_disconnected(id, was_clean_close)``,
     ``client_close_request(id, code, reason)``, ``data_received(id)``; they
-    fire inside `poll`.
+    fire inside `poll`.  Beyond Godot, ``shard_failed(shard_index, reason)``
+    (in both modes): the supervisor gave a shard up, because it kept dying
+    (more than 5 deaths within 10 s) or cannot boot.  It is not restarted
+    again: its share of the connections goes to the other shards, and
+    `get_shard_status` reports it ``"failed"``.  Its peers were reported by
+    ``client_disconnected(id, False)`` when it died.
 
     Limits and protections: keyword arguments, or attributes of the same
     name set before `listen` (which returns ``ERR_INVALID_PARAMETER`` for a
@@ -157,6 +162,7 @@ class WebSocketServer(SignalEmitter):
         "client_disconnected",
         "client_close_request",
         "data_received",
+        "shard_failed",
         # Multiplayer mode (gd_mp_api=True), as WebSocketMultiplayerPeer emits them:
         "peer_connected",
         "peer_disconnected",
@@ -219,6 +225,7 @@ class WebSocketServer(SignalEmitter):
         self._port = 0
         self._peers: dict[int, WebSocketPeer] = {}
         self._links: list[_ShardLink | None] = []
+        self._failed: dict[int, str] = {}  # shards the supervisor gave up: index -> reason
         self._id_span = m.id_span(shards)
         self._supervisor: subprocess.Popen | None = None
         self._control: socket.socket | None = None
@@ -480,6 +487,7 @@ class WebSocketServer(SignalEmitter):
         )
         ours.setblocking(False)
         self._links = [None] * self.shards
+        self._failed = {}
         self._epoll = select.epoll()
         self._epoll.register(ours.fileno(), select.EPOLLIN)
 
@@ -568,12 +576,19 @@ class WebSocketServer(SignalEmitter):
         return -1 if peer is None else peer._link.index
 
     def get_shard_status(self) -> list[dict[str, Any]]:
-        """Per shard: its index, pid (None while it is down) and number of peers."""
+        """Per shard: index, pid (None while it is down), peers, state and reason.
+
+        ``state`` is ``"running"``, ``"down"`` (not started yet, or dead and
+        about to be restarted by the supervisor) or ``"failed"`` (given up for good, see the
+        ``shard_failed`` signal); ``reason`` says why it failed, else None.
+        """
         return [
             {
                 "shard": index,
                 "pid": link.pid if link else None,
                 "peers": len(link.peers) if link else 0,
+                "state": "running" if link else "failed" if index in self._failed else "down",
+                "reason": self._failed.get(index),
             }
             for index, link in enumerate(self._links)
         ]
@@ -920,7 +935,7 @@ class WebSocketServer(SignalEmitter):
             elif kind == "shard_down":
                 self._shard_down(message["shard"])
             elif kind == "shard_failed":
-                log.error("shard %d was given up: %s", message["shard"], message.get("reason"))
+                self._shard_failed(message["shard"], str(message.get("reason", "")))
             else:
                 log.error("unknown message from the supervisor: %r", message)
             if kind != "shard_up":
@@ -956,6 +971,12 @@ class WebSocketServer(SignalEmitter):
             self._epoll.unregister(link.events.fileno())
         self._links[index] = None
         link.close()
+
+    def _shard_failed(self, index: int, reason: str) -> None:
+        """The supervisor gave the shard up (its death, ``shard_down``, came first)."""
+        log.error("shard %d was given up: %s", index, reason)
+        self._failed[index] = reason
+        self.emit_signal("shard_failed", index, reason)
 
     def _supervisor_gone(self) -> None:
         log.error("the supervisor exited: every shard is gone")
