@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -44,6 +45,7 @@ SLOW_CONSUMER_CLOSE_CODES = (1008, 1013)
 _MIN_REQUEST_BYTES = 256
 _LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT = 6.0
+_STOP_DRAIN_TIMEOUT = 2.0
 _YIELDS_BEFORE_SLEEP = 8
 
 
@@ -492,11 +494,19 @@ class WebSocketServer(SignalEmitter):
         self._epoll.register(ours.fileno(), select.EPOLLIN)
 
     def stop(self) -> None:
-        """Stop listening and close every peer (close 1001). No signals are emitted, as in Godot."""
+        """Stop listening and close every peer (close 1001). No signals are emitted, as in Godot.
+
+        Packets already sent (`WebSocketPeer.put_packet`, broadcasts) reach
+        their peers before the close frame, even those of the current `poll`
+        tick that the commands rings could not take yet.  Bounded: at most
+        ``_STOP_DRAIN_TIMEOUT`` waiting for shards to take the queued
+        commands, then ``_STOP_TIMEOUT`` for the supervisor (which gives the
+        shards its own grace, then kills them) before it is killed.
+        """
         if not self._listening:
             return
         self._listening = False
-        self._flush_commands()
+        self._drain_backlogs(time.monotonic() + _STOP_DRAIN_TIMEOUT)
         if self._control is not None:
             try:
                 control.send(self._control, {"type": "stop"})
@@ -510,6 +520,21 @@ class WebSocketServer(SignalEmitter):
                 self._supervisor.kill()
                 self._supervisor.wait()
         self._teardown()
+
+    def _drain_backlogs(self, deadline: float) -> None:
+        """Push every queued command into the rings, while the shards make room, until ``deadline``.
+
+        One flush takes only what the rings have room for; a tick that sent
+        more than a ring holds keeps the rest in ``backlog``, which the shards'
+        SIGTERM would otherwise cut off.
+        """
+        self._flush_commands()
+        while any(link is not None and link.backlog for link in self._links):
+            if time.monotonic() >= deadline:
+                log.error("stop: a shard did not take its queued commands in time")
+                return
+            time.sleep(0.001)
+            self._flush_commands()
 
     def _teardown(self) -> None:
         for peer in self._peers.values():
@@ -688,6 +713,8 @@ class WebSocketServer(SignalEmitter):
     def _drain_events(self) -> int:
         count = 0
         for link in self._links:
+            if not self._listening:
+                break  # a handler called stop(): the other links are closed now
             if link is not None:
                 records = link.events.pop_all()
                 if records:
@@ -729,6 +756,8 @@ class WebSocketServer(SignalEmitter):
             elif kind == m.EV_MP_FRAME:
                 self._mp_frame(link, peer_id, payload)
             elif kind == m.EV_CONNECTED:
+                if not self._listening:
+                    continue  # stop() from a handler of this batch: the peer is being closed
                 ip, port, protocol = m.decode_connected(payload)
                 peers[peer_id] = WebSocketPeer(self, peer_id, link, ip, port, protocol)
                 link.peers.add(peer_id)

@@ -38,6 +38,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -410,9 +411,22 @@ class Shard:
     # -- shutdown ------------------------------------------------------------------------
 
     async def close_gracefully(self) -> None:
-        """Stop accepting, send close 1001 to every peer, wait a little for them to go."""
+        """Stop accepting, send close 1001 to every peer, wait a little for them to go.
+
+        Whatever the front sent before it asked to stop is in the commands ring
+        by now (it fills the ring before it tells the supervisor, which then
+        sends SIGTERM), but the `RingReader` may not have taken it yet (the
+        signal can win the race, and it drains a long ring over several loop
+        iterations): it is written first, so those packets precede the close frame.
+        Bounded: when the SIGTERM came from elsewhere, a front that is not stopping
+        may keep pushing (``time.monotonic``: uvloop's ``loop.time()`` stands still
+        inside a callback).
+        """
         if self.server is not None:
             self.server.close()
+        drain_until = time.monotonic() + GRACEFUL_CLOSE_SECONDS / 2
+        while time.monotonic() < drain_until and (records := self.commands.pop_all()):
+            self.on_commands(records)
         for conn in list(self.peers.values()):
             conn.close(1001, "server shutting down")
         deadline = self.loop.time() + GRACEFUL_CLOSE_SECONDS
