@@ -35,8 +35,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from wsfleet import Error, WebSocketServer
+from wsfleet.loadtest.wsclient import build_frame
 
 from .godot_runner import GODOT_DIR, GodotProcess, GodotProcesses, free_port, options
+from .test_shard_frames import BINARY, handshake_request, read_frame
 from .wsserver import run_with, until
 
 HEADER = struct.Struct("<Bii")
@@ -613,6 +615,62 @@ def test_invalid_frames_are_dropped_counted_and_disturb_nobody(mp_servers) -> No
     senders = [HEADER.unpack_from(f)[1] for f in valid[::2]]
     assert sorted(log.data()) == sorted((s, b"still fine") for s in senders)
     assert log.named("disconnected") == []
+    log.check()
+
+
+@pytest.mark.timeout(60)
+def test_bad_frames_on_websockets_path_and_before_the_welcome_are_dropped_too(mp_servers) -> None:
+    """The checks of the test above whichever way a frame reaches the relay: fragmented
+    messages (websockets' parser, not the shard's), text frames, and a frame that comes
+    with the upgrade request, before the server has sent the peer its id (SYS_ID): it names
+    the id the peer is about to get, but no client can know it yet, so it counts as "from"."""
+    server = mp_servers(shards=1)
+    log = MPLog(server)
+
+    async def fragmented(client: MPClient, frame: bytes) -> None:
+        await client.ws.send([frame[:4], frame[4:7], frame[7:]])
+
+    async def as_text(client: MPClient, frame: bytes) -> None:
+        await client.ws.send(frame.decode())  # small ids: the header is ASCII
+
+    async def body() -> tuple[list[MPClient], list[bytes], bytes, int]:
+        clients = await spread(server, log)
+        sender, other = clients[:2]
+        s, unknown = sender.id, max(server.get_peers()) + 100
+        bad = [
+            ("short", b"\x00\x01\x02"),
+            ("type", mp_frame(s, 0, struct.pack("<i", s), SYS_ADD)),
+            ("from", mp_frame(other.id, 0, b"spoofed")),
+            ("target", mp_frame(s, unknown, b"nobody")),
+        ]
+        sent: list[bytes] = []
+        for how in (fragmented, as_text):
+            for _, frame in bad:
+                await how(sender, frame)
+                sent.append(frame)
+        valid = mp_frame(s, other.id, b"fragmented and fine")
+        await fragmented(sender, valid)
+        # Ids are handed out in order on a shard: the next client gets max + 1.
+        early_id = max(server.get_peers()) + 1
+        early = mp_frame(early_id, 0, b"before my id")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(handshake_request(server.port) + build_frame(BINARY, early))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        opcode, welcome = await asyncio.wait_for(read_frame(reader), 5)
+        assert (opcode, welcome) == (BINARY, sys_frame(SYS_ID, early_id)), "not the id expected"
+        expected = dict(Counter(reason for reason, _ in bad * 2))
+        expected["from"] += 1
+        await settle(server, log, clients)
+        assert stats(server) == expected
+        writer.close()
+        return clients, sent + [early], valid, early_id
+
+    clients, dropped, valid, early_id = run_with(server, body)
+    for c in clients:
+        assert all(frame not in c.frames for frame in dropped), c.id
+    assert clients[1].data() == [valid]
+    assert all(payload != b"before my id" for _, payload in log.packets)
+    assert log.named("disconnected") in ([], [("disconnected", early_id)])
     log.check()
 
 
