@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 
 import pytest
 import trustme
@@ -421,6 +422,57 @@ def test_an_unread_inbound_flood_is_held_back_not_dropped() -> None:
         run_with(server, body)
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_full_events_ring_holds_every_socket_back_and_loses_nothing() -> None:
+    """A front that stops polling fills its shard's events ring (16 KiB here, 8 MB sent): the
+    shard stops reading every socket until the front drains it; then every message of every
+    client arrives, in order."""
+    server = WebSocketServer(shards=1, ring_capacity=1 << 14)
+    assert server.listen(0) == Error.OK
+    received: dict[int, list[int]] = {}
+
+    def on_data(peer_id: int) -> None:
+        peer = server.get_peer(peer_id)
+        while peer.get_available_packet_count():
+            received.setdefault(peer_id, []).append(int.from_bytes(peer.get_packet()[:4], "big"))
+
+    server.connect("data_received", on_data)
+    clients, count, size = 40, 200, 1000
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def open_all() -> list:
+            # The shard answers the upgrade: the front need not poll for it.
+            return await asyncio.gather(*(connect(url(server)) for _ in range(clients)))
+
+        sockets = loop.run_until_complete(open_all())
+        poll_until(server, lambda: len(server.get_peers()) == clients)
+
+        async def send_all() -> None:
+            async def one(ws) -> None:
+                for i in range(count):
+                    await ws.send(i.to_bytes(4, "big") * (size // 4))
+
+            await asyncio.gather(*(one(ws) for ws in sockets))
+
+        sending = loop.create_task(send_all())
+        # The front does not poll while the clients send: 8 MB against a 16 KiB ring.
+        loop.run_until_complete(asyncio.wait([sending], timeout=1.5))
+        deadline = time.monotonic() + 60
+        while not sending.done() or sum(map(len, received.values())) < clients * count:
+            assert time.monotonic() < deadline, sum(map(len, received.values()))
+            server.poll(0.001)
+            loop.run_until_complete(asyncio.sleep(0))
+        sending.result()
+        assert len(received) == clients
+        assert all(numbers == list(range(count)) for numbers in received.values())
+        for ws in sockets:
+            loop.run_until_complete(ws.close())
+    finally:
+        server.stop()
+        loop.close()
 
 
 def test_messages_over_the_input_buffer_close_with_1009(servers) -> None:
