@@ -11,13 +11,18 @@ failure), and checks the outcome against a reference:
 - handshakes against websockets' own ``ServerProtocol`` with the same
   subprotocol rule: a request it accepts must be accepted (same
   ``Sec-WebSocket-Accept``); any refusal must be its refusal (same status), or
-  no answer where it gives none.  The shard's own parser may accept more (see
+  the shard's own 431 for a request over ``max_request_bytes``, or no answer
+  where it gives none.  The shard's own parser may accept more (see
   ``shards/connection.py``), but a 101 must then carry the right accept key and
   the connection must work;
 - frames after a valid handshake against websockets' frame parser plus
   wsfleet's UTF-8 rule: the same close code (and close body), the same pongs,
   no message it would not deliver, and, if the stream leaves the connection
   open at a frame boundary, every message echoed in order.
+
+Two kinds of examples are left out (`assume`) while the shard mishandles them,
+each explained where it is filtered: requests websockets' HTTP parser refuses,
+and streams that end inside a frame whose header alone must fail the connection.
 
 At the end: no shard was replaced (same pids, nothing on the supervisor's
 stderr), the front logged no error and its loop raised nothing, and every
@@ -51,6 +56,7 @@ from websockets.server import ServerProtocol
 from wsfleet import Error, WebSocketServer
 from wsfleet.aio import polling
 from wsfleet.loadtest.wsclient import apply_mask, build_frame
+from wsfleet.server import DEFAULT_MAX_REQUEST_BYTES
 
 from .wsserver import until
 
@@ -88,7 +94,7 @@ class Background(threading.Thread):
         self.server = server
         self.per_shard = per_shard
         self.ready = threading.Event()
-        self.loop_errors: list[str] = []
+        self.loop_errors: list[str] = []  # the loop's exceptions, and shard_failed signals
         self.failure: BaseException | None = None
         self.echoed: dict[int, int] = {}  # peer number -> messages echoed in order
         self.peer_count = 0
@@ -117,6 +123,7 @@ class Background(threading.Thread):
         self._loop.set_exception_handler(lambda _, ctx: self.loop_errors.append(str(ctx)))
         self._stopping = asyncio.Event()
         self.server.connect("data_received", lambda i: echo(self.server, i))
+        self.server.connect("shard_failed", lambda i, why: self.loop_errors.append(f"{i}: {why}"))
         async with polling(self.server):
             await until(lambda: all(s["pid"] for s in self.server.get_shard_status()), 10)
             self.pids = [s["pid"] for s in self.server.get_shard_status()]
@@ -185,7 +192,8 @@ def fuzzed(
             background.finish()
         assert background.loop_errors == []
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-        assert [s["pid"] for s in server.get_shard_status()] == background.pids
+        status = server.get_shard_status()
+        assert [(s["pid"], s["state"]) for s in status] == [(p, "running") for p in background.pids]
         err = capfd.readouterr().err
         assert "wsfleet shard" not in err and "Traceback" not in err, err
         # Every peer kept being echoed while the fuzzing ran.
@@ -346,7 +354,8 @@ def server_frames(chunks: list[bytes]) -> list[tuple[int, bytes]]:
 
 
 def frame_spans(stream: bytes) -> Iterator[tuple[int, list[int], int]]:
-    """(start, the offsets where a parser may stop inside the frame, end) of each frame."""
+    """(start, the offsets inside the frame after its header, length and mask, end) of each
+    frame; the last of those offsets is where its payload starts."""
     pos = 0
     while pos < len(stream):
         inner = [pos + 2]
@@ -370,8 +379,12 @@ class Expected:
     messages: list[tuple[int, bytes]]  # what is delivered (and echoed), in order
     pongs: list[bytes]
     close: bytes | None  # the server's close frame body; None: the connection stays open
-    cut: int  # how much of the stream to send
     idle: bool  # open, between frames, no fragmented message: a sentinel would be echoed
+    # The failure is on the header of a frame whose payload is not all there, and the shard
+    # waits for that payload before it hands the frame to websockets (it fails at once only
+    # for a length over the whole message limit), so the close never comes: see the report
+    # of issue 6.  Such examples are left out until that is fixed.
+    on_a_header_alone: bool = False
 
 
 def expect(stream: bytes) -> Expected:
@@ -383,7 +396,7 @@ def expect(stream: bytes) -> Expected:
     parts: list[bytes] | None = None
     opcode = TEXT
     end = 0
-    for start, _, end in frame_spans(stream):
+    for start, inner, end in frame_spans(stream):
         ws.receive_data(stream[start:end])
         for frame in ws.events_received():
             assert isinstance(frame, Frame)
@@ -397,7 +410,7 @@ def expect(stream: bytes) -> Expected:
                 message, parts = b"".join(parts), None  # type: ignore[arg-type]
                 if opcode == TEXT and not is_utf8(message):
                     body = struct.pack("!H", 1007) + b"invalid UTF-8 in a text message"
-                    return Expected(messages, pongs, body, min(end, len(stream)), False)
+                    return Expected(messages, pongs, body, False)
                 messages.append((opcode, message))
         close = None
         for kind, payload in server_frames(ws.data_to_send()):
@@ -406,9 +419,11 @@ def expect(stream: bytes) -> Expected:
             elif kind == CLOSE:
                 close = payload
         if ws.state is not State.OPEN:
-            return Expected(messages, pongs, close, len(stream), False)
+            # Failed on a header whose payload (within the limit) has not all come?
+            early = end > len(stream) and end - inner[-1] <= MAX_MESSAGE
+            return Expected(messages, pongs, close, False, early)
     idle = end == len(stream) and parts is None
-    return Expected(messages, pongs, None, len(stream), idle)
+    return Expected(messages, pongs, None, idle)
 
 
 def is_utf8(data: bytes) -> bool:
@@ -519,23 +534,6 @@ def mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
     return data
 
 
-def resumes_mid_frame(data: bytes, splits: Sequence[int], frames_from: int = 0) -> bool:
-    """A split the shard mishandles today (see the report of issue 6): right after a
-    frame's header, length or mask, where websockets has consumed what it had, so the
-    shard's own parser takes the next bytes as a new frame.  It misparses them if they
-    start with 0x81/0x82, and it holds a last piece of one byte forever.  Such examples
-    are left out until that is fixed."""
-    cuts = {s % len(data) for s in splits if data} - {0}
-    for _, inner, _ in frame_spans(data[frames_from:]):
-        for offset in (frames_from + i for i in inner):
-            if offset not in cuts or offset >= len(data):
-                continue
-            last = not any(c > offset for c in cuts)
-            if data[offset] in (0x81, 0x82) or (last and len(data) - offset < 2):
-                return True
-    return False
-
-
 def upgrade_request(key: bytes, *extra: bytes) -> bytes:
     lines = [b"GET /fuzz HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket",
              b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key, b"Sec-WebSocket-Version: 13",
@@ -559,8 +557,7 @@ def test_fuzzed_frames_after_a_valid_handshake(fuzzed: WebSocketServer) -> None:
         stream = mutate(stream, mutations)
         assume(stream)
         expected = expect(stream)
-        stream = stream[: expected.cut]
-        assume(stream and not resumes_mid_frame(stream, splits))
+        assume(not expected.on_a_header_alone)
         client = Client(port)
         try:
             client.send(upgrade_request(key, b"Sec-WebSocket-Protocol: chat"))
@@ -659,20 +656,42 @@ class Reference:
 
 
 def reference(data: bytes) -> Reference:
+    """websockets' answer to the request at the start of ``data`` (what follows its empty
+    line is frames, read once the connection is open)."""
+    end = data.find(b"\r\n\r\n")
     ws = ServerProtocol(select_subprotocol=godot_rule, max_size=MAX_MESSAGE)
-    ws.receive_data(data)
+    ws.receive_data(data if end < 0 else data[: end + 4])
     events = ws.events_received()
     if events:
         ws.send_response(ws.accept(events[0]))
     out = ws.data_to_send()
     answer = b"".join(out)
-    if not answer.startswith(b"HTTP/1.1 ") or out[0] == b"":
-        # Nothing, or the end of the stream before anything: frames that came with the
-        # request failed before it was answered.
+    if not answer.startswith(b"HTTP/1.1 "):
         return Reference(None, None, bool(out))
     status = answer.split(b"\r\n", 1)[0]
     accept = re.search(rb"\r\nSec-WebSocket-Accept: (\S+)\r\n", answer)
     return Reference(status, accept.group(1) if accept else None, True)
+
+
+def over_the_limit(data: bytes) -> bool:
+    """The shard answers 431 itself to a request over ``max_request_bytes``."""
+    end = data.find(b"\r\n\r\n")
+    return (
+        end + 4 > DEFAULT_MAX_REQUEST_BYTES if end >= 0 else len(data) >= DEFAULT_MAX_REQUEST_BYTES
+    )
+
+
+def refused_by_websockets_parser(data: bytes) -> bool:
+    """A whole request that websockets' HTTP parser refuses by itself (malformed, too many
+    headers, a line too long).  The shard then loses websockets' answer and logs an
+    IndexError (see the report of issue 6: ``_handshake`` reads ``events[0]`` of an
+    empty list); such examples are left out until that is fixed."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or over_the_limit(data):
+        return False
+    ws = ServerProtocol(select_subprotocol=godot_rule, max_size=MAX_MESSAGE)
+    ws.receive_data(data[: end + 4])
+    return not ws.events_received()
 
 
 def keys_in(request: bytes) -> set[bytes]:
@@ -687,7 +706,7 @@ def test_fuzzed_handshakes(fuzzed: WebSocketServer) -> None:
     @given(handshake=handshakes(), splits=st.lists(st.integers(0, 1 << 20), max_size=3))
     def example(handshake: tuple[bytes, bytes], splits: list[int]) -> None:
         request, tail = handshake
-        assume(request and not resumes_mid_frame(request + tail, splits, len(request)))
+        assume(request and not refused_by_websockets_parser(request + tail))
         ref = reference(request + tail)
         client = Client(port)
         try:
@@ -706,7 +725,8 @@ def test_fuzzed_handshakes(fuzzed: WebSocketServer) -> None:
             status = head.split(b"\r\n", 1)[0]
             assert re.fullmatch(rb"HTTP/1\.1 [1-5]\d\d [ -~]*", status), head
             if not status.startswith(b"HTTP/1.1 101 "):
-                assert status == ref.status, head
+                too_large = status.startswith(b"HTTP/1.1 431 ") and over_the_limit(request + tail)
+                assert status == ref.status or too_large, head
                 client.read_to_end()  # a body, then the end of the connection (no hang)
                 return
             # 101: websockets' if it accepts, or the shard's for a request it reads leniently.
