@@ -14,11 +14,12 @@ binary frame with no extension bits, within the size limit, while no
 fragmented message is open - is parsed here (``websockets``' parser costs
 about 3 us per frame: a generator, a ``Frame`` object, checks).  Every other
 frame - control frames, fragments, reserved bits, unknown opcodes, unmasked
-frames - is handed to ``websockets`` whole, once all its bytes are in, so
-its parser always starts at a frame boundary; it applies RFC 6455 in full.
-A header that ``websockets`` refuses by itself (a length over the limit) is
-handed over at once with everything after it, and from a failed or closing
-connection on, every byte goes to ``websockets``.  So the fast path accepts
+or oversized frames - goes to ``websockets`` from its first byte, its bytes
+as they arrive (so a header it refuses fails the connection at once), and
+this class counts them to know where the frame ends: the fast path resumes
+exactly at the next frame boundary, and ``websockets``' parser always starts
+at one.  From a failed or closing connection on, every byte goes to
+``websockets``, which applies RFC 6455 in full.  So the fast path accepts
 nothing the slow path would refuse.
 
 The opening handshake has the same split: a well-formed upgrade request
@@ -85,6 +86,28 @@ def _valid_key(key: bytes) -> bool:
         return False
 
 
+def _header_violation(first: int, second: int, length: int, limit: int) -> str | None:
+    """Why RFC 6455 refuses a client frame by its header alone (5.1, 5.2, 5.5), or None.
+
+    The checks and reasons are websockets', in its order; a length over ``limit`` (what is
+    left of the message size limit) is left to websockets, which fails it with 1009 at once.
+    """
+    opcode = first & 0x0F
+    if opcode > 2 and opcode not in (8, 9, 10):
+        return "invalid opcode"
+    if not second & 0x80:
+        return "incorrect masking"
+    if length > limit:
+        return None
+    if first & 0x70:
+        return "reserved bits must be 0"
+    if opcode >= 8 and length > 125:
+        return "control frame too long"
+    if opcode >= 8 and not first & 0x80:
+        return "fragmented control frame"
+    return None
+
+
 def frame_header(first: int, size: int) -> bytes:
     """The header of an unmasked, unfragmented frame (``first`` = FIN | opcode)."""
     if size < 126:
@@ -128,6 +151,7 @@ class PeerConnection(asyncio.Protocol):
         # header is not complete yet). A bytearray: a large frame may come in many reads.
         self._pending = bytearray()
         self._pending_need = 0
+        self._ws_left = 0  # bytes of a frame websockets has begun that it has not had yet
         self._refused = False  # we failed the connection (e.g. invalid UTF-8)
         self._lingering = False  # the handshake was refused: what comes is discarded
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
@@ -162,7 +186,7 @@ class PeerConnection(asyncio.Protocol):
             self._write_protocol_output()
 
     def _receive_frames(self, data: bytes) -> None:
-        """Cut ``data`` into frames: simple data frames are taken here, all others go whole to
+        """Cut ``data`` into frames: simple data frames are taken here, all others go to
         websockets (see the module docstring)."""
         if self._pending:
             self._pending += data
@@ -172,9 +196,14 @@ class PeerConnection(asyncio.Protocol):
             self._pending = bytearray()
         ws = self.ws
         size = len(data)
-        max_message = self.shard.max_message
-        used_websockets = False
         pos = need = 0
+        used_websockets = False
+        if self._ws_left:  # the rest of a frame websockets has begun
+            pos = min(self._ws_left, size)
+            self._ws_left -= pos
+            self._to_websockets(data[:pos])
+            used_websockets = True
+        max_message = self.shard.max_message
         while pos < size:
             if self._refused or ws.state is not State.OPEN:
                 # Failed or closing: websockets reads (and answers or discards) the rest.
@@ -200,25 +229,35 @@ class PeerConnection(asyncio.Protocol):
             if second & 0x80:
                 start += 4  # the masking key
             end = start + length
-            if length > max_message:
-                # websockets fails the connection on this header (1009, or 1002 for a
-                # 64-bit length with the top bit set): no need to wait for the payload.
-                self._to_websockets(data[pos:])
-                used_websockets = True
-                pos = size
-                break
-            if end > size:
-                need = end - pos
-                break
-            if (first == 0x82 or first == 0x81) and second & 0x80 and not self._fragments:
+            if (
+                (first == 0x82 or first == 0x81)
+                and second & 0x80
+                and length <= max_message
+                and not self._fragments
+            ):
+                if end > size:
+                    need = end - pos
+                    break
                 payload = apply_mask(data[start:end], data[start - 4 : start])
                 self._message(payload, first == 0x81)
                 if self._refused:  # invalid UTF-8: the close frame must go out
                     used_websockets = True
+                pos = end
             else:
-                self._to_websockets(data[pos:end])
+                limit = max_message - sum(map(len, self._fragments))
+                refusal = _header_violation(first, second, length, limit)
+                if refusal is not None:
+                    # websockets would wait for the payload first: fail on the header now.
+                    self.fail(1002, refusal)
+                    used_websockets = True
+                    continue  # the rest goes to websockets, which discards it
+                # websockets' frame, from its header on (it refuses a length over the
+                # limit at once); it gets the bytes as they come.
+                taken = min(end, size)
+                self._ws_left = end - taken
+                self._to_websockets(data[pos:taken])
                 used_websockets = True
-            pos = end
+                pos = taken
         if pos < size:
             self._pending = bytearray(data[pos:])
             self._pending_need = need
@@ -325,7 +364,9 @@ class PeerConnection(asyncio.Protocol):
         self._partial = b""
         ws = self.ws = self._new_protocol(State.CONNECTING)
         ws.receive_data(request[: end + 4])
-        self._handshake(ws.events_received())
+        events = ws.events_received()
+        if events:  # none when its HTTP parser refused the request: its answer is queued
+            self._handshake(events)
         self._write_protocol_output()
         rest = request[end + 4 :]
         if rest and self.peer_id:

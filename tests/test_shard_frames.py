@@ -141,6 +141,55 @@ def test_a_frame_for_websockets_cut_anywhere_leaves_the_stream_in_step(cut: int)
         server.stop()
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x82\x32",  # unmasked, 50 bytes announced
+        b"\xc2\xb2abcd",  # RSV1 set, masked, 50 bytes announced
+        b"\x89\xfe\x00\x7e",  # a ping of 126 bytes
+    ],
+)
+def test_a_header_websockets_refuses_fails_the_connection_before_its_payload(header) -> None:
+    """RFC 6455 5.1, 5.2, 5.5: the header alone fails the connection; the shard does not wait
+    for a payload that may never come (a valid frame after it is not taken as payload)."""
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    echo(server)
+
+    async def body() -> None:
+        reader, writer = await open_raw(server.port)
+        writer.write(header)
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert opcode == CLOSE and payload[:2] == struct.pack("!H", 1002), payload
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+
+
+def test_a_request_websockets_parser_refuses_gets_its_answer(capfd) -> None:
+    """A request the shard hands to websockets and that its HTTP parser refuses (130 headers:
+    over its 128) gets websockets' 431, and the shard logs no error."""
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    request = handshake_request(0).replace(b"\r\n\r\n", b"\r\n" + b"X-N: 1\r\n" * 130 + b"\r\n")
+
+    async def body() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert head.split()[1] == b"431", head
+        writer.close()
+
+    try:
+        run_with(server, body)
+    finally:
+        server.stop()
+    assert "Error" not in capfd.readouterr().err
+
+
 BAD_FRAMES = {
     "unmasked": (b"\x82\x03abc", 1002),
     "reserved bit": (build_frame(BINARY | 0x40, b"x"), 1002),
