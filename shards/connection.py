@@ -42,6 +42,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import re
 import socket
 import struct
 from http import HTTPStatus
@@ -62,6 +63,8 @@ _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
 _LEN16 = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
+# Bytes the fast handshake leaves to websockets: controls but tab, and anything not ASCII.
+_NOT_PLAIN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _PING_FRAME = b"\x89\x00"  # FIN + ping, no payload: built once, written as is
 #: Once the server closes a connection, how long what it still has to send (its close
@@ -300,6 +303,9 @@ class PeerConnection(asyncio.Protocol):
         end = request.find(b"\r\n\r\n")
         limit = self.shard.max_request_bytes
         if end < 0:
+            bare_lf = request.find(b"\n\n")
+            if bare_lf >= 0 and bare_lf + 2 <= limit:
+                return self._handshake_by_websockets(request, len(request) - 4)  # it refuses
             if len(request) < limit:
                 self._partial = request  # wait for the rest of the request
                 return
@@ -307,11 +313,14 @@ class PeerConnection(asyncio.Protocol):
         if end + 4 > limit:
             return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE)
         self._partial = b""
-        lines = request[:end].split(b"\r\n")
+        head = request[:end]
+        if _NOT_PLAIN.search(head.replace(b"\r\n", b"")):
+            return self._handshake_by_websockets(request, end)  # control or non-ASCII bytes
+        lines = head.split(b"\r\n")
         if len(lines) > MAX_NUM_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
             return self._handshake_by_websockets(request, end)  # its limits (431) apply
-        method, _, version = lines[0].partition(b" ")
-        if method != b"GET" or not version.endswith(b" HTTP/1.1"):
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1":
             return self._handshake_by_websockets(request, end)
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
@@ -320,6 +329,8 @@ class PeerConnection(asyncio.Protocol):
             if not colon or not name or name in headers or name != name.strip():
                 return self._handshake_by_websockets(request, end)  # odd or repeated: full rules
             headers[name] = value.strip()
+        if b"content-length" in headers or b"transfer-encoding" in headers:
+            return self._handshake_by_websockets(request, end)  # a body: websockets refuses
         key = headers.get(b"sec-websocket-key", b"")
         tokens = headers.get(b"connection", b"").split(b",")
         connection = [token.strip().lower() for token in tokens]
@@ -331,10 +342,12 @@ class PeerConnection(asyncio.Protocol):
         ):
             return self._handshake_by_websockets(request, end)
         offered = [
-            token.strip().decode("ascii", "replace")
+            token.strip().decode("ascii")
             for token in headers.get(b"sec-websocket-protocol", b"").split(b",")
             if token.strip()
         ]
+        if not offered and b"sec-websocket-protocol" in headers:
+            return self._handshake_by_websockets(request, end)  # empty: its 400
         try:
             protocol = self.shard.choose_subprotocol(offered)
         except NegotiationError:
