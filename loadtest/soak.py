@@ -33,12 +33,11 @@ import resource
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
-import uvloop
 
 from wsfleet.loadtest import harness
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, build_frame
@@ -110,6 +109,7 @@ class SoakConnection(WSConnection):
                 self.counts.errors.append(f"connection closed by the server: {code} {reason!r}")
 
 
+@harness.on_uvloop
 async def soak_load(
     host: str,
     port: int,
@@ -170,26 +170,6 @@ async def soak_load(
     return counts
 
 
-def _load_main(pipe: Connection, port: int, cfg: dict[str, Any]) -> None:
-    """One load process: connect, report ready, wait for the start time, run, report."""
-    _raise_fd_limit()
-
-    def start_at() -> float:
-        pipe.send(("ready", None))
-        if not pipe.poll(300):
-            raise TimeoutError("no start time from the soak process")
-        return pipe.recv()
-
-    try:
-        counts = uvloop.run(soak_load(harness.HOST, port, start_at=start_at, **cfg))
-    except BaseException as e:  # reported to the parent, which decides
-        pipe.send(("failed", f"{type(e).__name__}: {e}"))
-    else:
-        pipe.send(("done", asdict(counts)))
-    finally:
-        pipe.close()
-
-
 def _raise_fd_limit() -> int:
     """Soft open-files limit up to the hard one (inherited by what this process starts)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -236,7 +216,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for n in harness.split_evenly(args.connections, args.procs):
             mine, theirs = ctx.Pipe()
             cfg = {"connections": n, "seconds": args.seconds, "rate": args.rate, "size": args.size}
-            proc = ctx.Process(target=_load_main, args=(theirs, server.port, cfg), daemon=True)
+            # The spawned process inherits the raised open-files limit.
+            proc = ctx.Process(
+                target=harness.client_main,
+                args=(soak_load, theirs, None, harness.HOST, server.port, cfg),
+                daemon=True,
+            )
             proc.start()
             theirs.close()
             procs.append((proc, mine))
