@@ -4,8 +4,8 @@
         [--size 64] [--shards 2] [--procs 2] [--warmup 60] [--sample 10] [--json FILE]
 
 Not a CI test (issue 6): it starts ``wsfleet serve`` (``--shards``, bound to
-127.0.0.1, its own session) with the soft open-files limit raised to the hard
-one, opens ``--connections`` connections from ``--procs`` load processes,
+127.0.0.1, its own session) with the soft open-files limit raised as far as
+the connections need, opens ``--connections`` connections from ``--procs`` load processes,
 then for ``--seconds`` every connection sends ``--rate`` messages a second
 (spread evenly over each second, so the traffic is steady), each carrying the
 connection's next sequence number. An echo must come back on the same
@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import resource
 import struct
 import sys
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import psutil
 
 from wsfleet.loadtest import harness
+from wsfleet.loadtest.scenarios import FD_MARGIN, ResourceLimitError, raise_nofile
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, build_frame
 
 _SEQ = struct.Struct("!Q")
@@ -170,14 +170,6 @@ async def soak_load(
     return counts
 
 
-def _raise_fd_limit() -> int:
-    """Soft open-files limit up to the hard one (inherited by what this process starts)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def _rss_by_role(server: harness.ServerProcess) -> dict[str, int]:
     """RSS of the front, the supervisor and each shard (bytes), by role."""
     out: dict[str, int] = {}
@@ -195,12 +187,13 @@ def _rss_by_role(server: harness.ServerProcess) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    hard = _raise_fd_limit()
     per_process = -(-args.connections // args.procs)
     per_shard = -(-args.connections // args.shards)
-    needed = max(per_process, per_shard) + 100
-    if hard < needed:
-        raise SystemExit(f"the open-files limit is {hard}; this soak needs {needed} per process")
+    try:
+        # Inherited by the server and the load processes started below.
+        raise_nofile(max(per_process, per_shard) + FD_MARGIN)
+    except ResourceLimitError as exc:
+        raise SystemExit(str(exc)) from exc
     server = harness.ServerProcess(
         "wsfleet",
         f"python -m wsfleet serve --quiet --bind 127.0.0.1 --port {{port}} --shards {args.shards}",
