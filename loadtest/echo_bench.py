@@ -63,7 +63,7 @@ from itertools import repeat
 from typing import Any
 
 from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column
+from wsfleet.loadtest.harness import Column
 from wsfleet.loadtest.wsclient import OP_BINARY, OP_TEXT, WSConnection, build_frame
 
 # Keep one round-trip time in this many: enough for p99 and bounded memory on long runs.
@@ -266,12 +266,9 @@ def echo_load(args: argparse.Namespace) -> harness.Load:
 
 def figures(results: list[LoadResult], server_cpu: float, window: float) -> dict[str, Any]:
     rate = sum(r.rate for r in results)
-    client_cpu = sum(r.cpu_s / r.window_s for r in results if r.window_s > 0)
     return {
         "msgs_per_s": rate,
-        "client_cpu_pct": 100 * client_cpu,
-        "server_cpu_pct": 100 * server_cpu / window,
-        "server_us_per_msg": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
+        **harness.cpu_figures(results, server_cpu, window, rate, "msg"),
         **harness.latency_figures(results),
         "window_received": sum(r.window_received for r in results),
         "sent": sum(r.sent for r in results),
@@ -279,7 +276,7 @@ def figures(results: list[LoadResult], server_cpu: float, window: float) -> dict
         "in_flight_at_close": sum(r.in_flight for r in results),
         "errors": sum(r.errors for r in results),
         "mismatches": sum(r.mismatches for r in results),
-        "error_samples": [s for r in results for s in r.error_samples][:MAX_ERROR_SAMPLES],
+        "error_samples": harness.error_samples(results),
     }
 
 

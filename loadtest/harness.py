@@ -162,6 +162,24 @@ class LoadState:
         result.latency_hist = encode_histogram(hist)
 
 
+def cpu_figures(
+    results: Sequence[Any], server_cpu: float, window: float, rate: float, per: str
+) -> dict[str, float]:
+    """The load processes' CPU (each over its own window, summed: 100 = one core), the
+    server's over ``window``, and the server's microseconds per unit of ``rate``
+    (``server_us_per_<per>``)."""
+    return {
+        "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in results if r.window_s > 0),
+        "server_cpu_pct": 100 * server_cpu / window,
+        f"server_us_per_{per}": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
+    }
+
+
+def error_samples(results: Iterable[Any]) -> list[str]:
+    """The first `MAX_ERROR_SAMPLES` error texts of the load processes together."""
+    return [s for r in results for s in r.error_samples][:MAX_ERROR_SAMPLES]
+
+
 def latency_figures(results: Iterable[Any]) -> dict[str, float]:
     """p50, p99 and max (microseconds) of the load processes' histograms together."""
     p50, p99, top = percentiles_us(merge_histograms(r.latency_hist for r in results))

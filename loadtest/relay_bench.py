@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import MAX_ERROR_SAMPLES, Column
+from wsfleet.loadtest.harness import Column
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, apply_mask
 
 HEADER = struct.Struct("<Bii")  # type, from, to
@@ -388,9 +388,7 @@ def figures(results: list[RelayResult], server_cpu: float, window: float) -> dic
     return {
         "deliveries_per_s": rate,
         "frames_in_per_s": sum(r.window_sent for r in results) / window_s if window_s else 0.0,
-        "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in results if r.window_s > 0),
-        "server_cpu_pct": 100 * server_cpu / window,
-        "server_us_per_delivery": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
+        **harness.cpu_figures(results, server_cpu, window, rate, "delivery"),
         **harness.latency_figures(results),
         "window_received": sum(r.window_received for r in results),
         "sent": sent,
@@ -399,7 +397,7 @@ def figures(results: list[RelayResult], server_cpu: float, window: float) -> dic
         "missing": sent * fanout - received,
         "errors": sum(r.errors for r in results),
         "sequence_errors": sum(r.sequence_errors for r in results),
-        "error_samples": [s for r in results for s in r.error_samples][:MAX_ERROR_SAMPLES],
+        "error_samples": harness.error_samples(results),
     }
 
 

@@ -921,9 +921,7 @@ def connect_figures(
     p50, p99, top = percentiles_us(merge_histograms(r.latency_hist for r in results))
     return {
         "handshakes_per_s": rate,
-        "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in results if r.window_s > 0),
-        "server_cpu_pct": 100 * server_cpu / window,
-        "server_us_per_handshake": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
+        **harness.cpu_figures(results, server_cpu, window, rate, "handshake"),
         "p50_us": p50,
         "p99_us": p99,
         "max_us": top,
@@ -931,7 +929,7 @@ def connect_figures(
         "failures": sum(r.failures for r in results),
         "unclean_closes": sum(r.unclean_closes for r in results),
         "errors": sum(r.errors for r in results),
-        "error_samples": [s for r in results for s in r.error_samples][:MAX_ERROR_SAMPLES],
+        "error_samples": harness.error_samples(results),
     }
 
 
