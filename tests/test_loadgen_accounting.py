@@ -1,7 +1,7 @@
 """The echo load generator counts what the server echoed, and its client parses frames right.
 
 The first two tests run `wsfleet.loadtest.echo_bench.run_echo_load` against
-the baseline echo server (``ws_echo_server --port 0 --report-count``, a real
+the baseline echo server (``ws_server --port 0 --report-count``, a real
 process on 127.0.0.1, killed by pid at teardown): the echoes the generator
 counts must be what the server echoed, less those still in flight when the
 connections closed, with no errors. The last two feed `wsclient.WSConnection`
@@ -69,7 +69,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsfleet.loadtest.ws_echo_server", "--port", "0", "--report-count"],
+        [sys.executable, "-m", "wsfleet.loadtest.ws_server", "--port", "0", "--report-count"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -2,7 +2,7 @@
 
 The load tests run `wsfleet loadtest` as a user would (``python -m wsfleet
 loadtest ...`` in a subprocess) against the websockets echo baseline
-(``ws_echo_server --port 0 --report-count``): the count it reports must be
+(``ws_server --port 0 --report-count``): the count it reports must be
 plausible and match what the server echoed, with no errors. `compare` runs one
 short round of echo over websockets and wsfleet-1 and writes its markdown and
 JSON. Every process a test starts is killed by pid at the end, with everything
@@ -59,8 +59,7 @@ def started() -> Iterator[list[subprocess.Popen]]:
 def echo_server(started: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
     """The websockets echo server on a free port: (process, port)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsfleet.loadtest.ws_echo_server", "--port", "0"]
-        + ["--report-count"],
+        [sys.executable, "-m", "wsfleet.loadtest.ws_server", "--port", "0"] + ["--report-count"],
         stdout=subprocess.PIPE,
         text=True,
     )
