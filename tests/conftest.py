@@ -1,16 +1,66 @@
-"""Shared fixtures: every process a test starts is ended by the fixture that started it."""
+"""Shared fixtures and helpers: every process a test starts is ended by the fixture that
+started it.
+
+Fixtures: `spawn` (a helper script of tests/ in a fresh interpreter), `servers` (wsfleet
+servers in this process, `wsserver.start`), `pinned_cpus`. Plain helpers the test
+modules import (``from .conftest import ...``): `free_port`, `connect_when_up`,
+`shm_entries`. Frame helpers live in ``wsframes.py``, in-process server helpers in
+``wsserver.py``; no test module imports another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from wsfleet import WebSocketServer
+
+from .wsserver import start
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def connect_when_up(url: str, **kwargs: Any) -> ClientConnection:
+    """A websockets client connection to ``url``, retried for up to ~10 s while nothing
+    listens there yet (a server process still starting)."""
+    for _ in range(200):
+        try:
+            return await connect(url, open_timeout=2, **kwargs)
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens at {url}")
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., WebSocketServer]]:
+    """Start servers with ``servers(...)`` (`wsserver.start`); every one is stopped at
+    teardown."""
+    started: list[WebSocketServer] = []
+
+    def make(*args: Any, **kwargs: Any) -> WebSocketServer:
+        server = start(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
