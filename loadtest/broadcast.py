@@ -18,8 +18,7 @@ receivers have it.
 `run_broadcast` is the load itself as a plain function call (the scenario tests
 call it); `BroadcastScenario` is how the front ends run it.
 
-May import `bench`, `counters`, `loadclient`, `loadprocs`, `report`, `scenario`
-and `wsclient`.
+May import `counters`, `loadclient`, `loadprocs`, `report`, `scenario` and `wsclient`.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ connection stayed open.
 
 Exit status: 0 when the run completed without errors (nor missing deliveries),
 1 when it failed or counted any, 2 for bad options, 130 on Ctrl-C.
+
+May import `bench`, `procstats`, `report`, `scenario`, `scenarios` and `servers`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ per connection, where less is better), and the detailed table of each scenario.
 
 Exit status: 0 when every server that ran had runs without errors, 1 otherwise,
 2 for bad options.
+
+May import `bench`, `catalog`, `procstats`, `report`, `scenario` and `scenarios`.
 """
 
 from __future__ import annotations

@@ -48,6 +48,9 @@ The exit status is 1 if a server failed or any run counted errors.
 `run_echo_load` is the load generator itself, usable as a plain function call
 (the accounting test calls it); `SCENARIO` is how ``wsfleet loadtest echo`` and
 ``compare`` run it.
+
+May import `bench`, `counters`, `loadclient`, `loadprocs`, `report`, `scenario` and
+`wsclient`.
 """
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ gives medians and the ratio to the first server. Server CPU is the whole process
 (psutil).
 The exit status is 1 if a server failed or any run counted errors or missing
 deliveries. `SCENARIO` is how ``wsfleet loadtest mp-relay`` and ``compare`` run it.
+
+May import `bench`, `counters`, `loadclient`, `loadprocs`, `report`, `scenario` and
+`wsclient`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ opened, over their count) and whether memory stayed flat after the warm-up
 after the warm-up to the last. The exit status is 1 if any message was lost,
 reordered or corrupt, any connection failed, or the tree's RSS grew by more
 than ``--max-growth`` (default 5 %) after the warm-up.
+
+May import `counters`, `loadclient`, `loadprocs`, `procstats`, `servers` and `wsclient`.
 """
 
 from __future__ import annotations
