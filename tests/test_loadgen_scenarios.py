@@ -2,9 +2,10 @@
 
 Each accounting test runs a scenario's load function (`broadcast.run_broadcast`,
 `connect.run_connect`, `idle.run_idle`) against a real server process on 127.0.0.1
-that counts what it saw and prints the counts on SIGTERM: the websockets baseline
-``ws_server --mode echo|broadcast --report-count``, or wsfleet's broadcast application
-(``wsfleet_apps broadcast --report-count``, the public API over two shards).
+that counts what it saw and prints the counts on SIGTERM (conftest's
+`counting_server`): the websockets baseline ``ws_server --mode echo|broadcast
+--report-count``, or wsfleet's broadcast application (``wsfleet_apps broadcast
+--report-count``, the public API over two shards).
 Every scenario drains before it returns, so nothing is in flight at the end and
 the counts must match exactly, with no errors. The server is killed by pid at
 teardown if it is still running. The last tests cover the file descriptor
@@ -16,11 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-import selectors
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,57 +30,9 @@ from wsfleet.loadtest.counters import merge_histograms
 from wsfleet.loadtest.idle import run_idle
 from wsfleet.loadtest.procstats import FD_MARGIN, ResourceLimitError, raise_nofile
 
+from .conftest import CountingServer
+
 HOST = "127.0.0.1"
-
-
-class CountingServer:
-    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
-        self.proc = proc
-        self.port = port
-
-    def stop_and_count(self) -> dict[str, int]:
-        """SIGTERM, then the counts it prints on exit ("name value" pairs)."""
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=20)
-        assert self.proc.returncode == 0, out
-        line = [x for x in out.splitlines() if x.startswith("connected ")]
-        assert line, out
-        words = line[-1].split()
-        return {name: int(value) for name, value in zip(words[::2], words[1::2], strict=True)}
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError("the server did not start")
-    return proc.stdout.readline()
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., CountingServer]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*module_args: str) -> CountingServer:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *module_args, "--port", "0", "--report-count"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        line = read_line(proc, timeout=30)
-        match = re.fullmatch(r"listening [\d.]+:(\d+)\n", line)
-        assert match, line
-        return CountingServer(proc, int(match[1]))
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()  # that pid only
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def websockets_server(start: Callable[..., CountingServer], mode: str) -> CountingServer:
@@ -112,8 +61,8 @@ def check_broadcast(r: BroadcastCounts, seen: dict[str, int], clients: int) -> N
 
 
 @pytest.mark.timeout(60)
-def test_broadcast_counts_what_the_websockets_server_sent(start_server) -> None:
-    server = websockets_server(start_server, "broadcast")
+def test_broadcast_counts_what_the_websockets_server_sent(counting_server) -> None:
+    server = websockets_server(counting_server, "broadcast")
     clients = 20
     r = run_broadcast(
         HOST, server.port, connections=clients, senders=4, inflight=3, seconds=0.6, warmup=0.2
@@ -124,8 +73,8 @@ def test_broadcast_counts_what_the_websockets_server_sent(start_server) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_broadcast_counts_what_wsfleet_sent(start_server) -> None:
-    server = start_server("wsfleet.loadtest.wsfleet_apps", "broadcast", "--shards", "2")
+def test_broadcast_counts_what_wsfleet_sent(counting_server) -> None:
+    server = counting_server("wsfleet.loadtest.wsfleet_apps", "broadcast", "--shards", "2")
     clients = 16
     # settle: the front learns of each client from its shard; the count it prints relies on it.
     r = run_broadcast(
@@ -144,8 +93,8 @@ def test_broadcast_counts_what_wsfleet_sent(start_server) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_connect_counts_every_handshake_the_server_accepted(start_server) -> None:
-    server = websockets_server(start_server, "echo")
+def test_connect_counts_every_handshake_the_server_accepted(counting_server) -> None:
+    server = websockets_server(counting_server, "echo")
     r = run_connect(HOST, server.port, concurrency=4, seconds=0.6, warmup=0.2)
     seen = server.stop_and_count()
     assert r.errors == 0 and r.failures == 0, r.error_samples
@@ -163,8 +112,8 @@ def test_connect_counts_every_handshake_the_server_accepted(start_server) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_idle_holds_every_connection_and_measures_the_server(start_server) -> None:
-    server = websockets_server(start_server, "echo")
+def test_idle_holds_every_connection_and_measures_the_server(counting_server) -> None:
+    server = websockets_server(counting_server, "echo")
     n = 300
     r = run_idle(HOST, server.port, server_pid=server.proc.pid, connections=n, rate=1500, hold=0.3)
     seen = server.stop_and_count()
