@@ -1,6 +1,30 @@
 """Benchmarks and the load generator (``wsfleet loadtest``).
 
-Owns: the tools that measure wsfleet against other servers and its own parts
-(``ipc_bench``), and the figures in ``RESULTS.md``.  Never imported by the
-server itself.
+Owns: the tools that measure wsfleet against other servers (websockets, Godot 3.2.3,
+Node's ws) and its own parts (``ipc_bench``), and the figures in ``RESULTS.md``.
+Never imported by the server itself; it may import the public API of ``wsfleet``
+(``wsfleet_apps``) and ``wsfleet.ipc`` (``ipc_bench``) and nothing else of the
+project. The tests import it, never the other way round.
+
+One framework, in layers (each module's docstring says what it may import):
+
+* the wire and the numbers: ``wsclient`` (the fast raw WebSocket client),
+  ``counters`` (`Counters`, `ErrorSamples`, `LoadState`, HdrHistogram latencies:
+  every scenario reports with these), ``procstats`` (CPU and memory of a process
+  tree, CPU lists, the open-files limit);
+* a run: ``loadclient`` (inside a load process: connections, the measured window,
+  the close), ``loadprocs`` (the load processes from the driving process),
+  ``servers`` (the `Target` of a run; `ServerProcess` starts and stops one);
+* what is measured: ``scenario`` (the `Scenario` base class and `ProcessScenario`),
+  one module per scenario: ``echo_bench``, ``broadcast``, ``connect``, ``idle``,
+  ``relay_bench`` (mp-relay), and ``scenarios`` (the registry, `SCENARIOS`);
+* the front ends: ``bench`` (a benchmark's rounds over servers it starts, the
+  command lines of ``echo_bench``, ``relay_bench`` and ``scenarios``), ``catalog``
+  (the servers it compares), ``report`` (medians, table, JSON), ``cli``
+  (``wsfleet loadtest`` on any URL), ``compare`` (every scenario against every
+  server), ``soak`` (10,000 connections for minutes);
+* the servers under test besides ``wsfleet serve``: ``ws_server`` (the one
+  ``websockets`` baseline, echo or broadcast), ``wsfleet_apps`` (wsfleet's
+  broadcast application), ``godot_server.gd``, ``node_ws_server.js``; and
+  ``scaling.sh`` (echo with 1-8 shards on a 16-core machine).
 """

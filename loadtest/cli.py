@@ -16,10 +16,9 @@ What the server at the URL must do: echo every message back to its sender (echo;
 ``wsfleet serve``), send every message to every other client (broadcast), accept
 connections (connect, idle), or relay Godot 3.2's multiplayer protocol (mp-relay;
 ``wsfleet serve --gd-mp-api`` or Godot's own server). The scenarios are the
-benchmarks' own (``echo_bench.SCENARIO``, ``scenarios.BROADCAST``/``CONNECT``/
-``IDLE``, ``relay_bench.SCENARIO``; their module docstrings say what each sends
-and checks), run by `harness.measure` against a `harness.Target` made of the URL;
-only the server is not started here. ``ws://`` only (the load generator has no
+benchmarks' own (`scenarios.SCENARIOS`; their modules' docstrings say what each
+sends and checks), run by `bench.measure` against a `servers.Target` made of the
+URL; only the server is not started here. ``ws://`` only (the load generator has no
 TLS); the URL's path (and query) goes into the request line.
 
 The run is bounded: at most ``MAX_CONNECTIONS`` connections, a window of at most
@@ -36,6 +35,8 @@ connection stayed open.
 
 Exit status: 0 when the run completed without errors (nor missing deliveries),
 1 when it failed or counted any, 2 for bad options, 130 on Ctrl-C.
+
+May import `bench`, `procstats`, `report`, `scenario`, `scenarios` and `servers`.
 """
 
 from __future__ import annotations
@@ -52,26 +53,13 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from wsfleet.loadtest import echo_bench, harness, relay_bench, scenarios
-from wsfleet.loadtest.harness import Scenario, Target
+from wsfleet.loadtest import bench
+from wsfleet.loadtest.procstats import ProcessTree, parse_cpus
+from wsfleet.loadtest.report import client_capacity_pct, config_of
+from wsfleet.loadtest.scenario import Scenario
+from wsfleet.loadtest.scenarios import HELP, SCENARIOS
+from wsfleet.loadtest.servers import Target
 
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        echo_bench.SCENARIO,
-        scenarios.BROADCAST,
-        scenarios.CONNECT,
-        scenarios.IDLE,
-        relay_bench.SCENARIO,
-    )
-}
-HELP = {
-    "echo": "messages in flight per connection, each echo checked: msg/s and round trips",
-    "broadcast": "every message to every other client: deliveries/s and delivery latency",
-    "connect": "handshake + close cycles per second",
-    "idle": "connections that stay open; with --server-pid, the server's memory per connection",
-    "mp-relay": "Godot 3.2 multiplayer clients relaying through the server: deliveries/s",
-}
 MAX_CONNECTIONS = 100_000
 MAX_SECONDS = 3600.0
 MAX_PROCS = 64
@@ -168,19 +156,13 @@ def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--size: at most {MAX_SIZE:,} bytes")
     if not 0 < args.drain_timeout <= 600:
         parser.error("--drain-timeout: more than 0, at most 600")
-    cpus = harness.parse_cpus(args.client_cpus)
+    cpus = parse_cpus(args.client_cpus)
     if not set(cpus) <= os.sched_getaffinity(0):
         parser.error(f"--client-cpus {args.client_cpus}: not all of them are allowed here")
 
 
-def expected_seconds(scenario: Scenario, args: argparse.Namespace) -> float:
-    if scenario.name == "idle":
-        return args.connections / args.rate + args.hold
-    return args.warmup + args.seconds
-
-
 class ProgressLine:
-    """`harness.Progress` on a terminal line (or a line per second when not a terminal):
+    """`loadprocs.Progress` on a terminal line (or a line per second when not a terminal):
     the phase, the time spent in it, and the server's CPU when its pid is known."""
 
     def __init__(self, stream: IO[str], pid: int | None, interval: float = 1.0) -> None:
@@ -188,7 +170,7 @@ class ProgressLine:
         self.tty = stream.isatty()
         self.interval = interval / 2 if self.tty else interval
         # Its own view of the server: the main thread reads the target's at the same time.
-        self.tree = harness.ProcessTree(pid) if pid is not None else None
+        self.tree = ProcessTree(pid) if pid is not None else None
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
         self.phase = ""
@@ -290,24 +272,23 @@ def main(argv: list[str] | None = None) -> int:
         target = Target(host, port, path, args.server_pid)
     except psutil.Error as e:
         parser.error(f"--server-pid {args.server_pid}: {e}")
-    if scenario.prepare is not None:
-        try:
-            scenario.prepare(args)
-        except RuntimeError as e:
-            print(f"wsfleet loadtest {scenario.name}: {e}", file=sys.stderr)
-            return 2
+    try:
+        scenario.prepare(args)
+    except RuntimeError as e:
+        print(f"wsfleet loadtest {scenario.name}: {e}", file=sys.stderr)
+        return 2
 
     print(
         f"{scenario.config_text(args)}; ws://{host}:{port}{path}, "
         f"{args.client_procs} load process(es) on CPUs {args.client_cpus or 'any'}, "
         f"server pid {args.server_pid or 'unknown'}; about "
-        f"{expected_seconds(scenario, args):.0f} s plus connecting and closing",
+        f"{scenario.expected_seconds(args):.0f} s plus connecting and closing",
         flush=True,
     )
     progress = None if args.no_progress else ProgressLine(sys.stderr, args.server_pid)
     started = time.monotonic()
     try:
-        run = harness.measure(scenario, args, target, progress)
+        run = bench.measure(scenario, args, target, progress)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -321,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         notes = []
         if args.server_pid is None:
             notes.append("server figures: give --server-pid")
-        capacity = harness.client_capacity_pct(args, harness.parse_cpus(args.client_cpus))
+        capacity = client_capacity_pct(args, parse_cpus(args.client_cpus))
         if run.get("client_cpu_pct", 0) >= 0.9 * capacity:
             notes.append("the load generator was near saturation: the rate is a floor")
         print()
         print_run(scenario, run, "; ".join(f"note: {n}" for n in notes))
     if args.json:
         with open(args.json, "w") as f:
-            config = harness.config_of(args)
+            config = config_of(args)
             json.dump(
                 {"scenario": scenario.name, "url": args.url, "config": config, "run": run},
                 f,

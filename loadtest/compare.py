@@ -7,12 +7,12 @@
         [--json FILE] [--markdown FILE]
 
 SCENARIO is any of echo, broadcast, connect, idle and mp-relay (default: all five,
-in that order). Each is the benchmarks' own scenario at its defaults (see
-``echo_bench``, ``scenarios``, ``relay_bench``); ``--seconds``/``--warmup`` replace
-each one's window when given, ``--client-procs`` applies where the load can be
-split (echo, connect, mp-relay).
+in that order). Each is the benchmarks' own scenario at its defaults
+(`scenarios.SCENARIOS`); ``--seconds``/``--warmup`` replace each one's window
+when given, ``--client-procs`` applies where the load can be split (echo,
+connect, mp-relay).
 
-The servers come from `harness.server_catalog` (``wsfleet-K`` is wsfleet with K
+The servers come from `server_catalog` (``wsfleet-K`` is wsfleet with K
 shards: ``wsfleet serve`` for echo, connect and idle, so the echo runs in the
 front; ``wsfleet_apps broadcast``; ``wsfleet serve --gd-mp-api``). mp-relay only
 runs the servers that speak Godot's multiplayer protocol (wsfleet and Godot);
@@ -22,7 +22,7 @@ and does not change the exit status.
 
 For each scenario, ``--runs`` rounds run every server once, in the order given,
 each started fresh under ``taskset -c --server-cpus`` on its own free port, with the
-load processes pinned to ``--client-cpus`` (`harness.run_rounds`). The table gives
+load processes pinned to ``--client-cpus`` (`bench.run_rounds`). The table gives
 medians over the runs with the ratio of each server's headline figure to
 ``wsfleet-1``'s (the first server's if wsfleet-1 is not run), the load generator's
 CPU and the errors. At the end, a summary in markdown (stdout, and ``--markdown
@@ -34,6 +34,8 @@ per connection, where less is better), and the detailed table of each scenario.
 
 Exit status: 0 when every server that ran had runs without errors, 1 otherwise,
 2 for bad options.
+
+May import `bench`, `catalog`, `procstats`, `report`, `scenario` and `scenarios`.
 """
 
 from __future__ import annotations
@@ -51,9 +53,20 @@ import tempfile
 import time
 from typing import Any
 
-from wsfleet.loadtest import harness
-from wsfleet.loadtest.cli import SCENARIOS  # one registry of the scenarios
-from wsfleet.loadtest.harness import REFERENCES, Scenario
+from wsfleet.loadtest import bench
+from wsfleet.loadtest.catalog import REFERENCES, server_catalog, use_node_path
+from wsfleet.loadtest.procstats import parse_cpus
+from wsfleet.loadtest.report import (
+    Column,
+    all_clean,
+    client_capacity_pct,
+    config_of,
+    print_table,
+    ratio_base,
+    summarize_servers,
+)
+from wsfleet.loadtest.scenario import Scenario
+from wsfleet.loadtest.scenarios import SCENARIOS
 
 DEFAULT_SERVERS = "websockets,wsfleet-1,wsfleet-2,godot,node"
 BASE = "wsfleet-1"
@@ -97,7 +110,7 @@ def scenario_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, scenario: Scenario
 ) -> argparse.Namespace:
     """The scenario's benchmark options at their defaults, with this command's on top."""
-    ns = harness.scenario_parser(scenario, runs=args.runs).parse_args([])
+    ns = bench.scenario_parser(scenario, runs=args.runs).parse_args([])
     ns.runs = args.runs
     ns.server_cpus, ns.client_cpus = args.server_cpus, args.client_cpus
     if not scenario.one_process:
@@ -111,18 +124,14 @@ def scenario_args(
     ns.godot, ns.godot_sleep_usec = args.godot, args.godot_sleep_usec
     ns.node, ns.node_path = args.node, args.node_path
     ns.only = args.servers
-    harness.check_scenario(parser, ns, scenario)
+    bench.check_scenario(parser, ns, scenario)
     return ns
 
 
 def estimate_s(plan: list[tuple[Scenario, argparse.Namespace]], servers: int) -> float:
     total = 0.0
     for scenario, ns in plan:
-        window = (
-            ns.connections / ns.rate + ns.hold
-            if scenario.run_here is not None
-            else ns.warmup + ns.seconds
-        )
+        window = scenario.expected_seconds(ns)
         n = servers if scenario.mode != "mp-relay" else min(servers, 3)
         total += ns.runs * n * (window + ns.settle + RUN_OVERHEAD_S)
     return total
@@ -132,34 +141,33 @@ def run_scenario(
     scenario: Scenario, ns: argparse.Namespace, names: list[str], workdir: str
 ) -> dict[str, Any]:
     """``ns.runs`` interleaved rounds of ``scenario`` over the servers ``names``."""
-    print(f"\n== {scenario.config_text(ns)}, {harness.where_text(ns, scenario)}", flush=True)
-    everything = harness.server_catalog(scenario.mode, ns, workdir, names)
+    print(f"\n== {scenario.config_text(ns)}, {bench.where_text(ns, scenario)}", flush=True)
+    everything = server_catalog(scenario.mode, ns, workdir, names)
     skipped = [{"name": s["name"], "skip": s["skip"]} for s in everything if s["skip"]]
     servers = [s for s in everything if not s["skip"]]
     for s in skipped:
         print(f"{s['name']}: {s['skip']}; skipped", flush=True)
     result: dict[str, Any] = {
         "config_text": scenario.config_text(ns),
-        "config": harness.config_of(ns),
+        "config": config_of(ns),
         "servers": servers,
         "skipped": skipped,
     }
-    if scenario.prepare is not None:
-        try:
-            scenario.prepare(ns)  # before its servers start: they inherit what it sets
-        except RuntimeError as e:
-            print(f"{scenario.name}: {e}; not run", flush=True)
-            result["servers"] = []
-            result["skipped"] = [{"name": s["name"], "skip": str(e)} for s in everything]
-            return result
+    try:
+        scenario.prepare(ns)  # before its servers start: they inherit what it sets
+    except RuntimeError as e:
+        print(f"{scenario.name}: {e}; not run", flush=True)
+        result["servers"] = []
+        result["skipped"] = [{"name": s["name"], "skip": str(e)} for s in everything]
+        return result
     if servers:
-        harness.run_rounds(servers, ns, scenario)
-    harness.summarize_servers(servers, scenario.table)
-    capacity = harness.client_capacity_pct(ns, harness.parse_cpus(ns.client_cpus))
+        bench.run_rounds(servers, ns, scenario)
+    summarize_servers(servers, scenario.table)
+    capacity = client_capacity_pct(ns, parse_cpus(ns.client_cpus))
     result["client_capacity_pct"] = capacity
     if servers:
         print()
-        harness.print_table(servers, scenario.table, capacity, base=BASE)
+        print_table(servers, scenario.table, capacity, base=BASE)
     return result
 
 
@@ -170,14 +178,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value))
 
 
-def _cell(column: harness.Column, summary: dict[str, Any]) -> str:
+def _cell(column: Column, summary: dict[str, Any]) -> str:
     value = summary.get(column.key)
     if not _is_number(value):
         return "–"
     return f"{value:{column.spec}}{column.suffix.replace('%', ' %')}"
 
 
-def headline(scenario: Scenario) -> harness.Column:
+def headline(scenario: Scenario) -> Column:
     table = scenario.table
     return next(c for c in table.columns if c.key == table.rate)
 
@@ -210,7 +218,7 @@ def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, dict[
         column = headline(scenario)
         by_name = {s["name"]: s for s in result["servers"]}
         skipped = {s["name"]: s["skip"] for s in result["skipped"]}
-        base = harness.ratio_base(result["servers"], BASE)
+        base = ratio_base(result["servers"], BASE)
         base_rate = base["summary"][column.key] if base and base["summary"] else None
         rates = [
             s["summary"][column.key]
@@ -281,7 +289,7 @@ def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, dict[
 def _detail(scenario: Scenario, result: dict[str, Any], floors: list[str]) -> list[str]:
     """One scenario's markdown table: every column of its console table."""
     table = scenario.table
-    base = harness.ratio_base(result["servers"], BASE)
+    base = ratio_base(result["servers"], BASE)
     titles = [c.title or f"× {base['name'] if base else '-'}" for c in table.columns]
     lines = [
         f"**{scenario.name}** ({result['config_text']}):",
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     plan = [(SCENARIOS[n], scenario_args(parser, args, SCENARIOS[n])) for n in chosen]
-    harness.use_node_path(args.node_path)
+    use_node_path(args.node_path)
     estimate = estimate_s(plan, len(names))
     print(
         f"compare: {', '.join(chosen)} x {', '.join(names)}, {args.runs} run(s) each; about "
@@ -358,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
             )
     clean = all(
-        harness.all_clean(result["servers"], SCENARIOS[name].table)
-        for name, result in results.items()
+        all_clean(result["servers"], SCENARIOS[name].table) for name, result in results.items()
     )
     return 0 if clean else 1
 

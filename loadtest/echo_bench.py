@@ -5,10 +5,10 @@
         [--client-cpus 1] [--only NAMES] [--server NAME=COMMAND ...] [--godot BIN]
         [--godot-sleep-usec 0] [--node BIN] [--node-path DIR] [--text] [--json FILE]
 
-The servers are `harness.server_catalog`'s echo set (``--only`` picks from it, and
+The servers are `catalog.server_catalog`'s echo set (``--only`` picks from it, and
 also takes ``wsfleet-K`` for K shards), the first being the baseline of the ratios:
 
-* ``websockets``: ``python -m wsfleet.loadtest.ws_echo_server`` (websockets on uvloop);
+* ``websockets``: ``python -m wsfleet.loadtest.ws_server --mode echo`` (websockets on uvloop);
 * ``wsfleet-1``, ``wsfleet-2``: ``wsfleet serve --bind 127.0.0.1 --shards K --quiet``
   (the echo runs in the front, as a user's ``data_received`` handler would);
 * ``godot``: ``godot3-server`` running ``loadtest/godot_server.gd --wsfleet-mode=echo``
@@ -48,6 +48,9 @@ The exit status is 1 if a server failed or any run counted errors.
 `run_echo_load` is the load generator itself, usable as a plain function call
 (the accounting test calls it); `SCENARIO` is how ``wsfleet loadtest echo`` and
 ``compare`` run it.
+
+May import `bench`, `counters`, `loadclient`, `loadprocs`, `report`, `scenario` and
+`wsclient`.
 """
 
 from __future__ import annotations
@@ -62,13 +65,24 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
-from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import Column
+from wsfleet.loadtest import bench, loadclient
+from wsfleet.loadtest.counters import (
+    Counters,
+    LoadState,
+    cpu_figures,
+    error_samples,
+    latency_figures,
+    total,
+)
+from wsfleet.loadtest.loadclient import close_connections, on_uvloop, run_window
+from wsfleet.loadtest.loadprocs import Load, split_evenly
+from wsfleet.loadtest.report import Column, Table
+from wsfleet.loadtest.scenario import ProcessScenario
 from wsfleet.loadtest.wsclient import OP_BINARY, OP_TEXT, WSConnection, build_frame
 
 # Keep one round-trip time in this many: enough for p99 and bounded memory on long runs.
 LATENCY_STRIDE = 4
-TABLE = harness.Table(
+TABLE = Table(
     rate="msgs_per_s",
     medians=(
         "msgs_per_s",
@@ -98,15 +112,16 @@ TABLE = harness.Table(
 
 
 @dataclass
-class LoadResult(harness.LoadCounts):
-    """What one load process saw (`harness.LoadCounts`: received counts echoes)."""
+class EchoCounts(Counters):
+    """What one load process saw (`counters.Counters`: sent counts messages, received
+    echoes, latencies round trips)."""
 
     connections: int
     in_flight: int = 0  # sent - received on open connections when they were closed
     mismatches: int = 0  # errors that were a wrong echo
 
 
-class _Load(harness.LoadState):
+class _Load(LoadState):
     def __init__(self) -> None:
         super().__init__()
         self.mismatches = 0
@@ -169,14 +184,14 @@ class EchoConnection(WSConnection):
                 f"(expected {len(self.payload)}), content differs"
             )
         if load.measuring and not load.received % LATENCY_STRIDE:
-            load.latencies.append(self.now - sent_at)
+            load.latencies.append((self.now - sent_at) * 1e6)  # microseconds
 
     def on_close(self, code: int | None, reason: str) -> None:
         if self.load.sending:
             self.load.error(f"server closed a connection during the run (code {code} {reason!r})")
 
 
-@harness.on_uvloop
+@on_uvloop
 async def run_echo_load(
     host: str,
     port: int,
@@ -192,7 +207,7 @@ async def run_echo_load(
     connect_timeout: float = 10.0,
     drain_timeout: float = 5.0,
     path: str = "/",
-) -> LoadResult:
+) -> EchoCounts:
     """Run the echo load against ``ws://host:port/path`` on a fresh uvloop loop in this thread.
 
     Opens ``connections`` connections, then calls ``start_at()`` (if given; it may
@@ -202,12 +217,12 @@ async def run_echo_load(
     """
     load = _Load()
     opcode = OP_TEXT if text else OP_BINARY
-    result = LoadResult(connections=connections)
+    result = EchoCounts(connections=connections)
 
     def options(i: int) -> dict[str, Any]:
         return {"load": load, "payload": payload_for(first_index + i, size), "opcode": opcode}
 
-    async with harness.connections(
+    async with loadclient.connections(
         load,
         result,
         host,
@@ -220,7 +235,7 @@ async def run_echo_load(
     ) as conns:
         # Blocking is fine here: nothing is in flight until the start time.
         t_go = start_at() if start_at is not None else time.monotonic()
-        await harness.run_window(load, conns, inflight, t_go, warmup, seconds, result)
+        await run_window(load, conns, inflight, t_go, warmup, seconds, result)
 
         # Drain: wait (bounded) for the echoes still in flight so every count is final.
         deadline = time.monotonic() + drain_timeout
@@ -234,101 +249,93 @@ async def run_echo_load(
             load.error(
                 f"{result.in_flight} echoes still missing {drain_timeout:g} s after the load"
             )
-        await harness.close_connections(conns, drain_timeout)
+        await close_connections(conns, drain_timeout)
     result.mismatches = load.mismatches
     return result
 
 
-# -- one run --------------------------------------------------------------------------------
+# -- the scenario ---------------------------------------------------------------------------
 
 
-def echo_load(args: argparse.Namespace) -> harness.Load:
-    """The connections split evenly over the load processes, numbered across them."""
-    configs = []
-    first = 0
-    for n in harness.split_evenly(args.connections, args.client_procs):
-        if n > 0:
-            configs.append(
-                {
-                    "connections": n,
-                    "inflight": args.inflight,
-                    "size": args.size,
-                    "seconds": args.seconds,
-                    "warmup": args.warmup,
-                    "text": args.text,
-                    "first_index": first,
-                    "drain_timeout": args.drain_timeout,
-                }
-            )
-            first += n
-    return harness.Load(run_echo_load, LoadResult, configs, 2 * args.drain_timeout + 30)
+class EchoScenario(ProcessScenario):
+    """Messages in flight on every connection, each echo checked: msg/s and round trips."""
+
+    name = "echo"
+    mode = "echo"
+    table = TABLE
+    seconds = 5.0
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--connections", type=int, default=50)
+        parser.add_argument("--inflight", type=int, default=16, help="messages in flight per conn")
+        parser.add_argument("--size", type=int, default=64, help="message size in bytes")
+        parser.add_argument("--text", action="store_true", help="text messages instead of binary")
+
+    def check(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.connections < 1 or args.inflight < 1 or args.size < 0:
+            parser.error("--connections and --inflight must be >= 1, --size >= 0")
+
+    def config_text(self, args: argparse.Namespace) -> str:
+        return (
+            f"echo: {args.connections} connections x {args.inflight} in flight x {args.size} B "
+            f"{'text' if args.text else 'binary'}, {args.warmup:g} s warm-up + "
+            f"{args.seconds:g} s"
+        )
+
+    def describe(self, run: dict[str, Any]) -> str:
+        return (
+            f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}%, "
+            f"server CPU {run['server_cpu_pct']:.0f}% ({run['server_us_per_msg']:.1f} us/msg),"
+            f" {run['server_processes']} server process(es),"
+            f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, "
+            f"errors {run['errors']}"
+        )
+
+    def load(self, args: argparse.Namespace) -> Load:
+        """The connections split evenly over the load processes, numbered across them."""
+        configs = []
+        first = 0
+        for n in split_evenly(args.connections, args.client_procs):
+            if n > 0:
+                configs.append(
+                    {
+                        "connections": n,
+                        "inflight": args.inflight,
+                        "size": args.size,
+                        "seconds": args.seconds,
+                        "warmup": args.warmup,
+                        "text": args.text,
+                        "first_index": first,
+                        "drain_timeout": args.drain_timeout,
+                    }
+                )
+                first += n
+        return Load(run_echo_load, EchoCounts, configs, 2 * args.drain_timeout + 30)
+
+    def figures(
+        self, results: list[EchoCounts], server_cpu: float, window: float
+    ) -> dict[str, Any]:
+        rate = sum(r.rate for r in results)
+        return {
+            "msgs_per_s": rate,
+            **cpu_figures(results, server_cpu, window, rate, "msg"),
+            **latency_figures(results),
+            "window_received": total(results, "window_received"),
+            "sent": total(results, "sent"),
+            "received": total(results, "received"),
+            "in_flight_at_close": total(results, "in_flight"),
+            "errors": total(results, "errors"),
+            "mismatches": total(results, "mismatches"),
+            "error_samples": error_samples(results),
+        }
 
 
-def figures(results: list[LoadResult], server_cpu: float, window: float) -> dict[str, Any]:
-    rate = sum(r.rate for r in results)
-    return {
-        "msgs_per_s": rate,
-        **harness.cpu_figures(results, server_cpu, window, rate, "msg"),
-        **harness.latency_figures(results),
-        "window_received": sum(r.window_received for r in results),
-        "sent": sum(r.sent for r in results),
-        "received": sum(r.received for r in results),
-        "in_flight_at_close": sum(r.in_flight for r in results),
-        "errors": sum(r.errors for r in results),
-        "mismatches": sum(r.mismatches for r in results),
-        "error_samples": harness.error_samples(results),
-    }
-
-
-def describe(run: dict[str, Any]) -> str:
-    return (
-        f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}%, "
-        f"server CPU {run['server_cpu_pct']:.0f}% ({run['server_us_per_msg']:.1f} us/msg),"
-        f" {run['server_processes']} server process(es),"
-        f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, "
-        f"errors {run['errors']}"
-    )
-
-
-# -- the command line -----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--inflight", type=int, default=16, help="messages in flight per conn")
-    parser.add_argument("--size", type=int, default=64, help="message size in bytes")
-    parser.add_argument("--text", action="store_true", help="text messages instead of binary")
-
-
-def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.connections < 1 or args.inflight < 1 or args.size < 0:
-        parser.error("--connections and --inflight must be >= 1, --size >= 0")
-
-
-def config_text(args: argparse.Namespace) -> str:
-    return (
-        f"echo: {args.connections} connections x {args.inflight} in flight x {args.size} B "
-        f"{'text' if args.text else 'binary'}, {args.warmup:g} s warm-up + {args.seconds:g} s"
-    )
-
-
-SCENARIO = harness.Scenario(
-    name="echo",
-    mode="echo",
-    add_arguments=add_arguments,
-    check=check,
-    config_text=config_text,
-    describe=describe,
-    table=TABLE,
-    load=echo_load,
-    figures=figures,
-    seconds=5.0,
-)
+SCENARIO = EchoScenario()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
-    return harness.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
+    parser = bench.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
+    return bench.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
 
 
 if __name__ == "__main__":

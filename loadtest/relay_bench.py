@@ -38,7 +38,7 @@ sending stops and the deliveries still in flight drain. Then every frame sent
 must have been delivered ``fanout`` times in total; the shortfall is reported
 as ``missing``.
 
-Servers (`harness.server_catalog`'s mp-relay set; ``--only`` picks from it, and also
+Servers (`catalog.server_catalog`'s mp-relay set; ``--only`` picks from it, and also
 takes ``wsfleet-K``; ``--server NAME=COMMAND`` with ``{port}`` replaces it):
 
 * ``godot``: ``godot3-server`` running ``tests/godot/mp_server.gd`` as a pure relay
@@ -51,13 +51,16 @@ takes ``wsfleet-K``; ``--server NAME=COMMAND`` with ``{port}`` replaces it):
   .listen(port, [], gd_mp_api=True)``, bound to 127.0.0.1, a pure relay that drains
   its packet queue in ``peer_packet``, as a game would, and polls until SIGTERM.
 
-Like ``echo_bench`` (all run on `harness`), each server is started fresh for every
+Like ``echo_bench`` (both run by `bench`), each server is started fresh for every
 run, pinned with ``taskset -c --server-cpus``. The load processes are pinned to
 ``--client-cpus``. ``--runs`` rounds run the servers in the same order, and the table
 gives medians and the ratio to the first server. Server CPU is the whole process tree
 (psutil).
 The exit status is 1 if a server failed or any run counted errors or missing
 deliveries. `SCENARIO` is how ``wsfleet loadtest mp-relay`` and ``compare`` run it.
+
+May import `bench`, `counters`, `loadclient`, `loadprocs`, `report`, `scenario` and
+`wsclient`.
 """
 
 from __future__ import annotations
@@ -72,8 +75,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from wsfleet.loadtest import harness
-from wsfleet.loadtest.harness import Column
+from wsfleet.loadtest import bench, loadclient
+from wsfleet.loadtest.counters import (
+    Counters,
+    LoadState,
+    cpu_figures,
+    error_samples,
+    latency_figures,
+    total,
+)
+from wsfleet.loadtest.loadclient import close_connections, on_uvloop, run_window
+from wsfleet.loadtest.loadprocs import Load, split_evenly
+from wsfleet.loadtest.report import Column, Table
+from wsfleet.loadtest.scenario import ProcessScenario
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, apply_mask
 
 HEADER = struct.Struct("<Bii")  # type, from, to
@@ -89,7 +103,7 @@ LATENCY_STRIDE = 8  # keep one latency in this many deliveries
 GODOT_OUT_PACKETS = 1024  # network/limits/websocket_server/max_out_packets
 DRAIN_QUIET = 0.5  # seconds without a delivery that end the drain
 
-TABLE = harness.Table(
+TABLE = Table(
     rate="deliveries_per_s",
     medians=(
         "deliveries_per_s",
@@ -151,8 +165,8 @@ def _micros(epoch: float) -> int:
 
 
 @dataclass
-class RelayResult(harness.LoadCounts):
-    """What one load process saw (`harness.LoadCounts`: sent counts frames written, received
+class RelayCounts(Counters):
+    """What one load process saw (`counters.Counters`: sent counts frames written, received
     deliveries, latencies from send to delivery)."""
 
     clients: int
@@ -161,7 +175,7 @@ class RelayResult(harness.LoadCounts):
     sequence_errors: int = 0
 
 
-class _Load(harness.LoadState):
+class _Load(LoadState):
     def __init__(self, fanout: int) -> None:
         super().__init__()
         self.fanout = fanout
@@ -282,13 +296,13 @@ class RelayConnection(WSConnection):
         ):
             load.error(f"unexpected delivery: opcode {opcode}, from {sender}, to {to} at {self.id}")
         if load.measuring and not load.received % LATENCY_STRIDE:
-            load.latencies.append(((self.now - from_seven_bits(sent_at)) & MASK28) / 1e6)
+            load.latencies.append((self.now - from_seven_bits(sent_at)) & MASK28)  # us
 
     def on_close(self, code: int | None, reason: str) -> None:
         self.load.error(f"the server closed a connection (code {code} {reason!r})")
 
 
-@harness.on_uvloop
+@on_uvloop
 async def run_relay_load(
     host: str,
     port: int,
@@ -304,7 +318,7 @@ async def run_relay_load(
     connect_timeout: float = 20.0,
     drain_timeout: float = 5.0,
     path: str = "/",
-) -> RelayResult:
+) -> RelayCounts:
     """Run ``clients`` of the relay load (out of ``total_clients`` in all load processes)
     against ``ws://host:port/path`` on a fresh uvloop loop in this thread; see the module
     docstring."""
@@ -313,9 +327,9 @@ async def run_relay_load(
     total_clients = total_clients or clients
     fanout = 1 if unicast else total_clients - 1
     load = _Load(fanout)
-    result = RelayResult(clients=clients, fanout=fanout)
+    result = RelayCounts(clients=clients, fanout=fanout)
     options = {"load": load, "unicast": unicast, "size": size}
-    async with harness.connections(
+    async with loadclient.connections(
         load,
         result,
         host,
@@ -337,9 +351,7 @@ async def run_relay_load(
 
         t_go = start_at() if start_at is not None else time.monotonic()
         load.epoch = t_go - 1.0  # send times wrap after 268 s
-        result.window_sent = await harness.run_window(
-            load, conns, inflight, t_go, warmup, seconds, result
-        )
+        result.window_sent = await run_window(load, conns, inflight, t_go, warmup, seconds, result)
 
         # Drain (bounded): until no delivery arrives for DRAIN_QUIET seconds.
         deadline = time.monotonic() + drain_timeout
@@ -352,122 +364,113 @@ async def run_relay_load(
                 break
         for conn in conns:
             conn.on_close = lambda code, reason: None  # closing now is expected
-        await harness.close_connections(conns, drain_timeout)
+        await close_connections(conns, drain_timeout)
     result.sequence_errors = load.sequence_errors
     return result
 
 
-# -- one run --------------------------------------------------------------------------------
+# -- the scenario ---------------------------------------------------------------------------
 
 
-def relay_load(args: argparse.Namespace) -> harness.Load:
-    """The clients split evenly over the load processes."""
-    configs = [
-        {
-            "clients": n,
-            "total_clients": args.clients,
-            "unicast": args.mode == "unicast",
-            "inflight": args.inflight,
-            "size": args.size,
-            "seconds": args.seconds,
-            "warmup": args.warmup,
-            "drain_timeout": args.drain_timeout,
-        }
-        for n in harness.split_evenly(args.clients, args.client_procs)
-        if n > 0
-    ]
-    return harness.Load(run_relay_load, RelayResult, configs, 3 * args.drain_timeout + 30)
+class RelayScenario(ProcessScenario):
+    """Godot 3.2 multiplayer clients relaying through the server: deliveries/s."""
 
+    name = "mp-relay"
+    mode = "mp-relay"
+    table = TABLE
+    seconds = 5.0
 
-def figures(results: list[RelayResult], server_cpu: float, window: float) -> dict[str, Any]:
-    rate = sum(r.rate for r in results)
-    window_s = max(r.window_s for r in results)
-    sent = sum(r.sent for r in results)
-    received = sum(r.received for r in results)
-    fanout = results[0].fanout
-    return {
-        "deliveries_per_s": rate,
-        "frames_in_per_s": sum(r.window_sent for r in results) / window_s if window_s else 0.0,
-        **harness.cpu_figures(results, server_cpu, window, rate, "delivery"),
-        **harness.latency_figures(results),
-        "window_received": sum(r.window_received for r in results),
-        "sent": sent,
-        "received": received,
-        "fanout": fanout,
-        "missing": sent * fanout - received,
-        "errors": sum(r.errors for r in results),
-        "sequence_errors": sum(r.sequence_errors for r in results),
-        "error_samples": harness.error_samples(results),
-    }
-
-
-def describe(run: dict[str, Any]) -> str:
-    return (
-        f"{run['deliveries_per_s']:,.0f} deliveries/s ({run['frames_in_per_s']:,.0f} "
-        f"frames in/s), client CPU {run['client_cpu_pct']:.0f}%, server CPU "
-        f"{run['server_cpu_pct']:.0f}% ({run['server_us_per_delivery']:.2f} us/delivery),"
-        f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, errors "
-        f"{run['errors']}, missing {run['missing']}"
-    )
-
-
-# -- the command line -----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", "--connections", dest="clients", type=int, default=50)
-    parser.add_argument("--mode", choices=("all", "unicast"), default="all")
-    parser.add_argument(
-        "--inflight",
-        type=int,
-        default=None,
-        help="frames each client starts with (default: 2 for all, 16 for unicast)",
-    )
-    parser.add_argument(
-        "--size", type=int, default=32, help=f"payload bytes after the header (>= {MIN_SIZE})"
-    )
-
-
-def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.inflight is None:
-        args.inflight = 16 if args.mode == "unicast" else 2
-    if args.clients < 2 or args.inflight < 1 or args.size < MIN_SIZE:
-        parser.error(f"--clients >= 2, --inflight >= 1, --size >= {MIN_SIZE}")
-    if args.size + HEADER.size > 65535:
-        parser.error("--size: frames must stay under 64 KiB")
-    if args.clients * args.inflight > GODOT_OUT_PACKETS:
-        print(
-            f"warning: {args.clients} clients x {args.inflight} in flight > "
-            f"{GODOT_OUT_PACKETS}: Godot may drop frames (its per-peer out queue)"
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--clients", "--connections", dest="clients", type=int, default=50)
+        parser.add_argument("--mode", choices=("all", "unicast"), default="all")
+        parser.add_argument(
+            "--inflight",
+            type=int,
+            default=None,
+            help="frames each client starts with (default: 2 for all, 16 for unicast)",
+        )
+        parser.add_argument(
+            "--size", type=int, default=32, help=f"payload bytes after the header (>= {MIN_SIZE})"
         )
 
+    def check(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.inflight is None:
+            args.inflight = 16 if args.mode == "unicast" else 2
+        if args.clients < 2 or args.inflight < 1 or args.size < MIN_SIZE:
+            parser.error(f"--clients >= 2, --inflight >= 1, --size >= {MIN_SIZE}")
+        if args.size + HEADER.size > 65535:
+            parser.error("--size: frames must stay under 64 KiB")
+        if args.clients * args.inflight > GODOT_OUT_PACKETS:
+            print(
+                f"warning: {args.clients} clients x {args.inflight} in flight > "
+                f"{GODOT_OUT_PACKETS}: Godot may drop frames (its per-peer out queue)"
+            )
 
-def config_text(args: argparse.Namespace) -> str:
-    fanout = 1 if args.mode == "unicast" else args.clients - 1
-    return (
-        f"relay, mode {args.mode}: {args.clients} clients x {args.inflight} in flight "
-        f"(x {fanout} deliveries each), {args.size} B payload + 9 B header, "
-        f"{args.warmup:g} s warm-up + {args.seconds:g} s"
-    )
+    def config_text(self, args: argparse.Namespace) -> str:
+        fanout = 1 if args.mode == "unicast" else args.clients - 1
+        return (
+            f"relay, mode {args.mode}: {args.clients} clients x {args.inflight} in flight "
+            f"(x {fanout} deliveries each), {args.size} B payload + 9 B header, "
+            f"{args.warmup:g} s warm-up + {args.seconds:g} s"
+        )
+
+    def describe(self, run: dict[str, Any]) -> str:
+        return (
+            f"{run['deliveries_per_s']:,.0f} deliveries/s ({run['frames_in_per_s']:,.0f} "
+            f"frames in/s), client CPU {run['client_cpu_pct']:.0f}%, server CPU "
+            f"{run['server_cpu_pct']:.0f}% ({run['server_us_per_delivery']:.2f} us/delivery),"
+            f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, errors "
+            f"{run['errors']}, missing {run['missing']}"
+        )
+
+    def load(self, args: argparse.Namespace) -> Load:
+        """The clients split evenly over the load processes."""
+        configs = [
+            {
+                "clients": n,
+                "total_clients": args.clients,
+                "unicast": args.mode == "unicast",
+                "inflight": args.inflight,
+                "size": args.size,
+                "seconds": args.seconds,
+                "warmup": args.warmup,
+                "drain_timeout": args.drain_timeout,
+            }
+            for n in split_evenly(args.clients, args.client_procs)
+            if n > 0
+        ]
+        return Load(run_relay_load, RelayCounts, configs, 3 * args.drain_timeout + 30)
+
+    def figures(
+        self, results: list[RelayCounts], server_cpu: float, window: float
+    ) -> dict[str, Any]:
+        rate = sum(r.rate for r in results)
+        window_s = max(r.window_s for r in results)
+        sent = total(results, "sent")
+        received = total(results, "received")
+        fanout = results[0].fanout
+        return {
+            "deliveries_per_s": rate,
+            "frames_in_per_s": total(results, "window_sent") / window_s if window_s else 0.0,
+            **cpu_figures(results, server_cpu, window, rate, "delivery"),
+            **latency_figures(results),
+            "window_received": total(results, "window_received"),
+            "sent": sent,
+            "received": received,
+            "fanout": fanout,
+            "missing": sent * fanout - received,
+            "errors": total(results, "errors"),
+            "sequence_errors": total(results, "sequence_errors"),
+            "error_samples": error_samples(results),
+        }
 
 
-SCENARIO = harness.Scenario(
-    name="mp-relay",
-    mode="mp-relay",
-    add_arguments=add_arguments,
-    check=check,
-    config_text=config_text,
-    describe=describe,
-    table=TABLE,
-    load=relay_load,
-    figures=figures,
-    seconds=5.0,
-)
+SCENARIO = RelayScenario()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
-    return harness.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
+    parser = bench.scenario_parser(SCENARIO, runs=5, description=__doc__.split("\n")[0])
+    return bench.run_benchmark(parser, parser.parse_args(argv), SCENARIO)
 
 
 if __name__ == "__main__":

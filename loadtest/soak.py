@@ -21,6 +21,8 @@ opened, over their count) and whether memory stayed flat after the warm-up
 after the warm-up to the last. The exit status is 1 if any message was lost,
 reordered or corrupt, any connection failed, or the tree's RSS grew by more
 than ``--max-growth`` (default 5 %) after the warm-up.
+
+May import `counters`, `loadclient`, `loadprocs`, `procstats`, `servers` and `wsclient`.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import multiprocessing
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import psutil
-
-from wsfleet.loadtest import harness
-from wsfleet.loadtest.scenarios import FD_MARGIN, ResourceLimitError, raise_nofile
+from wsfleet.loadtest import loadclient
+from wsfleet.loadtest.counters import Counters, LoadState, merge_histograms
+from wsfleet.loadtest.loadprocs import client_main, split_evenly
+from wsfleet.loadtest.procstats import FD_MARGIN, ResourceLimitError, raise_nofile, rss_by_role
+from wsfleet.loadtest.servers import HOST, ServerProcess
 from wsfleet.loadtest.wsclient import OP_BINARY, WSConnection, build_frame
 
 _SEQ = struct.Struct("!Q")
@@ -47,33 +50,36 @@ MAX_CONNECTIONS = 20_000
 MAX_SECONDS = 3600
 
 
-@dataclass
-class SoakCounts:
-    """One load process's totals."""
+@dataclass(kw_only=True)
+class SoakCounts(Counters):
+    """One load process's totals (`counters.Counters`: sent counts messages, received
+    echoes, latencies every round trip; errors are the connections that closed)."""
 
     connections: int = 0
-    sent: int = 0
-    received: int = 0
     lost: int = 0  # echoes still missing after the drain
     reordered: int = 0  # an echo whose sequence number is not the next one
     corrupt: int = 0  # wrong length or bytes
     dropped: int = 0  # connections that closed before the end
-    max_latency_us: int = 0
-    histogram: str = ""  # round trips, HdrHistogram (harness.encode_histogram)
-    errors: list[str] = field(default_factory=list)
+
+
+class _SoakLoad(LoadState):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reordered = 0
+        self.corrupt = 0
+        self.dropped = 0
 
 
 class SoakConnection(WSConnection):
     """Sends numbered messages when told; checks each echo is the next number, intact."""
 
-    def __init__(self, host: str, port: int, *, counts: SoakCounts, size: int, **kw: Any) -> None:
+    def __init__(self, host: str, port: int, *, load: _SoakLoad, size: int, **kw: Any) -> None:
         super().__init__(host, port, **kw)
-        self.counts = counts
+        self.load = load
         self.padding = bytes(max(0, size - _SEQ.size))
         self.next_to_send = 0
         self.next_expected = 0
         self.sent_at: dict[int, float] = {}
-        self.samples: list[int] = []
         self.closing_by_us = False  # set before the load closes its connections at the end
 
     def send_next(self) -> None:
@@ -81,35 +87,31 @@ class SoakConnection(WSConnection):
         self.next_to_send += 1
         self.sent_at[seq] = time.monotonic()
         self.send_raw(build_frame(OP_BINARY, _SEQ.pack(seq) + self.padding))
-        self.counts.sent += 1
+        self.load.sent += 1
 
     def on_message(self, opcode: int, payload: bytes) -> None:
-        counts = self.counts
-        counts.received += 1
+        load = self.load
+        load.received += 1
         if opcode != OP_BINARY or len(payload) != _SEQ.size + len(self.padding):
-            counts.corrupt += 1
+            load.corrupt += 1
             return
         (seq,) = _SEQ.unpack_from(payload)
         if payload[_SEQ.size :] != self.padding:
-            counts.corrupt += 1
+            load.corrupt += 1
         if seq != self.next_expected:
-            counts.reordered += 1
+            load.reordered += 1
         self.next_expected = seq + 1
         started = self.sent_at.pop(seq, None)
         if started is not None:
-            latency = int((time.monotonic() - started) * 1e6)
-            self.samples.append(latency)
-            if latency > counts.max_latency_us:
-                counts.max_latency_us = latency
+            load.latencies.append((time.monotonic() - started) * 1e6)
 
     def on_close(self, code: int | None, reason: str) -> None:
         if not self.closing_by_us:
-            self.counts.dropped += 1
-            if len(self.counts.errors) < harness.MAX_ERROR_SAMPLES:
-                self.counts.errors.append(f"connection closed by the server: {code} {reason!r}")
+            self.load.dropped += 1
+            self.load.error(f"connection closed by the server: {code} {reason!r}")
 
 
-@harness.on_uvloop
+@loadclient.on_uvloop
 async def soak_load(
     host: str,
     port: int,
@@ -124,13 +126,14 @@ async def soak_load(
 ) -> SoakCounts:
     """Open ``connections``, then send ``rate`` messages per connection per second, spread
     evenly, for ``seconds``; drain; close. Runs in one load process."""
+    load = _SoakLoad()
     counts = SoakCounts(connections=connections)
-    conns: list[SoakConnection] = await harness.open_connections(
+    conns: list[SoakConnection] = await loadclient.open_connections(
         host,
         port,
         SoakConnection,
         connections,
-        lambda i: {"counts": counts, "size": size},
+        lambda i: {"load": load, "size": size},
         timeout=30.0,
         path=path,
     )
@@ -156,34 +159,17 @@ async def soak_load(
             if conn.is_open:
                 conn.send_next()
         next_tick += tick
-        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))  # yields even when late
     deadline = time.monotonic() + drain_timeout
     while time.monotonic() < deadline and any(c.sent_at for c in conns if c.is_open):
         await asyncio.sleep(0.01)
     counts.lost = sum(len(c.sent_at) for c in conns)
-    counts.histogram = harness.encode_histogram(
-        harness.histogram_of(s for c in conns for s in c.samples)
-    )
     for conn in conns:
         conn.closing_by_us = True
-    await harness.close_connections(conns, drain_timeout)
+    await loadclient.close_connections(conns, drain_timeout)
+    load.finish(counts, conns)
+    counts.reordered, counts.corrupt, counts.dropped = load.reordered, load.corrupt, load.dropped
     return counts
-
-
-def _rss_by_role(server: harness.ServerProcess) -> dict[str, int]:
-    """RSS of the front, the supervisor and each shard (bytes), by role."""
-    out: dict[str, int] = {}
-    try:
-        front = psutil.Process(server.pid)
-        out["front"] = front.memory_info().rss
-        for supervisor in front.children():
-            out["supervisor"] = supervisor.memory_info().rss
-            for i, shard in enumerate(sorted(supervisor.children(), key=lambda p: p.pid)):
-                out[f"shard{i}"] = shard.memory_info().rss
-    except psutil.NoSuchProcess:
-        pass
-    out["total"] = sum(out.values())
-    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise_nofile(max(per_process, per_shard) + FD_MARGIN)
     except ResourceLimitError as exc:
         raise SystemExit(str(exc)) from exc
-    server = harness.ServerProcess(
+    server = ServerProcess(
         "wsfleet",
         f"python -m wsfleet serve --quiet --bind 127.0.0.1 --port {{port}} --shards {args.shards}",
         "",
@@ -203,16 +189,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[tuple[multiprocessing.Process, Connection]] = []
     try:
         server.wait_ready(timeout=30, settle=0.5)
-        idle = _rss_by_role(server)
+        idle = rss_by_role(server.pid)
         report["rss_before"] = idle
         ctx = multiprocessing.get_context("spawn")
-        for n in harness.split_evenly(args.connections, args.procs):
+        for n in split_evenly(args.connections, args.procs):
             mine, theirs = ctx.Pipe()
             cfg = {"connections": n, "seconds": args.seconds, "rate": args.rate, "size": args.size}
             # The spawned process inherits the raised open-files limit.
             proc = ctx.Process(
-                target=harness.client_main,
-                args=(soak_load, theirs, None, harness.HOST, server.port, cfg),
+                target=client_main,
+                args=(soak_load, theirs, None, HOST, server.port, cfg),
                 daemon=True,
             )
             proc.start()
@@ -225,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             status, detail = pipe.recv()
             if status != "ready":
                 raise RuntimeError(f"load process: {detail}")
-        connected = _rss_by_role(server)
+        connected = rss_by_role(server.pid)
         report["connect_s"] = round(time.monotonic() - t0, 1)
         report["rss_connected"] = connected
         report["rss_per_connection"] = (connected["total"] - idle["total"]) / args.connections
@@ -241,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = server.cpu_seconds()
         while time.monotonic() < start + args.seconds:
             time.sleep(min(args.sample, max(0.0, start + args.seconds - time.monotonic())))
-            sample = _rss_by_role(server)
+            sample = rss_by_role(server.pid)
             sample["t"] = round(time.monotonic() - start, 1)
             report["samples"].append(sample)
             roles = " ".join(
@@ -268,9 +254,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("connections", "sent", "received", "lost", "reordered", "corrupt", "dropped")
     }
     report["totals"] = totals
-    report["errors"] = [e for r in results for e in r["errors"]]
-    hist = harness.merge_histograms(r["histogram"] for r in results)
-    p50, p99, p999 = harness.percentiles_us(hist)
+    report["errors"] = [e for r in results for e in r["error_samples"]]
+    hist = merge_histograms(r["latency_hist"] for r in results)
+    p50, p99, p999 = (hist.get_value_at_percentile(p) for p in (50, 99, 99.9))
     report["latency_us"] = {"p50": p50, "p99": p99, "p99.9": p999, "max": hist.get_max_value()}
     after_warmup = [s for s in report["samples"] if s["t"] >= args.warmup]
     if len(after_warmup) >= 2:

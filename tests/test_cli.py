@@ -13,16 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .test_shards import free_port
-
-
-async def connect_when_up(url: str, **kwargs):
-    for _ in range(200):
-        try:
-            return await connect(url, open_timeout=2, **kwargs)
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"nothing listens at {url}")
+from .conftest import connect_when_up, free_port
 
 
 @pytest.mark.timeout(60)

@@ -42,7 +42,7 @@ import pytest
 from wsfleet import Error, WebSocketServer
 from wsfleet.loadtest.wsclient import apply_mask, build_frame, close_payload
 
-from .test_shard_frames import BINARY, CLOSE, CONT, PING, PONG, TEXT, read_frame
+from .wsframes import BINARY, CLOSE, CONT, PING, PONG, TEXT, read_frame
 from .wsserver import run_with, until
 
 pytestmark = pytest.mark.timeout(30)

@@ -32,10 +32,8 @@ from wsfleet.loadtest.wsclient import OP_TEXT, WSConnection
 from wsfleet.loadtest.wsclient import connect as raw_connect
 from wsfleet.supervisor.arbiter import CRASH_LIMIT, CRASH_WINDOW_SECONDS, STOP_GRACE_SECONDS
 
-from .conftest import shm_entries
-from .test_server_api import echo, servers, url  # noqa: F401  (fixture)
-from .test_shards import free_port
-from .wsserver import Recorder, poll_until, run_with, until
+from .conftest import free_port, shm_entries
+from .wsserver import Recorder, echo, poll_until, run_with, until, url
 
 # -- helpers -------------------------------------------------------------------------------
 

@@ -26,11 +26,9 @@ from wsfleet.cli import build_parser, server_from_args
 from wsfleet.loadtest.wsclient import build_frame
 from wsfleet.supervisor.arbiter import CRASH_LIMIT, MAX_BACKOFF_SECONDS
 
-from .test_cli import connect_when_up
-from .test_server_api import echo, servers, url  # noqa: F401  (fixture)
-from .test_shard_frames import BINARY, CLOSE, CONT, PING, PONG, TEXT, handshake_request, read_frame
-from .test_shards import free_port
-from .wsserver import Recorder, run_with, until
+from .conftest import connect_when_up, free_port
+from .wsframes import BINARY, CLOSE, CONT, PING, PONG, TEXT, handshake_request, read_frame
+from .wsserver import Recorder, echo, run_with, until, url
 
 #: A header the fast path leaves to websockets (it is repeated), harmless otherwise.
 TO_WEBSOCKETS = ("X-Twice: a", "X-Twice: b")

@@ -1,26 +1,21 @@
 """The echo load generator counts what the server echoed, and its client parses frames right.
 
 The first two tests run `wsfleet.loadtest.echo_bench.run_echo_load` against
-the baseline echo server (``ws_echo_server --port 0 --report-count``, a real
-process on 127.0.0.1, killed by pid at teardown): the echoes the generator
-counts must be what the server echoed, less those still in flight when the
-connections closed, with no errors. The last two feed `wsclient.WSConnection`
-frames by hand through a fake transport: every split of the stream across
-reads, many frames per read, 7/16/64-bit lengths, fragments, ping, close,
-and the errors it must refuse.
+the websockets baseline (``ws_server --port 0 --report-count``, a real
+process on 127.0.0.1, conftest's `counting_server`, killed by pid at
+teardown): the echoes the generator counts must be what the server echoed,
+less those still in flight when the connections closed, with no errors. The
+last two feed `wsclient.WSConnection` frames by hand through a fake transport:
+every split of the stream across reads, many frames per read, 7/16/64-bit
+lengths, fragments, ping, close, and the errors it must refuse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
-import selectors
-import signal
 import struct
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -39,54 +34,18 @@ from wsfleet.loadtest.wsclient import (
     apply_mask,
 )
 
+from .conftest import CountingServer
+
 HOST = "127.0.0.1"
 
 
-class EchoServer:
-    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
-        self.proc = proc
-        self.port = port
-
-    def stop_and_count(self) -> tuple[int, int]:
-        """SIGTERM, then the (received, echoed) counts the server prints on exit."""
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=15)
-        assert self.proc.returncode == 0, out
-        match = re.search(r"received (\d+) echoed (\d+)", out)
-        assert match, out
-        return int(match[1]), int(match[2])
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError("the echo server did not start")
-    return proc.stdout.readline()
-
-
 @pytest.fixture
-def echo_server() -> Iterator[EchoServer]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsfleet.loadtest.ws_echo_server", "--port", "0", "--report-count"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = read_line(proc, timeout=20)
-        assert line.startswith("listening "), line
-        yield EchoServer(proc, int(line.rsplit(":", 1)[1]))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+def echo_server(counting_server: Callable[..., CountingServer]) -> CountingServer:
+    return counting_server("wsfleet.loadtest.ws_server", "--mode", "echo")
 
 
 @pytest.mark.timeout(60)
-def test_echoes_counted_equal_what_the_server_echoed(echo_server: EchoServer) -> None:
+def test_echoes_counted_equal_what_the_server_echoed(echo_server: CountingServer) -> None:
     connections, inflight = 8, 4
     result = run_echo_load(
         HOST,
@@ -97,7 +56,8 @@ def test_echoes_counted_equal_what_the_server_echoed(echo_server: EchoServer) ->
         seconds=1.0,
         warmup=0.3,
     )
-    server_received, server_echoed = echo_server.stop_and_count()
+    seen = echo_server.stop_and_count()
+    server_received, server_echoed = seen["received"], seen["echoed"]
 
     assert result.errors == 0, result.error_samples
     assert result.mismatches == 0
@@ -114,7 +74,7 @@ def test_echoes_counted_equal_what_the_server_echoed(echo_server: EchoServer) ->
 
 
 @pytest.mark.timeout(60)
-def test_every_length_encoding_and_text_through_a_real_server(echo_server: EchoServer) -> None:
+def test_every_length_encoding_and_text_through_a_real_server(echo_server: CountingServer) -> None:
     """Payload lengths on both sides of the 7/16/64-bit boundaries, binary and text."""
     received = 0
     for size, text in [(0, False), (125, True), (126, False), (65535, True), (65536, False),
@@ -132,8 +92,7 @@ def test_every_length_encoding_and_text_through_a_real_server(echo_server: EchoS
         assert result.errors == 0, (size, result.error_samples)
         assert result.received > 0 and result.in_flight == 0, size
         received += result.received
-    _, server_echoed = echo_server.stop_and_count()
-    assert received == server_echoed
+    assert received == echo_server.stop_and_count()["echoed"]
 
 
 # -- the frame parser, fed by hand ----------------------------------------------------------

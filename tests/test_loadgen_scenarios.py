@@ -1,120 +1,68 @@
 """The broadcast, connect and idle scenarios count what the server saw.
 
-Each accounting test runs a scenario function of `wsfleet.loadtest.scenarios`
-against a real server process on 127.0.0.1 that counts what it saw and prints
-the counts on SIGTERM: the websockets server of ``scenarios serve-websockets
---report-count`` (echo or broadcast), or wsfleet's broadcast application
-(``wsfleet_apps broadcast --report-count``, the public API over two shards).
+Each accounting test runs a scenario's load function (`broadcast.run_broadcast`,
+`connect.run_connect`, `idle.run_idle`) against a real server process on 127.0.0.1
+that counts what it saw and prints the counts on SIGTERM (conftest's
+`counting_server`): the websockets baseline ``ws_server --mode echo|broadcast
+--report-count``, or wsfleet's broadcast application (``wsfleet_apps broadcast
+--report-count``, the public API over two shards).
 Every scenario drains before it returns, so nothing is in flight at the end and
 the counts must match exactly, with no errors. The server is killed by pid at
 teardown if it is still running. The last tests cover the file descriptor
 limit (with a fake getrlimit, so the real limits stay as they are), the Node
-check ("not installed") and one run of the command line through `harness`.
+check ("not installed") and one run of the command line through `bench`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import selectors
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from wsfleet.loadtest import scenarios
-from wsfleet.loadtest.scenarios import (
-    ResourceLimitError,
-    node_status,
-    raise_nofile,
-    run_broadcast,
-    run_connect,
-    run_idle,
-)
+from wsfleet.loadtest import procstats, scenarios
+from wsfleet.loadtest.broadcast import BroadcastCounts, run_broadcast
+from wsfleet.loadtest.catalog import node_status
+from wsfleet.loadtest.connect import run_connect
+from wsfleet.loadtest.counters import merge_histograms
+from wsfleet.loadtest.idle import run_idle
+from wsfleet.loadtest.procstats import FD_MARGIN, ResourceLimitError, raise_nofile
+
+from .conftest import CountingServer
 
 HOST = "127.0.0.1"
 
 
-class CountingServer:
-    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
-        self.proc = proc
-        self.port = port
-
-    def stop_and_count(self) -> dict[str, int]:
-        """SIGTERM, then the counts it prints on exit ("name value" pairs)."""
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=20)
-        assert self.proc.returncode == 0, out
-        line = [x for x in out.splitlines() if x.startswith("connected ")]
-        assert line, out
-        words = line[-1].split()
-        return {name: int(value) for name, value in zip(words[::2], words[1::2], strict=True)}
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError("the server did not start")
-    return proc.stdout.readline()
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., CountingServer]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*module_args: str) -> CountingServer:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *module_args, "--port", "0", "--report-count"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        line = read_line(proc, timeout=30)
-        match = re.fullmatch(r"listening [\d.]+:(\d+)\n", line)
-        assert match, line
-        return CountingServer(proc, int(match[1]))
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()  # that pid only
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def websockets_server(start: Callable[..., CountingServer], mode: str) -> CountingServer:
-    return start("wsfleet.loadtest.scenarios", "serve-websockets", "--mode", mode)
+    return start("wsfleet.loadtest.ws_server", "--mode", mode)
 
 
-def check_broadcast(r: scenarios.BroadcastResult, seen: dict[str, int], clients: int) -> None:
+def check_broadcast(r: BroadcastCounts, seen: dict[str, int], clients: int) -> None:
     assert r.errors == 0, r.error_samples
     assert r.sequence_errors == 0 and r.missing == 0
     assert r.sent > 0 and r.completed == r.sent
     # Every broadcast reached every other client, exactly once.
     assert r.expected == r.sent * (clients - 1)
     assert r.delivered == r.expected
-    assert 0 < r.window_delivered <= r.delivered
+    assert 0 < r.window_received <= r.delivered == r.received
     assert 0 < r.window_completed <= r.completed
-    assert r.deliveries_per_s > 0
+    assert r.rate > 0 and r.broadcasts_per_s > 0
     # What the server saw: every client, every broadcast, and the deliveries it made.
     assert seen["connected"] == clients
     assert seen["received"] == r.sent
     assert seen["deliveries"] == r.delivered
     assert r.latency_samples > 0
-    assert 0 < r.p50_us <= r.p99_us <= r.max_us
-    hist = scenarios.merge_histograms([r.latency_hist])
+    p50, p99, top = r.latency_us()
+    assert 0 < p50 <= p99 <= top
+    hist = merge_histograms([r.latency_hist])
     assert hist.get_total_count() == r.latency_samples
 
 
 @pytest.mark.timeout(60)
-def test_broadcast_counts_what_the_websockets_server_sent(start_server) -> None:
-    server = websockets_server(start_server, "broadcast")
+def test_broadcast_counts_what_the_websockets_server_sent(counting_server) -> None:
+    server = websockets_server(counting_server, "broadcast")
     clients = 20
     r = run_broadcast(
         HOST, server.port, connections=clients, senders=4, inflight=3, seconds=0.6, warmup=0.2
@@ -125,8 +73,8 @@ def test_broadcast_counts_what_the_websockets_server_sent(start_server) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_broadcast_counts_what_wsfleet_sent(start_server) -> None:
-    server = start_server("wsfleet.loadtest.wsfleet_apps", "broadcast", "--shards", "2")
+def test_broadcast_counts_what_wsfleet_sent(counting_server) -> None:
+    server = counting_server("wsfleet.loadtest.wsfleet_apps", "broadcast", "--shards", "2")
     clients = 16
     # settle: the front learns of each client from its shard; the count it prints relies on it.
     r = run_broadcast(
@@ -145,25 +93,27 @@ def test_broadcast_counts_what_wsfleet_sent(start_server) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_connect_counts_every_handshake_the_server_accepted(start_server) -> None:
-    server = websockets_server(start_server, "echo")
+def test_connect_counts_every_handshake_the_server_accepted(counting_server) -> None:
+    server = websockets_server(counting_server, "echo")
     r = run_connect(HOST, server.port, concurrency=4, seconds=0.6, warmup=0.2)
     seen = server.stop_and_count()
     assert r.errors == 0 and r.failures == 0, r.error_samples
     assert r.unclean_closes == 0  # websockets answers the close handshake
-    assert r.handshakes == r.attempts == r.cycles > 0
-    assert 0 < r.window_cycles <= r.cycles
-    assert r.handshakes_per_s > 0
+    assert r.handshakes == r.received == r.attempts == r.sent == r.cycles > 0
+    assert 0 < r.window_received <= r.cycles
+    assert r.rate > 0
     assert seen["connected"] == r.handshakes
     assert seen["closed"] == r.handshakes
     assert seen["received"] == 0
     assert seen["peak"] <= 4  # one connection per loop at a time
-    assert 0 < r.p50_us <= r.p99_us
+    p50, p99, _ = r.latency_us()
+    assert 0 < p50 <= p99
+    assert r.latency_samples > 0
 
 
 @pytest.mark.timeout(60)
-def test_idle_holds_every_connection_and_measures_the_server(start_server) -> None:
-    server = websockets_server(start_server, "echo")
+def test_idle_holds_every_connection_and_measures_the_server(counting_server) -> None:
+    server = websockets_server(counting_server, "echo")
     n = 300
     r = run_idle(HOST, server.port, server_pid=server.proc.pid, connections=n, rate=1500, hold=0.3)
     seen = server.stop_and_count()
@@ -173,7 +123,7 @@ def test_idle_holds_every_connection_and_measures_the_server(start_server) -> No
     assert seen["received"] == 0
     # At the asked rate (300 at 1500/s is 0.2 s), within scheduling noise.
     assert 0.15 < r.open_s < 5
-    assert r.nofile_soft >= n + scenarios.FD_MARGIN
+    assert r.nofile_soft >= n + FD_MARGIN
     assert r.server_processes == 1
     # websockets keeps a few KiB per connection in the process; the figure must show it.
     assert r.rss_after > r.rss_before
@@ -184,12 +134,12 @@ def test_idle_holds_every_connection_and_measures_the_server(start_server) -> No
 @pytest.mark.timeout(30)
 def test_the_descriptor_limit_is_raised_up_to_the_hard_limit(monkeypatch) -> None:
     calls: list[tuple[int, tuple[int, int]]] = []
-    monkeypatch.setattr(scenarios.resource, "getrlimit", lambda _which: (256, 4096))
-    monkeypatch.setattr(scenarios.resource, "setrlimit", lambda w, lim: calls.append((w, lim)))
+    monkeypatch.setattr(procstats.resource, "getrlimit", lambda _which: (256, 4096))
+    monkeypatch.setattr(procstats.resource, "setrlimit", lambda w, lim: calls.append((w, lim)))
     assert raise_nofile(100) == 256
     assert calls == []
     assert raise_nofile(3000) == 3000
-    assert calls == [(scenarios.resource.RLIMIT_NOFILE, (3000, 4096))]
+    assert calls == [(procstats.resource.RLIMIT_NOFILE, (3000, 4096))]
     with pytest.raises(ResourceLimitError, match="hard limit is 4096"):
         raise_nofile(5000)
     # run_idle refuses before it opens anything (no server listens on port 1).

@@ -2,7 +2,7 @@
 
 The load tests run `wsfleet loadtest` as a user would (``python -m wsfleet
 loadtest ...`` in a subprocess) against the websockets echo baseline
-(``ws_echo_server --port 0 --report-count``): the count it reports must be
+(``ws_server --port 0 --report-count``): the count it reports must be
 plausible and match what the server echoed, with no errors. `compare` runs one
 short round of echo over websockets and wsfleet-1 and writes its markdown and
 JSON. Every process a test starts is killed by pid at the end, with everything
@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import math
 import re
-import selectors
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from .conftest import CountingServer
 
 HOST = "127.0.0.1"
 
@@ -56,23 +56,9 @@ def started() -> Iterator[list[subprocess.Popen]]:
 
 
 @pytest.fixture
-def echo_server(started: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
-    """The websockets echo server on a free port: (process, port)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsfleet.loadtest.ws_echo_server", "--port", "0"]
-        + ["--report-count"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    started.append(proc)
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(30), "the echo server did not start"
-    line = proc.stdout.readline()
-    match = re.fullmatch(r"listening [\d.]+:(\d+)\n", line)
-    assert match, line
-    return proc, int(match[1])
+def echo_server(counting_server: Callable[..., CountingServer]) -> CountingServer:
+    """The websockets echo baseline on a free port."""
+    return counting_server("wsfleet.loadtest.ws_server", "--mode", "echo")
 
 
 def run(started: list[subprocess.Popen], argv: list[str], timeout: float) -> tuple[int, str, str]:
@@ -82,19 +68,9 @@ def run(started: list[subprocess.Popen], argv: list[str], timeout: float) -> tup
     return proc.returncode, out, err
 
 
-def stop_and_count(proc: subprocess.Popen) -> tuple[int, int]:
-    """SIGTERM the echo server; (received, echoed) as it prints them on exit."""
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
-    match = re.search(r"received (\d+) echoed (\d+)", out)
-    assert match, out
-    return int(match[1]), int(match[2])
-
-
 @pytest.mark.timeout(90)
 def test_loadtest_echo_reports_what_the_server_echoed(echo_server, started, tmp_path) -> None:
-    server, port = echo_server
+    server, port = echo_server.proc, echo_server.port
     out_json = tmp_path / "echo.json"
     argv = [sys.executable, "-m", "wsfleet", "loadtest", "echo"]
     argv += ["--url", f"ws://{HOST}:{port}/any/path?x=1", "--connections", "4"]
@@ -118,13 +94,13 @@ def test_loadtest_echo_reports_what_the_server_echoed(echo_server, started, tmp_
     assert r["server_cpu_pct"] > 0 and r["server_processes"] == 1
     # Every message came back (drained before the close), and the server saw them all.
     assert r["in_flight_at_close"] == 0 and r["received"] == r["sent"]
-    received, echoed = stop_and_count(server)
-    assert received == echoed == r["sent"]
+    seen = echo_server.stop_and_count()
+    assert seen["received"] == seen["echoed"] == r["sent"]
 
 
 @pytest.mark.timeout(60)
 def test_loadtest_idle_without_a_server_pid_reports_open_connections(echo_server, started) -> None:
-    _, port = echo_server
+    port = echo_server.port
     argv = [sys.executable, "-m", "wsfleet", "loadtest", "idle", "--url", f"ws://{HOST}:{port}"]
     argv += ["--connections", "40", "--rate", "400", "--hold", "0.2", "--no-progress"]
     status, out, err = run(started, argv, timeout=45)

@@ -38,7 +38,7 @@ from wsfleet import Error, WebSocketServer
 from wsfleet.loadtest.wsclient import build_frame
 
 from .godot_runner import GODOT_DIR, GodotProcess, GodotProcesses, free_port, options
-from .test_shard_frames import BINARY, handshake_request, read_frame
+from .wsframes import BINARY, handshake_request, read_frame
 from .wsserver import run_with, until
 
 HEADER = struct.Struct("<Bii")

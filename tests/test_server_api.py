@@ -16,28 +16,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsfleet import Error, WebSocketServer
 from wsfleet.variant import Color, Vector2
 
-from .wsserver import Recorder, poll_until, run_with, start, until
+from .wsserver import Recorder, echo, poll_until, run_with, until, url
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def servers():
-    """Start servers with ``servers(...)``; every one is stopped at teardown."""
-    started: list[WebSocketServer] = []
-
-    def make(*args, **kwargs) -> WebSocketServer:
-        server = start(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
-def url(server: WebSocketServer, host: str = "127.0.0.1", scheme: str = "ws") -> str:
-    return f"{scheme}://{host}:{server.port}/any/path?x=1"
 
 
 # -- listen and its errors -------------------------------------------------------------
@@ -110,18 +91,6 @@ def test_bind_ip_limits_where_the_server_listens(servers) -> None:
 
 
 # -- peers, data, write modes ---------------------------------------------------------------
-
-
-def echo(server: WebSocketServer) -> None:
-    def on_data(peer_id: int) -> None:
-        peer = server.get_peer(peer_id)
-        packet = peer.get_packet()
-        peer.set_write_mode(
-            peer.WRITE_MODE_TEXT if peer.was_string_packet() else peer.WRITE_MODE_BINARY
-        )
-        assert peer.put_packet(packet) == Error.OK
-
-    server.connect("data_received", on_data)
 
 
 def test_text_and_binary_keep_their_kind_both_ways(servers) -> None:

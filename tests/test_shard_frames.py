@@ -12,12 +12,10 @@ import pytest
 from wsfleet import Error, WebSocketServer
 from wsfleet.loadtest.wsclient import build_frame
 
-from .test_server_api import echo
-from .wsserver import run_with, until
+from .wsframes import BINARY, CLOSE, CONT, PING, PONG, TEXT, handshake_request, read_frame
+from .wsserver import echo, run_with, until
 
 pytestmark = pytest.mark.timeout(60)
-
-TEXT, BINARY, CONT, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
 
 
 async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -32,17 +30,6 @@ async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    assert second & 0x80 == 0, "server frames are never masked"
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    return first & 0x0F, await reader.readexactly(length)
 
 
 async def read_data_frames(reader: asyncio.StreamReader, count: int) -> tuple[list, list]:
@@ -271,19 +258,6 @@ def test_messages_just_before_a_close_frame_are_delivered() -> None:
     finally:
         server.stop()
     assert received == [b"fast", b"fragment"]
-
-
-def handshake_request(port: int, *extra: str) -> bytes:
-    lines = [
-        "GET /some/path?x=1 HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",  # RFC 6455's example
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @pytest.mark.parametrize(

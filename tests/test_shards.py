@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from websockets.asyncio.client import connect
 
 from wsfleet.ipc import messages as m
 
-from .test_server_api import servers, url  # noqa: F401  (fixture)
-from .wsserver import Recorder, run_with, until
+from .wsserver import Recorder, run_with, until, url
 
 
 @pytest.mark.timeout(90)
@@ -42,9 +39,3 @@ def test_four_shards_share_two_hundred_connections(servers) -> None:  # noqa: F8
         per_shard[m.owner_of(peer_id, m.id_span(4))] += 1
     assert all(count > 0 for count in per_shard), per_shard
     assert len(set(recorder.connected_ids())) == 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,4 +1,9 @@
-"""Helpers for tests that run a real wsfleet server in this process and real clients."""
+"""Helpers for tests that run a real wsfleet server in this process and real clients.
+
+A plain helper module (not a test module): `start` a server, `echo` on it, its
+`url`, a `Recorder` of its signals, and waits (`until`, `run_with`, `poll_until`).
+The `servers` fixture (conftest.py) starts servers with `start` and stops them.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,24 @@ class Recorder:
 
     def connected_ids(self) -> list[int]:
         return [event[1] for event in self.named("connected")]
+
+
+def echo(server: WebSocketServer) -> None:
+    """Echo every packet back to its sender in the mode it came in (text or binary)."""
+
+    def on_data(peer_id: int) -> None:
+        peer = server.get_peer(peer_id)
+        packet = peer.get_packet()
+        peer.set_write_mode(
+            peer.WRITE_MODE_TEXT if peer.was_string_packet() else peer.WRITE_MODE_BINARY
+        )
+        assert peer.put_packet(packet) == Error.OK
+
+    server.connect("data_received", on_data)
+
+
+def url(server: WebSocketServer, host: str = "127.0.0.1", scheme: str = "ws") -> str:
+    return f"{scheme}://{host}:{server.port}/any/path?x=1"
 
 
 def start(shards: int = 2, protocols: tuple[str, ...] = (), **attributes: Any) -> WebSocketServer:
