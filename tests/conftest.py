@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.godot_setup"]
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
