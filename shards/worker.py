@@ -305,7 +305,7 @@ class Shard:
     # -- multiplayer relay ----------------------------------------------------------------
 
     def mp_frame(self, conn: PeerConnection, data: bytes) -> None:
-        """A frame from a client in multiplayer mode: check it, relay it (GODOT_PROTOCOL §4.2)."""
+        """A client frame in multiplayer mode: check it, relay it (docs/GODOT_WIRE.md §4.3)."""
         if len(data) < m.MP_HEADER_SIZE:
             self._mp_drops[0] += 1
             return
