@@ -344,10 +344,10 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
 
 
 def _option_names(message: str, parser: argparse.ArgumentParser) -> str:
-    """WebSocketServer's keyword names in ``message`` spelled as the options that set them."""
+    """``message`` (WebSocketServer's, naming its keywords) led by the option it is about."""
     for action in parser._actions:
-        if action.option_strings:
-            message = re.sub(rf"\b{action.dest}\b", action.option_strings[0], message)
+        if action.option_strings and re.search(rf"\b{action.dest}\b", message):
+            return f"{action.option_strings[0]}: {message}"
     return message
 
 
