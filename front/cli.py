@@ -45,6 +45,8 @@ from .server import (
 
 log = logging.getLogger("wsfleet")
 
+_TEXT, _BINARY = WebSocketPeer.WRITE_MODE_TEXT, WebSocketPeer.WRITE_MODE_BINARY
+_OUT_OF_MEMORY = Error.ERR_OUT_OF_MEMORY
 #: Exit status of every misuse (argparse's own).
 EXIT_USAGE = 2
 MAX_SHARDS = 1024
@@ -401,17 +403,18 @@ class Echo:
         self._logged_at = -math.inf
 
     def on_data(self, peer_id: int) -> None:
+        # The echo's hot path: per message, one dict lookup and one comparison more than
+        # an echo that drops what put_packet refuses.
         if peer_id in self.waiting:
             return  # its packets stay in its inbound queue until the kept one is out
         peer = self.server.get_peer(peer_id)
-        if peer is not None:
-            self._echo_queued(peer_id, peer)
-
-    def _echo_queued(self, peer_id: int, peer: WebSocketPeer) -> None:
+        if peer is None:
+            return
         while peer.get_available_packet_count():
             packet = peer.get_packet()
             text = peer.was_string_packet()
-            if not self._send(peer, packet, text):
+            peer.set_write_mode(_TEXT if text else _BINARY)
+            if peer.put_packet(packet) is _OUT_OF_MEMORY:
                 self.waiting[peer_id] = (packet, text)
                 self.waits += 1
                 self.total_waits += 1
@@ -421,8 +424,8 @@ class Echo:
     @staticmethod
     def _send(peer: WebSocketPeer, packet: bytes, text: bool) -> bool:
         """False when there is no room for it yet (any other error: the peer is leaving)."""
-        peer.set_write_mode(peer.WRITE_MODE_TEXT if text else peer.WRITE_MODE_BINARY)
-        return peer.put_packet(packet) != Error.ERR_OUT_OF_MEMORY
+        peer.set_write_mode(_TEXT if text else _BINARY)
+        return peer.put_packet(packet) is not _OUT_OF_MEMORY
 
     def retry(self) -> None:
         """Send the kept packets that fit now; called after every poll."""
@@ -432,7 +435,7 @@ class Echo:
                 del self.waiting[peer_id]  # gone: nobody left to send it to
             elif self._send(peer, packet, text):
                 del self.waiting[peer_id]
-                self._echo_queued(peer_id, peer)
+                self.on_data(peer_id)  # then what waited behind it
         if self.waits:
             self._log_waits()
 
