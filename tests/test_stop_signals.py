@@ -244,3 +244,63 @@ def test_sigterm_to_an_idle_process_group_is_one_orderly_stop(serve, attempt: in
     log = server.log()
     assert "restart" not in log and "Traceback" not in log and "given up" not in log, log
     assert port_is_free(server.port)
+
+
+#: A front with no SIGTERM handler of its own (Python's default: die at once).
+PLAIN_FRONT = """
+import sys, time
+from wsfleet import WebSocketServer, Error
+server = WebSocketServer(shards=2)
+def echo(peer_id):
+    peer = server.get_peer(peer_id)
+    peer.put_packet(peer.get_packet())
+server.connect("data_received", echo)
+assert server.listen(int(sys.argv[1])) == Error.OK
+print("listening", flush=True)
+while True:
+    server.poll(0.05)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_front_without_a_handler_dies_of_the_group_sigterm_and_the_rest_stops(
+    tmp_path,
+) -> None:
+    """Supervisor and shards ignore the SIGTERM; the front's death then stops them: 1001."""
+    port = free_port()
+    script = tmp_path / "front.py"
+    script.write_text(PLAIN_FRONT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    tree: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
+        clients = [RawClient("127.0.0.1", port) for _ in range(CLIENTS)]
+        for client in clients:
+            client.send(b"hello")
+            assert client.recv_frame() == (OP_BINARY, b"hello")
+        front = psutil.Process(proc.pid)
+        tree = [front, *front.children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGTERM)
+        results = read_all(clients)
+        assert proc.wait(15) == -signal.SIGTERM
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert alive == []
+        assert [code for _, code in results] == [1001] * CLIENTS
+        _, log = proc.communicate(timeout=10)
+        assert "restart" not in log and "Traceback" not in log, log
+        assert port_is_free(port)
+        for client in clients:
+            client.close_socket()
+    finally:
+        for process in tree or [psutil.Process(proc.pid)]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(10)
