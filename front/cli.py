@@ -418,7 +418,7 @@ class Echo:
                 self.waiting[peer_id] = (packet, text)
                 self.waits += 1
                 self.total_waits += 1
-                self._log_waits()
+                self.log_waits()
                 return
 
     @staticmethod
@@ -437,11 +437,12 @@ class Echo:
                 del self.waiting[peer_id]
                 self.on_data(peer_id)  # then what waited behind it
         if self.waits:
-            self._log_waits()
+            self.log_waits()
 
-    def _log_waits(self) -> None:
+    def log_waits(self, force: bool = False) -> None:
+        """Say how many packets waited since the last line, at most once per ``LOG_EVERY``."""
         now = time.monotonic()
-        if now - self._logged_at < self.LOG_EVERY:
+        if now - self._logged_at < self.LOG_EVERY and not force:
             return
         log.warning(
             "echo: %d packet(s) waited for room in a slow reader's outbound buffer "
@@ -554,6 +555,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except KeyboardInterrupt:
             pass
         server.stop()
+        if echo.waits:
+            echo.log_waits(force=True)
         log.info("stopped in %.2f s", time.monotonic() - started)
     return 0
 
