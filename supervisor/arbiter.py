@@ -9,6 +9,12 @@ when the front goes away.
 Lifetimes: the supervisor watches the front's lifeline (a pipe whose write
 end only the front holds), so even a SIGKILLed front ends it; each shard is
 created with ``PR_SET_PDEATHSIG`` so a SIGKILLed supervisor ends the shards.
+It imports the shards' code (and so uvloop and websockets) before forking,
+so that every (re)start is quick.  The listening sockets live here for the
+whole run: a restarted shard takes over its predecessor's socket, and
+connections that arrived in between wait in that socket's backlog instead of
+being refused.
+
 Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
 or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
 shards and the supervisor acted on it they would race the front's orderly stop
@@ -17,12 +23,6 @@ the front is gone (else the front's ``stop`` message follows), shards ignore
 SIGTERM and stop on ``worker.STOP_SIGNAL`` from the supervisor, and a shard that
 exits while the front is gone, while stopping, or with status 0 (it was told to
 stop) is never restarted.  A shard killed alone is restarted as before.
-
-It imports the shards' code (and so uvloop and websockets) before forking,
-so that every (re)start is quick.  The listening sockets live here for the
-whole run: a restarted shard takes
-over its predecessor's socket, and connections that arrived in between wait
-in that socket's backlog instead of being refused.
 """
 
 from __future__ import annotations
