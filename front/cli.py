@@ -1,16 +1,39 @@
 """The ``wsfleet`` command: ``wsfleet serve`` runs a server with a built-in application,
-``wsfleet loadtest`` drives load against any WebSocket URL (`wsfleet.loadtest.cli`)."""
+``wsfleet loadtest`` drives load against any WebSocket URL (`wsfleet.loadtest.cli`).
+
+Misuse never ends in a traceback: every bad option value, a host name that
+does not resolve, unreadable TLS files, a port in use... ends with one line
+on stderr (``wsfleet serve: error: ...``) and exit status 2.  The options are
+checked by their argparse types where the value alone tells, then together
+(`check_serve_args`), then by ``listen()``, whose own log lines are folded
+into that one line.
+
+The built-in echo (`Echo`) never loses a message it took: when
+``put_packet`` refuses (a peer reads slower than it sends), the echo keeps the
+packet, reads nothing more from that peer (its inbound queue fills and the
+front stops reading its socket: TCP pushes back on it) and sends the packet
+once there is room.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import signal
+import socket
+import ssl
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+from urllib.parse import urlsplit
 
 from . import __version__
 from .errors import Error
+from .peer import WebSocketPeer
 from .server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -22,9 +45,126 @@ from .server import (
 
 log = logging.getLogger("wsfleet")
 
+_TEXT, _BINARY = WebSocketPeer.WRITE_MODE_TEXT, WebSocketPeer.WRITE_MODE_BINARY
+_OUT_OF_MEMORY = Error.ERR_OUT_OF_MEMORY
+#: Exit status of every misuse (argparse's own).
+EXIT_USAGE = 2
+MAX_SHARDS = 1024
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # WebSocketServer's ceiling for max_message_size
+#: A subprotocol name is an HTTP token (RFC 6455 4.1, RFC 7230 3.2.6).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a misuse is one line (``PROG: error: MESSAGE``) and status 2, no usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def usage_error(message: str, prog: str = "wsfleet serve") -> int:
+    """Say what is wrong in one line; the status to exit with."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+# -- option types: each turns a string into a value or says in a few words why not ----------
+
+
+def _number(text: str, kind: Callable[[str], float]) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(_number(text, int))
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one): {value}")
+    return value
+
+
+def shard_count(text: str) -> int:
+    value = int(_number(text, int))
+    if not 1 <= value <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"shards are 1 to {MAX_SHARDS}: {value}")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        value = int(_number(text, int))
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+        return value
+
+    convert.__name__ = "integer"  # argparse names the type in some of its messages
+    return convert
+
+
+def message_size(text: str) -> int:
+    value = int(_number(text, int))
+    if not 1 <= value <= MAX_MESSAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_MESSAGE_SIZE} bytes: {value}")
+    return value
+
+
+def seconds(zero_means_off: bool) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        value = _number(text, float)
+        if value < 0 or (value == 0 and not zero_means_off):
+            raise argparse.ArgumentTypeError(
+                f"must be {'0 (off) or more' if zero_means_off else 'more than 0'}: {text}"
+            )
+        return value
+
+    convert.__name__ = "seconds"
+    return convert
+
+
+def protocol_list(text: str) -> list[str]:
+    """Comma-separated subprotocol names ("" for none); each an HTTP token."""
+    if not text.strip():
+        return []
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if not _TOKEN.fullmatch(name):
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not a subprotocol name (letters, digits and !#$%&'*+-.^_`|~; "
+                "comma-separated)"
+            )
+    return names
+
+
+def origin_list(text: str) -> list[str]:
+    """Comma-separated Origin values, each ``scheme://host[:port]`` (or ``null``)."""
+    origins = [origin.strip() for origin in text.split(",") if origin.strip()]
+    if not origins:
+        raise argparse.ArgumentTypeError("needs at least one origin, e.g. https://game.example")
+    for origin in origins:
+        if origin == "null":
+            continue
+        try:
+            parts = urlsplit(origin)
+            parts.port  # noqa: B018  (ValueError for a port that is not a number)
+            valid = bool(parts.scheme and parts.hostname) and not (
+                parts.path or parts.query or parts.fragment or parts.username
+            )
+        except ValueError:  # a bad port
+            valid = False
+        if not valid:
+            raise argparse.ArgumentTypeError(
+                f"{origin!r} is not an origin: scheme://host[:port], e.g. https://game.example"
+            )
+    return origins
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="wsfleet",
         description="Godot 3.2's WebSocketServer API over one worker process per core.",
     )
@@ -35,11 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a server: the built-in echo application, or with --gd-mp-api a relay for "
         "Godot 3.2 multiplayer games (Ctrl-C stops it)",
     )
-    serve.add_argument("--port", type=int, default=9080, help="TCP port (default 9080)")
-    serve.add_argument("--bind", default="*", help='address to listen on (default "*": all)')
-    serve.add_argument("--shards", type=int, default=None, help="worker processes (default: CPUs)")
     serve.add_argument(
-        "--protocols", default="", help="comma-separated subprotocols the server speaks"
+        "--port", type=port_number, default=9080, help="TCP port (default 9080; 0: any free one)"
+    )
+    serve.add_argument(
+        "--bind",
+        default="*",
+        help='address or host name to listen on (default "*": every address)',
+    )
+    serve.add_argument(
+        "--shards", type=shard_count, default=None, help="worker processes (default: CPUs)"
+    )
+    serve.add_argument(
+        "--protocols",
+        type=protocol_list,
+        default=[],
+        help="comma-separated subprotocols the server speaks",
     )
     serve.add_argument("--tls-cert", help="PEM certificate (chain) file: serve wss://")
     serve.add_argument("--tls-key", help="PEM private key file")
@@ -50,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--quiet", action="store_true", help="do not log connections")
     _add_limit_options(serve)
+    serve.set_defaults(serve_parser=serve)  # for messages that name its options
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
     loadtest = commands.add_parser(
         "loadtest",
@@ -66,21 +218,29 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("limits and protections")
     group.add_argument(
         "--max-peers",
-        type=int,
+        type=at_least(0),
         default=None,
         metavar="N",
-        help="peers over all shards; more handshakes get 503 (default: no limit)",
+        help="peers over all shards; more handshakes get 503 (default, or 0: no limit)",
     )
     group.add_argument(
         "--max-message-size",
-        type=int,
+        type=message_size,
         default=None,
         metavar="BYTES",
-        help="largest message a peer may send, else close 1009 (default 65536)",
+        help="largest message a peer may send, else close 1009 (default 65536, at most 16 MiB)",
+    )
+    group.add_argument(
+        "--max-buffered-bytes",
+        type=at_least(1),
+        default=None,
+        metavar="BYTES",
+        help="bytes sent and not yet handed to the kernel, over all peers; beyond it "
+        "put_packet refuses (default: WebSocketServer's)",
     )
     group.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds(zero_means_off=False),
         default=DEFAULT_HANDSHAKE_TIMEOUT,
         metavar="S",
         help="seconds from accept to upgrade, else dropped "
@@ -88,13 +248,14 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=at_least(1),
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="BYTES",
         help=f"upgrade request size, else 431 (default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     group.add_argument(
         "--allowed-origins",
+        type=origin_list,
         default=None,
         metavar="ORIGINS",
         help="comma-separated Origin values accepted, others get 403 (default: any)",
@@ -106,14 +267,14 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--ping-interval",
-        type=float,
+        type=seconds(zero_means_off=True),
         default=DEFAULT_PING_INTERVAL,
         metavar="S",
         help=f"ping every peer every S seconds; 0: off (default {DEFAULT_PING_INTERVAL:g})",
     )
     group.add_argument(
         "--ping-timeout",
-        type=float,
+        type=seconds(zero_means_off=True),
         default=DEFAULT_PING_TIMEOUT,
         metavar="S",
         help="close with 1011 a peer whose pong is this late; 0: never "
@@ -124,56 +285,230 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         choices=SLOW_CONSUMER_CLOSE_CODES,
-        help="close a peer whose outbound buffer is full with this code (default: keep it, "
-        "drop the echo)",
+        help="close a peer whose outbound buffer is full with this code (default: keep it; "
+        "the echo waits for room)",
     )
+
+
+# -- checks of options together, before anything starts -----------------------------------
+
+
+def resolve(host: str) -> list[str]:
+    """Every address ``host`` (a name or an IP) stands for; OSError when it resolves to none."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    return addresses
+
+
+def url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 address in brackets (``ws://[::1]:9080``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _read_pem(option: str, path: str) -> str | None:
+    """None, or why ``path`` cannot be the PEM file ``option`` names."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read()
+    except OSError as exc:
+        return f"cannot read {option} {path}: {exc.strerror or exc}"
+    if b"-----BEGIN" not in text:
+        return f"{option} {path} is not a PEM file"
+    return None
+
+
+def check_serve_args(args: argparse.Namespace) -> str | None:
+    """None when the options make sense together, else the one line that says why not."""
+    if args.require_origin and args.allowed_origins is None:
+        return "--require-origin needs --allowed-origins"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_cert:
+        for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            problem = _read_pem(option, path)
+            if problem:
+                return problem
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return f"cannot use --tls-cert/--tls-key: {getattr(exc, 'reason', None) or exc}"
+    if args.bind != "*":
+        try:
+            resolve(args.bind)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return f"--bind {args.bind}: cannot resolve it: {reason}"
+    return None
+
+
+def _option_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` (WebSocketServer's, naming its keywords) led by the option it is about."""
+    for action in parser._actions:
+        if action.option_strings and re.search(rf"\b{action.dest}\b", message):
+            return f"{action.option_strings[0]}: {message}"
+    return message
 
 
 def server_from_args(args: argparse.Namespace) -> WebSocketServer:
     """A server configured by `wsfleet serve`'s options (ValueError for a bad limit)."""
-    origins = args.allowed_origins
-    return WebSocketServer(
+    # Given only when set, so that WebSocketServer's own default applies otherwise.
+    extra = {}
+    if args.max_buffered_bytes is not None:
+        extra["max_buffered_bytes"] = args.max_buffered_bytes
+    server = WebSocketServer(
         shards=args.shards,
         handshake_timeout=args.handshake_timeout,
         max_peers=args.max_peers,
         max_message_size=args.max_message_size,
         max_request_bytes=args.max_request_bytes,
-        allowed_origins=None if origins is None else [o for o in origins.split(",") if o.strip()],
+        allowed_origins=args.allowed_origins,
         require_origin=args.require_origin,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         slow_consumer_close_code=args.slow_consumer_close_code,
+        **extra,
     )
+    # The echo sends back the largest message it accepts (by default the 64 KiB inbound
+    # buffer): room for one in the outbound buffer, where put_packet refuses at size >= limit.
+    largest = args.max_message_size or 64 * 1024
+    server.set_buffers(64, 1024, largest // 1024 + 1, 1024)
+    return server
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Echo every message back to its sender, in the same write mode (text/binary)."""
+# -- the built-in echo ---------------------------------------------------------------------
+
+
+class Echo:
+    """Every message back to its sender, in its write mode (text/binary); none lost.
+
+    A packet ``put_packet`` refuses (``ERR_OUT_OF_MEMORY``: the peer's outbound
+    buffer is full, it reads slower than it sends) is kept, and nothing more is
+    taken from that peer: what it sends waits in its inbound queue, whose
+    limit makes the front stop reading from its socket.  `retry` (every poll
+    tick) sends it once there is room, then goes on with the queue.  Waits
+    are counted and logged at most once per ``LOG_EVERY`` seconds.
+    """
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self.server = server
+        self.waiting: dict[int, tuple[bytes, bool]] = {}  # peer id -> (packet, was text)
+        self.waits = 0  # since the last log line
+        self.total_waits = 0
+        self._logged_at = -math.inf
+
+    def on_data(self, peer_id: int) -> None:
+        # The echo's hot path: per message, one dict lookup and one comparison more than
+        # an echo that drops what put_packet refuses.
+        if peer_id in self.waiting:
+            return  # its packets stay in its inbound queue until the kept one is out
+        peer = self.server.get_peer(peer_id)
+        if peer is None:
+            return
+        while peer.get_available_packet_count():
+            packet = peer.get_packet()
+            text = peer.was_string_packet()
+            peer.set_write_mode(_TEXT if text else _BINARY)
+            if peer.put_packet(packet) is _OUT_OF_MEMORY:
+                self.waiting[peer_id] = (packet, text)
+                self.waits += 1
+                self.total_waits += 1
+                self.log_waits()
+                return
+
+    @staticmethod
+    def _send(peer: WebSocketPeer, packet: bytes, text: bool) -> bool:
+        """False when there is no room for it yet (any other error: the peer is leaving)."""
+        peer.set_write_mode(_TEXT if text else _BINARY)
+        return peer.put_packet(packet) is not _OUT_OF_MEMORY
+
+    def retry(self) -> None:
+        """Send the kept packets that fit now; called after every poll."""
+        for peer_id, (packet, text) in list(self.waiting.items()):
+            peer = self.server.get_peer(peer_id)
+            if peer is None or not peer.is_connected_to_host():
+                del self.waiting[peer_id]  # gone: nobody left to send it to
+            elif self._send(peer, packet, text):
+                del self.waiting[peer_id]
+                self.on_data(peer_id)  # then what waited behind it
+        if self.waits:
+            self.log_waits()
+
+    def log_waits(self, force: bool = False) -> None:
+        """Say how many packets waited since the last line, at most once per ``LOG_EVERY``."""
+        now = time.monotonic()
+        if now - self._logged_at < self.LOG_EVERY and not force:
+            return
+        log.warning(
+            "echo: %d packet(s) waited for room in a slow reader's outbound buffer "
+            "(%d peer(s) waiting now; none dropped)",
+            self.waits,
+            len(self.waiting),
+        )
+        self.waits = 0
+        self._logged_at = now
+
+
+#: How long a stop waits for the echo's kept packets to go out.
+STOP_FLUSH_SECONDS = 1.0
+
+
+@contextmanager
+def folded_errors() -> Iterator[list[str]]:
+    """Hold back the error lines logged inside (listen's), to be said in one line instead."""
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            held.append(record.getMessage())
+            return False
+        return True
+
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Echo every message back to its sender (or relay, with ``--gd-mp-api``) until a signal."""
+    problem = check_serve_args(args)
+    if problem:
+        return usage_error(problem)
     try:
         server = server_from_args(args)
     except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    server.bind_ip = args.bind
-    if bool(args.tls_cert) != bool(args.tls_key):
-        log.error("--tls-cert and --tls-key go together")
-        return 2
+        return usage_error(_option_names(str(exc), parser))
+    try:
+        server.bind_ip = args.bind
+    except ValueError:
+        # bind_ip takes IP addresses only (host names: a later version): the name's first
+        # address, IPv4 first, so "localhost" serves 127.0.0.1.
+        addresses = sorted(resolve(args.bind), key=lambda address: ":" in address)
+        server.bind_ip = addresses[0]
     if args.tls_cert:
         server.ssl_certificate, server.private_key = args.tls_cert, args.tls_key
-    protocols = [p for p in args.protocols.split(",") if p.strip()]
 
-    def on_data(peer_id: int) -> None:
-        peer = server.get_peer(peer_id)
-        while peer.get_available_packet_count():
-            packet = peer.get_packet()
-            peer.set_write_mode(
-                peer.WRITE_MODE_TEXT if peer.was_string_packet() else peer.WRITE_MODE_BINARY
-            )
-            peer.put_packet(packet)
+    echo = Echo(server)
 
     def on_mp_packet(peer_id: int) -> None:
         # A pure relay: packets addressed to the server itself are read and let go.
         while server.get_available_packet_count():
             server.get_packet()
+
+    def log_connect(peer_id: int) -> None:
+        protocol = server.get_peer(peer_id).protocol
+        address, port = server.get_peer_address(peer_id), server.get_peer_port(peer_id)
+        log.info("peer %d connected from %s:%d %s", peer_id, address, port, protocol)
 
     if args.gd_mp_api:
         server.connect("peer_packet", on_mp_packet)
@@ -181,7 +516,7 @@ def serve(args: argparse.Namespace) -> int:
             server.connect("peer_connected", lambda peer_id: log.info("peer %d joined", peer_id))
             server.connect("peer_disconnected", lambda peer_id: log.info("peer %d left", peer_id))
     else:
-        server.connect("data_received", on_data)
+        server.connect("data_received", echo.on_data)
         if not args.quiet:
             server.connect("client_connected", lambda peer_id, protocol: log_connect(peer_id))
             server.connect(
@@ -189,37 +524,46 @@ def serve(args: argparse.Namespace) -> int:
                 lambda peer_id, clean: log.info("peer %d left (clean: %s)", peer_id, clean),
             )
 
-    def log_connect(peer_id: int) -> None:
-        protocol = server.get_peer(peer_id).protocol
-        address, port = server.get_peer_address(peer_id), server.get_peer_port(peer_id)
-        log.info("peer %d connected from %s:%d %s", peer_id, address, port, protocol)
-
-    stopping = []
+    stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    error = server.listen(args.port, protocols, gd_mp_api=args.gd_mp_api)
+    with folded_errors() as held:
+        error = server.listen(args.port, args.protocols, gd_mp_api=args.gd_mp_api)
     if error != Error.OK:
-        log.error("cannot listen on port %d: %s", args.port, error.name)
-        return 1
-    scheme = "wss" if args.tls_cert else "ws"
+        reason = held[0].removeprefix("listen: ") if held else "listen() failed"
+        return usage_error(f"{reason} ({error.name})")
     log.info(
-        "wsfleet %s: %s on %s://%s:%d with %d shards (Ctrl-C stops)",
+        "wsfleet %s: %s on %s with %d shards (Ctrl-C stops)",
         __version__,
         "multiplayer relay" if args.gd_mp_api else "echo",
-        scheme,
-        args.bind,
-        server.port,
+        url("wss" if args.tls_cert else "ws", args.bind, server.port),
         server.shards,
     )
     try:
         while not stopping:
             server.poll(0.05)
+            if echo.waiting:
+                echo.retry()
     except KeyboardInterrupt:
         pass
     finally:
         started = time.monotonic()
+        try:
+            # The kept echoes were accepted: give them a moment to go out before the close.
+            while echo.waiting and time.monotonic() - started < STOP_FLUSH_SECONDS:
+                server.poll(0.01)
+                echo.retry()
+        except KeyboardInterrupt:
+            pass
         server.stop()
+        if echo.waits:
+            echo.log_waits(force=True)
         log.info("stopped in %.2f s", time.monotonic() - started)
     return 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The parser of ``wsfleet serve`` alone (its tests walk its options)."""
+    return build_parser().parse_args(["serve"]).serve_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.quiet:
             logging.getLogger("wsfleet").setLevel(logging.WARNING)
-        return serve(args)
+        return serve(args, args.serve_parser)
     if args.command == "loadtest":
         from .loadtest.cli import main as loadtest
 

@@ -3,7 +3,7 @@
 Layout (all little-endian, every item padded to a multiple of 4 bytes): a u32 header whose
 low byte is the type id (Godot 3.x decodes ``header & 0xFF``; the other bits are ignored
 except bit 16, the 64-bit flag of INT/REAL and the "object as id" flag of OBJECT), then the
-payload. See ``shared/GODOT_PROTOCOL.md`` section 5 and ``GODOT_API.md`` section 2a.
+payload. See ``docs/GODOT_VARIANT.md`` (the format, its quirks and the test vectors).
 
 Python mapping:
 

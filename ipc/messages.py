@@ -61,7 +61,7 @@ FLAG_TEXT = 1
 FLAG_CLEAN = 1
 FLAG_FAIL = 1
 
-# -- Godot's multiplayer header (GODOT_PROTOCOL.md §4) ----------------------------------
+# -- Godot's multiplayer header (docs/GODOT_WIRE.md §4) ---------------------------------
 
 MP_HEADER = struct.Struct("<Bii")  # type, from, to
 MP_HEADER_SIZE = MP_HEADER.size  # 9

@@ -5,7 +5,7 @@
         [--server-cpus 0] [--client-cpus 1] [--server NAME=COMMAND ...] [--godot BIN]
         [--godot-script FILE] [--godot-sleep-usec 0] [--only NAMES] [--json FILE]
 
-The clients speak the multiplayer header (GODOT_PROTOCOL.md section 4: u8 type,
+The clients speak the multiplayer header (docs/GODOT_WIRE.md §4.1: u8 type,
 i32 from, i32 to, then the payload) over `wsclient.WSConnection`. Each learns its
 id from SYS_ID and the other peers from SYS_ADD/SYS_DEL, and then sends frames:
 

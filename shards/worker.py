@@ -55,6 +55,10 @@ log = logging.getLogger("wsfleet.shard")
 
 #: Exit status of a shard that cannot start (bad TLS files...): do not restart it.
 EXIT_BOOT_FAILED = 3
+#: The supervisor's order to stop: close every peer with 1001, exit 0.  Not SIGTERM:
+#: that one reaches every process of the group at once (systemctl stop, kill -TERM
+#: -PGID) and the front must drive the stop, so shards ignore it (see supervisor.arbiter).
+STOP_SIGNAL = signal.SIGUSR1
 _PR_SET_PDEATHSIG = 1
 GRACEFUL_CLOSE_SECONDS = 2.0
 #: Bounds of the keepalive sweep's period (1/16 of the shorter of interval and timeout):
@@ -301,7 +305,7 @@ class Shard:
     # -- multiplayer relay ----------------------------------------------------------------
 
     def mp_frame(self, conn: PeerConnection, data: bytes) -> None:
-        """A frame from a client in multiplayer mode: check it, relay it (GODOT_PROTOCOL §4.2)."""
+        """A client frame in multiplayer mode: check it, relay it (docs/GODOT_WIRE.md §4.3)."""
         if len(data) < m.MP_HEADER_SIZE:
             self._mp_drops[0] += 1
             return
@@ -415,12 +419,12 @@ class Shard:
 
         Whatever the front sent before it asked to stop is in the commands ring
         by now (it fills the ring before it tells the supervisor, which then
-        sends SIGTERM), but the `RingReader` may not have taken it yet (the
+        sends `STOP_SIGNAL`), but the `RingReader` may not have taken it yet (the
         signal can win the race, and it drains a long ring over several loop
         iterations): it is written first, so those packets precede the close frame.
-        Bounded: when the SIGTERM came from elsewhere, a front that is not stopping
-        may keep pushing (``time.monotonic``: uvloop's ``loop.time()`` stands still
-        inside a callback).
+        Bounded: when the supervisor stops us because the front died, nothing more
+        comes, but a bound costs nothing (``time.monotonic``: uvloop's ``loop.time()``
+        stands still inside a callback).
         """
         if self.server is not None:
             self.server.close()
@@ -476,7 +480,10 @@ def run(
     _die_with_parent()
     if os.getppid() != supervisor_pid:
         return 1  # the supervisor died before the death signal was armed
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
+    # Ctrl-C and a group-wide SIGTERM are the front's to handle: it makes the supervisor send
+    # STOP_SIGNAL once every packet it sent is in the commands ring.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="wsfleet shard %(message)s", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per connection
     try:
@@ -490,7 +497,7 @@ def run(
     shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state)
     reader = RingReader(loop, shard.commands, shard.on_commands)
     stopping = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, lambda: stopping.done() or stopping.set_result(None))
+    loop.add_signal_handler(STOP_SIGNAL, lambda: stopping.done() or stopping.set_result(None))
 
     async def serve() -> None:
         shard.server = await loop.create_server(
@@ -504,8 +511,8 @@ def run(
         shard.start_keepalive()
         reader.start()
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop
-        # drops a signal that arrives before (a pending SIGTERM is handled right here).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        # drops a signal that arrives before (a pending STOP_SIGNAL is handled right here).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, STOP_SIGNAL})
         await stopping
         await shard.close_gracefully()
 

@@ -11,9 +11,18 @@ end only the front holds), so even a SIGKILLed front ends it; each shard is
 created with ``PR_SET_PDEATHSIG`` so a SIGKILLed supervisor ends the shards.
 It imports the shards' code (and so uvloop and websockets) before forking,
 so that every (re)start is quick.  The listening sockets live here for the
-whole run: a restarted shard takes
-over its predecessor's socket, and connections that arrived in between wait
-in that socket's backlog instead of being refused.
+whole run: a restarted shard takes over its predecessor's socket, and
+connections that arrived in between wait in that socket's backlog instead of
+being refused.
+
+Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
+or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
+shards and the supervisor acted on it they would race the front's orderly stop
+(queued packets first, then 1001).  So the supervisor acts on SIGTERM only once
+the front is gone (else the front's ``stop`` message follows), shards ignore
+SIGTERM and stop on ``worker.STOP_SIGNAL`` from the supervisor, and a shard that
+exits while the front is gone, while stopping, or with status 0 (it was told to
+stop) is never restarted.  A shard killed alone is restarted as before.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ from typing import Any
 
 from wsfleet.ipc import ShardState, SharedRing, control
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.lifeline import has_ended
 from wsfleet.shards import worker
-from wsfleet.shards.worker import EXIT_BOOT_FAILED
+from wsfleet.shards.worker import EXIT_BOOT_FAILED, STOP_SIGNAL
 
 log = logging.getLogger("wsfleet.supervisor")
 
@@ -126,11 +136,13 @@ class Arbiter:
             received = os.read(self._wakeup_r, 512)
         except BlockingIOError:
             return False
-        if signal.SIGTERM in received:
+        if signal.SIGTERM in received and has_ended(self.front_lifeline):
             log.info("SIGTERM: stopping the shards")
-            self.stop(STOP_GRACE_SECONDS)
+            self.stop(FRONT_GONE_GRACE_SECONDS)
             return True
-        return False  # SIGCHLD: reap() already ran
+        # SIGCHLD: reap() already ran. SIGTERM while the front lives: it went to the whole
+        # process group (systemctl stop, kill -TERM -PGID), and the front's stop follows.
+        return False
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wakeup_w)
@@ -155,13 +167,15 @@ class Arbiter:
         slot.generation += 1
         slot.restart_at = None
         supervisor_pid = os.getpid()
-        # A SIGTERM that reached the child before it replaced our handlers would be
-        # swallowed by them: the child starts with it blocked, and the shard unblocks
-        # it once its own handler is in place (a pending one is then handled).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        # A signal that reached the child before it replaced our handlers would be
+        # swallowed by them (SIGTERM: written to our wakeup fd) or kill it (STOP_SIGNAL's
+        # default action): the child starts with both blocked, and the shard unblocks
+        # them once its own handlers are in place (a pending stop is then handled).
+        blocked = {signal.SIGTERM, STOP_SIGNAL}
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         pid = os.fork()
         if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         if pid == 0:  # the shard
             status = 1
             try:
@@ -199,8 +213,8 @@ class Arbiter:
     def _become_shard(self, slot: ShardSlot) -> None:
         """In the forked child: drop what belongs to the supervisor."""
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the front drives the stop (see above)
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         os.close(self.front_lifeline)
@@ -238,20 +252,24 @@ class Arbiter:
             self.state.set_peers(slot.index, 0)
             code = os.waitstatus_to_exitcode(status)
             self._notify({"type": "shard_down", "shard": slot.index, "pid": pid, "exit": code})
-            if not self.stopping:
-                self._schedule_restart(slot, code)
+            if self.stopping or has_ended(self.front_lifeline):
+                continue  # the stop (ours, or the loop's once it sees the lifeline) is under way
+            self._schedule_restart(slot, code)
 
     def _schedule_restart(self, slot: ShardSlot, code: int) -> None:
         now = time.monotonic()
         slot.deaths.append(now)
         while slot.deaths and now - slot.deaths[0] > CRASH_WINDOW_SECONDS:
             slot.deaths.popleft()
-        if code == EXIT_BOOT_FAILED or len(slot.deaths) > CRASH_LIMIT:
-            reason = (
-                "it cannot boot"
-                if code == EXIT_BOOT_FAILED
-                else f"it died {len(slot.deaths)} times in {CRASH_WINDOW_SECONDS:.0f} s"
-            )
+        # A shard exits with 0 only once told to stop (STOP_SIGNAL): one that was told so
+        # by someone else than us is not brought back behind the sender's back.
+        if code in (0, EXIT_BOOT_FAILED) or len(slot.deaths) > CRASH_LIMIT:
+            if code == EXIT_BOOT_FAILED:
+                reason = "it cannot boot"
+            elif code == 0:
+                reason = "it was stopped from outside the server (exit status 0)"
+            else:
+                reason = f"it died {len(slot.deaths)} times in {CRASH_WINDOW_SECONDS:.0f} s"
             log.error("shard %d given up: %s", slot.index, reason)
             slot.failed = True
             slot.listen_sock.close()  # the kernel stops sending it connections
@@ -269,11 +287,14 @@ class Arbiter:
                 self.spawn(slot)
 
     def stop(self, grace: float) -> None:
-        """SIGTERM every shard (they close their peers: 1001), SIGKILL what outlives ``grace``."""
+        """Tell every shard to stop (they close their peers: 1001); SIGKILL what outlives ``grace``.
+
+        `STOP_SIGNAL`, not SIGTERM, which shards ignore (see the module docstring).
+        """
         self.stopping = True
         for slot in self.slots:
             if slot.pid:
-                os.kill(slot.pid, signal.SIGTERM)
+                os.kill(slot.pid, STOP_SIGNAL)
         deadline = time.monotonic() + grace
         while any(slot.pid for slot in self.slots) and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -31,6 +31,8 @@ from wsfleet import WebSocketServer
 
 from .wsserver import start
 
+pytest_plugins = ["tests.godot_setup"]
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 

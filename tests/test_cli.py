@@ -1,19 +1,33 @@
-"""`wsfleet serve`: the echo server from the command line, and how it stops."""
+"""`wsfleet serve`: the echo server from the command line, how it stops, how it refuses misuse.
+
+Every misuse is one line on stderr and status 2: `BAD_VALUES` holds bad values
+for every option of ``wsfleet serve``, and a test walks the parser so that a
+new option without its bad values fails.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from wsfleet.cli import resolve, serve_parser, url
+
 from .conftest import connect_when_up, free_port
+from .rawclient import OP_BINARY, OP_TEXT, RawClient
 
 
 @pytest.mark.timeout(60)
@@ -64,8 +78,8 @@ def test_serve_reports_a_port_in_use() -> None:
             text=True,
             timeout=20,
         )
-    assert result.returncode == 1
-    assert "ERR_ALREADY_IN_USE" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "ERR_ALREADY_IN_USE" in result.stderr
 
 
 @pytest.mark.timeout(60)
@@ -100,3 +114,308 @@ def test_serve_gd_mp_api_is_a_multiplayer_relay() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- misuse: one line, status 2, for a bad value of every option -------------------------
+
+#: Bad values of each `wsfleet serve` option. ``{cert}``, ``{key}``, ``{other_key}`` and
+#: ``{dir}`` name files of the `tls_files` fixture; ``{in_use}`` a port another socket holds.
+BAD_VALUES: dict[str, list[list[str]]] = {
+    "--port": [["--port", "-1"], ["--port", "70000"], ["--port", "x"], ["--port", "{in_use}"]],
+    "--bind": [
+        ["--bind", "nosuch.invalid"],
+        ["--bind", "999.1.1.1"],
+        ["--bind", "192.0.2.1"],  # TEST-NET-1: an address of no interface here
+        ["--bind", ""],
+    ],
+    "--shards": [["--shards", "0"], ["--shards", "-1"], ["--shards", "two"], ["--shards", "1e9"]],
+    "--protocols": [["--protocols", "chat room"], ["--protocols", "chat,,other"]],
+    "--tls-cert": [
+        ["--tls-cert", "{cert}"],
+        ["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "{key}"],
+        ["--tls-cert", "{dir}", "--tls-key", "{key}"],
+        ["--tls-cert", "/etc/hostname", "--tls-key", "{key}"],
+        ["--tls-cert", "{cert}", "--tls-key", "{other_key}"],
+    ],
+    "--tls-key": [
+        ["--tls-key", "{key}"],
+        ["--tls-cert", "{cert}", "--tls-key", "/nonexistent/key.pem"],
+        ["--tls-cert", "{cert}", "--tls-key", "{cert}"],  # no private key in it
+    ],
+    "--gd-mp-api": [["--gd-mp-api=yes"]],
+    "--quiet": [["--quiet=1"]],
+    "--max-peers": [["--max-peers", "-1"], ["--max-peers", "many"], ["--max-peers", "1.5"]],
+    "--max-message-size": [
+        ["--max-message-size", "0"],
+        ["--max-message-size", "-1"],
+        ["--max-message-size", "16777217"],
+        ["--max-message-size", "1MiB"],
+    ],
+    "--max-buffered-bytes": [
+        ["--max-buffered-bytes", "0"],
+        ["--max-buffered-bytes", "-5"],
+        ["--max-buffered-bytes", "lots"],
+    ],
+    "--handshake-timeout": [
+        ["--handshake-timeout", "0"],
+        ["--handshake-timeout", "-1"],
+        ["--handshake-timeout", "soon"],
+        ["--handshake-timeout", "inf"],
+        ["--handshake-timeout", "nan"],
+    ],
+    "--max-request-bytes": [
+        ["--max-request-bytes", "10"],
+        ["--max-request-bytes", "0"],
+        ["--max-request-bytes", "8k"],
+    ],
+    "--allowed-origins": [
+        ["--allowed-origins", ""],
+        ["--allowed-origins", "game.example"],
+        ["--allowed-origins", "https://game.example/path"],
+        ["--allowed-origins", "https://game.example:port"],
+    ],
+    "--require-origin": [["--require-origin"], ["--require-origin=1"]],
+    "--ping-interval": [
+        ["--ping-interval", "-1"],
+        ["--ping-interval", "x"],
+        ["--ping-interval", "nan"],
+    ],
+    "--ping-timeout": [["--ping-timeout", "-0.5"], ["--ping-timeout", "inf"]],
+    "--slow-consumer-close-code": [
+        ["--slow-consumer-close-code", "1000"],
+        ["--slow-consumer-close-code", "x"],
+    ],
+}
+
+#: Misuse of the command itself rather than of one option.
+BAD_COMMANDS: list[list[str]] = [["bogus"], ["serve", "extra"], ["serve", "--no-such-option"]]
+
+
+def serve_options() -> set[str]:
+    """Every option of ``wsfleet serve`` but --help, from the parser itself."""
+    return {
+        action.option_strings[-1]
+        for action in serve_parser()._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    }
+
+
+def test_every_serve_option_has_bad_values() -> None:
+    assert serve_options() == set(BAD_VALUES)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    import trustme
+
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    other = ca.issue_cert("localhost")
+    files = {
+        "cert": folder / "cert.pem",
+        "key": folder / "key.pem",
+        "other_key": folder / "other-key.pem",
+    }
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    other.private_key_pem.write_to_path(files["other_key"])
+    return {**{name: str(path) for name, path in files.items()}, "dir": str(folder)}
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def run_wsfleet(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
+    """``wsfleet ARGV...``; a server that starts anyway is ended by the timeout (a failure)."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsfleet", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_and_status_2(result: subprocess.CompletedProcess) -> None:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1 and "error:" in lines[0], lines
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize(
+    "bad", [case for cases in BAD_VALUES.values() for case in cases], ids=" ".join
+)
+def test_a_bad_serve_option_is_one_line_and_status_2(
+    bad: list[str], tls_files: dict[str, str], port_in_use: int
+) -> None:
+    values = {**tls_files, "in_use": str(port_in_use)}
+    argv = ["serve", "--port", str(free_port()), "--shards", "1"]
+    argv += [part.format(**values) for part in bad]
+    assert_one_line_and_status_2(run_wsfleet(argv))
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("argv", BAD_COMMANDS, ids=" ".join)
+def test_a_bad_command_is_one_line_and_status_2(argv: list[str]) -> None:
+    assert_one_line_and_status_2(run_wsfleet(argv))
+
+
+# -- --bind with a host name, and URLs ------------------------------------------------------
+
+
+def test_urls_put_ipv6_addresses_in_brackets() -> None:
+    assert url("ws", "::1", 9080) == "ws://[::1]:9080"
+    assert url("wss", "fe80::1%eth0", 443) == "wss://[fe80::1%eth0]:443"
+    assert url("ws", "127.0.0.1", 9080) == "ws://127.0.0.1:9080"
+    assert url("ws", "localhost", 1) == "ws://localhost:1"
+    assert url("ws", "[::1]", 2) == "ws://[::1]:2"
+
+
+class Serving:
+    """``wsfleet serve ARGV...`` in its own session, its stderr read by a thread."""
+
+    def __init__(self, *argv: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wsfleet", "serve", *argv],
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def connect(self, host: str, port: int, **kwargs) -> RawClient:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return RawClient(host, port, **kwargs)
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> str:
+        """SIGTERM, status 0, and the log."""
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(True)]
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(15) == 0
+        psutil.wait_procs(tree, timeout=5)
+        self._reader.join(10)
+        return "\n".join(self.lines)
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            for process in psutil.Process(self.proc.pid).children(True):
+                process.kill()
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def serving() -> Iterator[type[Serving]]:
+    started: list[Serving] = []
+
+    def start(*argv: str) -> Serving:
+        started.append(Serving(*argv))
+        return started[-1]
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        server.end()
+
+
+def echo_once(client: RawClient) -> None:
+    client.send(b"ping over " + str(client.sock.getpeername()).encode())
+    opcode, payload = client.recv_frame()
+    assert (opcode, payload) == (OP_BINARY, b"ping over " + str(client.sock.getpeername()).encode())
+
+
+@pytest.mark.timeout(60)
+def test_bind_localhost_serves_on_every_address_localhost_has(serving) -> None:
+    """Needs WebSocketServer.bind_ip to take host names for ::1 (where localhost has it)."""
+    port = free_port()
+    server = serving("--bind", "localhost", "--port", str(port), "--shards", "1")
+    addresses = resolve("localhost")
+    assert "127.0.0.1" in addresses
+    for address in addresses:
+        client = server.connect(address, port)
+        echo_once(client)
+        client.close_socket()
+    log = server.stop()
+    assert f"echo on ws://localhost:{port} with 1 shards" in log
+
+
+@pytest.mark.timeout(60)
+def test_bind_ipv6_loopback_prints_the_url_in_brackets(serving) -> None:
+    port = free_port()
+    server = serving("--bind", "::1", "--port", str(port), "--shards", "1")
+    client = server.connect("::1", port)
+    echo_once(client)
+    client.close_socket()
+    assert f"echo on ws://[::1]:{port} with 1 shards" in server.stop()
+
+
+# -- the echo never drops what it accepted ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["binary", "text"])
+def test_the_echo_keeps_every_message_for_a_slow_reader(serving, mode: str) -> None:
+    """A client that stops reading while the server echoes ~6 MB gets all of it, in order."""
+    port = free_port()
+    server = serving("--port", str(port), "--shards", "2", "--quiet")
+    client = server.connect("127.0.0.1", port, rcvbuf=4096, timeout=60)
+    count, size = 200, 30000
+    opcode = OP_BINARY if mode == "binary" else OP_TEXT
+    messages = [(b"%05d" % n) + bytes([65 + n % 26]) * size for n in range(count)]
+
+    def send_all() -> None:  # blocks while the server, waiting for us, stops reading
+        for message in messages:
+            client.send(message, opcode)
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    time.sleep(3)  # not reading: the echo fills our buffers and the server's, then waits
+    received: list[bytes] = []
+    while len(received) < count:
+        got_opcode, payload = client.recv_frame()
+        assert got_opcode == opcode
+        received.append(payload)
+    sender.join(30)
+    assert not sender.is_alive()
+    assert received == messages  # every one, in order, intact
+    client.close_socket()
+    log = server.stop()
+    assert "waited for room in a slow reader's outbound buffer" in log and "none dropped" in log
+    # Rate-limited: the first wait says so at once, the rest within 10 s at the stop.
+    assert log.count("waited for room") <= 2, log
+
+
+@pytest.mark.timeout(90)
+def test_the_echo_returns_a_message_of_the_largest_accepted_size(serving) -> None:
+    port = free_port()
+    largest = 2 * 1024 * 1024
+    server = serving("--port", str(port), "--shards", "1", "--max-message-size", str(largest))
+    client = server.connect("127.0.0.1", port, timeout=60)
+    message = os.urandom(largest)
+    client.send(message)
+    assert client.recv_frame() == (OP_BINARY, message)
+    client.close_socket()
+    server.stop()

@@ -2,7 +2,7 @@
 high-level multiplayer API, checked on the wire with real sockets.
 
 Every frame in this mode is binary with a 9-byte header (u8 type, i32 from, i32 to,
-little-endian); see GODOT_PROTOCOL.md sections 4 and 6. The clients here are plain
+little-endian); see docs/GODOT_WIRE.md sections 4 and 5. The clients here are plain
 ``websockets`` clients that speak that header; the server runs in this process with
 2 shards and is polled from the test's event loop. Tests that need peers on both
 shards open clients until ``get_peer_shard`` shows both shards hold some (bounded).
@@ -12,8 +12,8 @@ unicast marker to every other client and to the server, and the server sends one
 to every client. Delivery is in order per sender and receiver, so once every marker
 has arrived, anything sent before it that was going to arrive has arrived.
 
-The relay oracle is `recipients`: GODOT_PROTOCOL.md section 4.2 with wsfleet's one
-deviation (section 6): ``to = -1`` is not delivered to the server. The last test
+The relay oracle is `recipients`: docs/GODOT_WIRE.md section 4.3 with wsfleet's one
+deviation (section 5): ``to = -1`` is not delivered to the server. The last test
 checks that oracle, the system message order and the dropping of invalid frames
 against Godot 3.2.3's own server (``godot3-server`` running tests/godot/mp_server.gd),
 so that the expectations here are the engine's and not only the documents'.

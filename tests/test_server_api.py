@@ -162,7 +162,7 @@ def test_put_var_and_get_var_use_godots_encoding(servers) -> None:
         async with connect(url(server)) as ws:
             await until(lambda: recorder.connected_ids())
             peer = server.get_peer(recorder.connected_ids()[0])
-            # GODOT_PROTOCOL.md §5, byte for byte.
+            # docs/GODOT_VARIANT.md §2, byte for byte.
             expected = {
                 42: "020000002a000000",
                 -7: "02000000f9ffffff",

@@ -47,9 +47,9 @@ from wsfleet.variant import (
     encode_variant,
 )
 
-# The vectors live in shared/, beside the repository checkout. Missing vectors must fail
-# the run (a collection error), never skip it.
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "godot_variants.json"
+# Vectors produced by Godot 3.2 itself (docs/GODOT_VARIANT.md says what they cover). Missing
+# vectors must fail the run (a collection error), never skip it.
+VECTORS_PATH = Path(__file__).resolve().parent / "data" / "godot_variants.json"
 if not VECTORS_PATH.is_file():
     raise FileNotFoundError(f"Godot test vectors missing: {VECTORS_PATH}")
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())["vectors"]
