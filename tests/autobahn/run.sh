@@ -2,8 +2,9 @@
 # Autobahn|Testsuite (fuzzingclient) against `wsfleet serve`'s echo, no compression.
 #
 # usage: tests/autobahn/run.sh [--autobahn DIR] [--outdir DIR] [--9-limit SECONDS] [CASES]
-#   --autobahn DIR   a set-up Autobahn checkout: the directory holding its run.sh and
-#                    a finished setup.sh (default: $AUTOBAHN_DIR; required one way or the other)
+#   --autobahn DIR   the Autobahn wrapper, set up (its setup.sh run): the directory of its
+#                    `run.sh [-q] [--no-compression] [--agent A] [--outdir D] [--timeout S]
+#                    HOST PORT CASES` (default: $AUTOBAHN_DIR; one of the two is required)
 #   --outdir DIR     where the reports go (default: a new temporary directory, printed)
 #   --9-limit S      the 9.* run must finish within S seconds, else this fails
 #                    (default: $AUTOBAHN_9_LIMIT_S or 480, issue 10's 8 minutes)
@@ -35,8 +36,6 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$autobahn" ] || { echo "autobahn: give --autobahn DIR or AUTOBAHN_DIR" >&2; exit 2; }
 [ -x "$autobahn/run.sh" ] || { echo "autobahn: no executable $autobahn/run.sh" >&2; exit 2; }
-[ -x "$autobahn/.py27/root/usr/bin/python2.7" ] ||
-  { echo "autobahn: $autobahn is not set up: run its setup.sh first" >&2; exit 2; }
 [[ "$limit9" =~ ^[0-9]+$ ]] || { echo "autobahn: bad --9-limit '$limit9'" >&2; exit 2; }
 
 if [ -z "${WSFLEET:-}" ]; then
@@ -79,9 +78,12 @@ for _ in $(seq 300); do
     "$port" 2>/dev/null && break
   sleep 0.1
 done
+python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
+  "$port" 2>/dev/null || { echo "autobahn: the server did not listen within 30 s" >&2; exit 3; }
 echo "autobahn: wsfleet serve (pid $server_pid) on ws://127.0.0.1:$port, reports in $outdir" >&2
 
 status=0
+worse() { [ "$1" -le "$status" ] || status=$1; }  # keep the worst outcome: 3 > 1 > 0
 # run_cases NAME CASES LIMIT: one fuzzingclient run into $outdir/NAME; LIMIT 0: no time limit.
 run_cases() {
   local name=$1 patterns=$2 limit=$3 rc started elapsed kill_after=1800
@@ -95,15 +97,13 @@ run_cases() {
   set -e
   elapsed=$(( $(date +%s) - started ))
   echo "autobahn: [$patterns] took ${elapsed}s, exit $rc" >&2
-  if [ "$rc" -ne 0 ]; then
-    [ "$rc" -eq 1 ] && status=1 || status=3
-  fi
+  if [ "$rc" -eq 1 ]; then worse 1; elif [ "$rc" -ne 0 ]; then worse 3; fi
   if [ "$limit" -gt 0 ] && [ "$elapsed" -gt "$limit" ]; then
     echo "autobahn: FAIL: [$patterns] took ${elapsed}s, over its limit of ${limit}s" >&2
-    [ "$status" -ne 0 ] || status=1
+    worse 1
   fi
   kill -0 "$server_pid" 2>/dev/null ||
-    { echo "autobahn: FAIL: the server died during [$patterns]" >&2; status=3; }
+    { echo "autobahn: FAIL: the server died during [$patterns]" >&2; worse 3; }
 }
 
 if [ -n "$cases" ]; then

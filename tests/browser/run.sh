@@ -69,6 +69,8 @@ if [ -z "$url" ]; then
       "$port" 2>/dev/null && break
     sleep 0.1
   done
+  python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
+    "$port" 2>/dev/null || { echo "browser: the server did not listen within 30 s" >&2; exit 3; }
   url=ws://127.0.0.1:$port
   echo "browser: wsfleet serve (pid $server_pid) on $url, log $log" >&2
 fi
