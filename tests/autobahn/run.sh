@@ -16,7 +16,8 @@
 # Starts `wsfleet serve --max-message-size 16777216` on a free 127.0.0.1 port, runs the
 # cases, stops the server (by pid; its process group if it does not stop) whatever happens,
 # and exits 0 only when no case FAILED and 9.* kept within its limit (1: a FAILED case or
-# too slow; 2: usage or setup; 3: the server or the suite did not run).
+# too slow; 2: usage or setup; 3: the server or the suite did not run to the end, as when
+# a run is stopped at its limit: the suite writes no report then, only its wstest.log).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
