@@ -72,7 +72,7 @@ if [ -z "$url" ]; then
   python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
     "$port" 2>/dev/null || { echo "browser: the server did not listen within 30 s" >&2; exit 3; }
   url=ws://127.0.0.1:$port
-  echo "browser: wsfleet serve (pid $server_pid) on $url, log $log" >&2
+  echo "browser: wsfleet serve (pid $server_pid) on $url, log $log (kept on failure)" >&2
 fi
 
 set +e
@@ -84,4 +84,5 @@ if [ -n "$server_pid" ] && ! kill -0 "$server_pid" 2>/dev/null; then
   echo "browser: FAIL: the server died during the check" >&2
   rc=3
 fi
+[ "$rc" -ne 0 ] || [ -z "${log:-}" ] || rm -f "$log"  # the server's log is kept for a failure
 exit "$rc"
