@@ -75,11 +75,12 @@ class OutboundBudget:
     and logged at most every `REFUSAL_LOG_SECONDS`.
     """
 
-    __slots__ = ("limit", "used", "refused_by_peer", "refused_by_server", "_logged_at", "_unlogged")
+    __slots__ = ("limit", "room", "refused_by_peer", "refused_by_server", "_logged_at", "_unlogged")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.used = 0
+        #: ``limit`` less what is buffered (one number: `PeerChannel.send` checks it per message).
+        self.room = limit
         self.refused_by_peer = 0
         self.refused_by_server = 0
         self._logged_at = -REFUSAL_LOG_SECONDS
@@ -109,6 +110,11 @@ class OutboundBudget:
             self._logged_at = now
             self._unlogged = 0
 
+    @property
+    def used(self) -> int:
+        """Bytes buffered now."""
+        return self.limit - self.room
+
     def stats(self) -> dict[str, int]:
         return {
             "buffered_bytes": self.used,
@@ -126,13 +132,12 @@ class PeerChannel:
         "link",
         "limits",
         "budget",
-        "max_out_packets",
         "max_out_bytes",
         "inbox",
         "inbox_bytes",
         "reading_paused",
-        "out_packets",
-        "out_bytes",
+        "packet_room",
+        "byte_room",
         "open",
         "sendable",
     )
@@ -145,17 +150,17 @@ class PeerChannel:
         self.link = link
         self.limits = limits
         self.budget = budget
-        # Copied from the limits: send() reads them per message.
-        self.max_out_packets = limits.out_packets
         self.max_out_bytes = limits.out_bytes
         #: Received messages not yet read: ``(payload, was_text)``; filled by the fleet.
         self.inbox: deque[tuple[bytes, bool]] = deque()
         self.inbox_bytes = 0
         #: The fleet asked the shard to stop reading (the inbox reached a limit).
         self.reading_paused = False
-        #: Sent and not yet handed to the kernel by the shard (credits return them).
-        self.out_packets = 0
-        self.out_bytes = 0
+        # What the outbound limits leave: send() takes from them, the shard's credits (what
+        # it handed to the kernel) give back.  Counted down, so that send() compares one
+        # number per limit with the packet's size.
+        self.packet_room = limits.out_packets
+        self.byte_room = limits.out_bytes
         #: Connected: until the connection is gone (`left`).
         self.open = True
         #: Open and not closing: `send` works.
@@ -169,29 +174,27 @@ class PeerChannel:
             return _FAILED
         size = len(payload)
         budget = self.budget
-        if (
-            self.out_packets >= self.max_out_packets
-            or self.out_bytes + size > self.max_out_bytes
-            or budget.used + size > budget.limit
-        ):
+        if not self.packet_room or size > self.byte_room or size > budget.room:
             return self._refuse(size)
-        self.out_packets += 1
-        self.out_bytes += size
-        budget.used += size
+        self.packet_room -= 1
+        self.byte_room -= size
+        budget.room -= size
         self.link.command(command, self.id, 0, payload)
         return _OK
 
+    @property
+    def out_bytes(self) -> int:
+        """Bytes sent and not yet handed to the kernel by the shard."""
+        return self.max_out_bytes - self.byte_room
+
     def room(self) -> int:
         """The largest message `send` takes now (0 while the packet count is at its limit)."""
-        if not self.sendable or self.out_packets >= self.max_out_packets:
+        if not self.sendable or not self.packet_room:
             return 0
-        budget = self.budget
-        return max(0, min(self.max_out_bytes - self.out_bytes, budget.limit - budget.used))
+        return max(0, min(self.byte_room, self.budget.room))
 
     def _refuse(self, size: int) -> Error:
-        peer_full = (
-            self.out_packets >= self.max_out_packets or self.out_bytes + size > self.max_out_bytes
-        )
+        peer_full = not self.packet_room or size > self.byte_room
         self.budget.refused(self.id, by_server=not peer_full)
         code = self.limits.slow_close_code
         if code is not None and peer_full:
@@ -234,8 +237,9 @@ class PeerChannel:
         self.open = self.sendable = False
         self._drop_inbox()
         # What the shard had not handed to the kernel died with the connection.
-        self.budget.used -= self.out_bytes
-        self.out_packets = self.out_bytes = 0
+        self.budget.room += self.max_out_bytes - self.byte_room
+        self.packet_room = 0
+        self.byte_room = self.max_out_bytes
 
     def _drop_inbox(self) -> None:
         self.inbox.clear()

@@ -422,9 +422,9 @@ class Fleet:
                 for credited_id, packets, size in m.decode_credits(payload):
                     channel = channels.get(credited_id)
                     if channel is not None:  # else it left, and its bytes went back then
-                        channel.out_packets -= packets
-                        channel.out_bytes -= size
-                        budget.used -= size
+                        channel.packet_room += packets
+                        channel.byte_room += size
+                        budget.room += size
             elif kind == ev_mp:
                 if relay_frame is not None:
                     relay_frame(link, peer_id, payload)
