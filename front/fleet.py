@@ -13,7 +13,10 @@ Owns the processes' side of the front, and nothing of Godot's API:
   multiplayer frames and drop counts to the `RelayHooks`;
 * command batching: commands queue per shard during ``poll`` and go into
   the ring together when it ends (one C loop for the batch); outside
-  ``poll`` they go at once.  A full ring keeps them queued, in order.
+  ``poll`` they go at once.  A full ring keeps them queued, in order, and
+  the shard's space bell (in the same epoll) wakes ``poll`` to send the
+  rest: a message larger than the ring goes through even if nothing else
+  happens meanwhile.
 
 The per-message path (`_dispatch`, `ShardLink.command`) binds its names
 once per batch and calls nothing per message but the application's
@@ -98,6 +101,7 @@ class ShardLink:
         "backlog",
         "peers",
         "deferred",
+        "waiting_for_space",
     )
 
     def __init__(self, index: int, pid: int, fds: list[int]) -> None:
@@ -113,6 +117,9 @@ class ShardLink:
         self.peers: set[int] = set()
         #: True inside poll(): commands wait for its end; otherwise they go at once.
         self.deferred = False
+        #: The commands ring was full: the shard rings its space bell (in the fleet's epoll)
+        #: once it has made room, so that the rest goes even if no event comes meanwhile.
+        self.waiting_for_space = False
 
     def command(self, kind: int, peer_id: int, flags: int, payload: bytes) -> None:
         self.backlog.append((kind, peer_id, flags, payload))
@@ -121,9 +128,20 @@ class ShardLink:
             self.flush()
 
     def flush(self) -> None:
-        if self.backlog:
-            taken = self.commands.push_many(self.backlog)
-            del self.backlog[:taken]
+        backlog = self.backlog
+        if backlog:
+            commands = self.commands
+            if self.waiting_for_space:
+                commands.disarm_space()
+                self.waiting_for_space = False
+            while True:
+                taken = commands.push_many(backlog)
+                del backlog[:taken]
+                if not backlog:
+                    break
+                if not commands.arm_space():  # True: room came meanwhile, push again
+                    self.waiting_for_space = True
+                    break
         self.commands.flush()
 
     def close(self) -> None:
@@ -508,6 +526,7 @@ class Fleet:
             link.command(m.CMD_REFUSE, 0, 1, b"")
         if self._epoll is not None:
             self._epoll.register(link.events.fileno(), select.EPOLLIN)
+            self._epoll.register(link.commands.space_fileno(), select.EPOLLIN)
         if self._select_mode:
             self._arm_all()
 
@@ -525,6 +544,7 @@ class Fleet:
             self._peer_left(link, peer_id, False)
         if self._epoll is not None:
             self._epoll.unregister(link.events.fileno())
+            self._epoll.unregister(link.commands.space_fileno())
         self.links[index] = None
         link.close()
 
