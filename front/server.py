@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from wsfleet.ipc import messages as m
-from wsfleet.ipc.config import MAX_MESSAGE_SIZE, MIN_REQUEST_BYTES, FleetConfig, Limits
+from wsfleet.ipc.config import MAX_MESSAGE_SIZE, FleetConfig, Limits
 from wsfleet.ipc.tls import TlsError, load_tls
 
 from . import binding
@@ -362,10 +362,6 @@ class WebSocketServer(SignalEmitter):
         code = self.slow_consumer_close_code
         if code is not None and code not in SLOW_CONSUMER_CLOSE_CODES:
             raise ValueError(f"slow_consumer_close_code must be None, 1008 or 1013: {code}")
-        if self.max_request_bytes < MIN_REQUEST_BYTES:
-            raise ValueError(
-                f"max_request_bytes must be at least {MIN_REQUEST_BYTES}: {self.max_request_bytes}"
-            )
         limits = Limits(
             handshake_timeout=float(self.handshake_timeout),
             max_peers=int(self.max_peers or 0),
