@@ -2,6 +2,21 @@
 
 This folder (``front/``) is the import package ``wsfleet`` itself: the public
 API that runs in the user's process (the front) and the ``wsfleet`` command.
+Its parts, each a module with one job:
+
+* `server`: ``WebSocketServer``, Godot's plain API and the checks of its settings;
+* `peer`: ``WebSocketPeer``, one client's Godot API over its `channel`;
+* `channel`: a peer's queues and counters, ``PeerLimits``, the server-wide
+  ``OutboundBudget`` (``max_buffered_bytes``) - what a peer gets instead of
+  the server's fields;
+* `fleet`: the link to the processes: starting the supervisor, the control
+  messages, the shards' rings, dispatch of events and command batching;
+* `relay`: Godot's multiplayer relay (``gd_mp_api``), peer 1 of the
+  MultiplayerAPI;
+* `binding`: ``bind_ip`` -> addresses -> listening sockets, and ``format_url``;
+* `signals`, `errors`, `variant`, `aio`: Godot's signals, ``Error``, Variant
+  encoding, and polling from asyncio; `cli`: the ``wsfleet`` command.
+
 It imports `wsfleet.ipc` and starts the supervisor as a fresh interpreter;
 nothing imports it except the CLI, tests and examples.
 

@@ -1,33 +1,36 @@
 """``WebSocketPeer``: one client as the front sees it (Godot 3.2's class of that name).
 
-Inbound messages wait here until ``get_packet``; outbound ones become
-commands for the owning shard.  The per-peer limits of ``set_buffers`` apply
-on both sides, without loss: a full inbound queue pauses reading from that
-peer's socket (TCP pushes back on the client), and ``put_packet`` returns
-``ERR_OUT_OF_MEMORY`` once the packets/bytes the shard has not yet handed to
-the kernel reach the outbound limit (or, with the server's
+Owns Godot's peer API (packets, write modes, Variants, close) on top of the
+peer's `PeerChannel`, which holds its queues: inbound messages wait there
+until ``get_packet``; outbound ones go to the owning shard through it.  The
+per-peer limits of ``set_buffers`` apply on both sides, without loss: a full
+inbound queue pauses reading from that peer's socket (TCP pushes back on
+the client), and ``put_packet`` returns ``ERR_OUT_OF_MEMORY`` once the
+packets/bytes the shard has not yet handed to the kernel reach the outbound
+limit or the server's ``max_buffered_bytes`` (or, with the server's
 ``slow_consumer_close_code``, the peer is disconnected then).
+`get_outbound_room` says how large a packet would be taken now.
+
+Imports `wsfleet.ipc.messages`, `.channel`, `.errors` and `.variant` only;
+it never sees the server.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wsfleet.ipc import messages as m
 
+from .channel import PeerChannel
 from .errors import Error
 from .variant import MAX_ENCODED_SIZE, VariantError, decode_variant, encode_variant
-
-if TYPE_CHECKING:
-    from .server import WebSocketServer, _ShardLink
 
 log = logging.getLogger("wsfleet")
 
 # Bound once: put_packet/get_packet run per message.
 _OK, _FAILED = Error.OK, Error.FAILED
-_UNAVAILABLE, _OUT_OF_MEMORY = Error.ERR_UNAVAILABLE, Error.ERR_OUT_OF_MEMORY
+_UNAVAILABLE = Error.ERR_UNAVAILABLE
 _SEND_TEXT, _SEND_BINARY = m.CMD_SEND_TEXT, m.CMD_SEND_BINARY
 
 MAX_CLOSE_REASON_BYTES = 123
@@ -50,119 +53,75 @@ class WebSocketPeer:
     WRITE_MODE_BINARY = 1
 
     __slots__ = (
-        "_server",
-        "_id",
-        "_link",
+        "_channel",
         "_ip",
         "_port",
         "protocol",
-        "_inbox",
-        "_inbox_bytes",
-        "_reading_paused",
-        "_out_packets",
-        "_out_bytes",
         "_write_mode",
         "_last_was_string",
         "_packet_error",
-        "_connected",
-        "_closing",
     )
 
-    def __init__(
-        self,
-        server: WebSocketServer,
-        peer_id: int,
-        link: _ShardLink,
-        ip: str,
-        port: int,
-        protocol: str,
-    ) -> None:
-        self._server = server
-        self._id = peer_id
-        self._link = link
+    def __init__(self, channel: PeerChannel, ip: str, port: int, protocol: str) -> None:
+        self._channel = channel
         self._ip = ip
         self._port = port
         #: The subprotocol agreed in the handshake ("" if none).
         self.protocol = protocol
-        self._inbox: deque[tuple[bytes, bool]] = deque()
-        self._inbox_bytes = 0
-        self._reading_paused = False
-        self._out_packets = 0
-        self._out_bytes = 0
         self._write_mode = self.WRITE_MODE_BINARY
         self._last_was_string = False
         self._packet_error = Error.OK
-        self._connected = True
-        self._closing = False
 
     def __repr__(self) -> str:
-        state = "connected" if self._connected else "gone"
-        return f"<WebSocketPeer {self._id} {self._ip}:{self._port} {state}>"
+        state = "connected" if self._channel.open else "gone"
+        return f"<WebSocketPeer {self._channel.id} {self._ip}:{self._port} {state}>"
 
     @property
     def id(self) -> int:
-        return self._id
+        return self._channel.id
 
     # -- PacketPeer ----------------------------------------------------------------------
 
     def put_packet(self, data: bytes | bytearray | memoryview | str) -> Error:
-        """Send one message (text or binary by the write mode). Goes out at the next ``poll``."""
-        if self._closing or not self._connected:
-            return _FAILED
+        """Send one message (text or binary by the write mode). Goes out at the next ``poll``.
+
+        ``ERR_OUT_OF_MEMORY`` (and nothing sent) when the peer's outbound
+        buffer or the server's ``max_buffered_bytes`` has no room for it:
+        keep the packet and retry once `get_outbound_room` is large enough.
+        ``FAILED`` once the peer is closing or gone.
+        """
         if type(data) is bytes:
             payload = data
         elif isinstance(data, str):
             payload = data.encode()
         else:
             payload = bytes(data)
-        if self._write_mode == self.WRITE_MODE_BINARY:
-            return self._send(payload, _SEND_BINARY)
+        if self._write_mode == 1:  # WRITE_MODE_BINARY
+            return self._channel.send(_SEND_BINARY, payload)
         if not _is_utf8(payload):
-            log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self._id)
+            log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self._channel.id)
             return Error.ERR_INVALID_PARAMETER
-        return self._send(payload, _SEND_TEXT)
-
-    def _send(self, payload: bytes, command: int) -> Error:
-        server = self._server
-        size = len(payload)
-        if self._out_packets >= server._out_packets_limit or (
-            self._out_bytes + size >= server._out_bytes_limit
-        ):
-            if server._slow_close_code is not None:
-                self._drop_slow(server._slow_close_code)
-            return _OUT_OF_MEMORY
-        self._out_packets += 1
-        self._out_bytes += size
-        server._command(self._link, command, self._id, 0, payload)
-        return _OK
-
-    def _drop_slow(self, code: int) -> None:
-        """The server's ``slow_consumer_close_code``: fail this peer, which does not keep up."""
-        log.warning("peer %d does not read what it is sent: closing it with %d", self._id, code)
-        self._closing = True  # put_packet fails from now on; client_disconnected follows
-        self._inbox.clear()  # as close(): what was not read is dropped
-        self._inbox_bytes = 0
-        payload = m.encode_close(code, b"slow consumer")
-        self._server._command(self._link, m.CMD_CLOSE, self._id, m.FLAG_FAIL, payload)
+        return self._channel.send(_SEND_TEXT, payload)
 
     def get_packet(self) -> bytes:
         """The oldest received message (b"" and an error from `get_packet_error` if none)."""
-        inbox = self._inbox
+        channel = self._channel
+        inbox = channel.inbox
         if not inbox:  # also when disconnected: leaving empties the inbox
-            self._packet_error = _UNAVAILABLE if self._connected else _FAILED
+            self._packet_error = _UNAVAILABLE if channel.open else _FAILED
             return b""
         payload, self._last_was_string = inbox.popleft()
-        self._inbox_bytes -= len(payload)
+        channel.inbox_bytes -= len(payload)
         self._packet_error = _OK
-        if self._reading_paused:
-            self._server._maybe_resume_reading(self)
+        if channel.reading_paused:
+            channel.resume_if_room()
         return payload
 
     def get_packet_error(self) -> Error:
         return self._packet_error
 
     def get_available_packet_count(self) -> int:
-        return len(self._inbox)  # leaving empties it
+        return len(self._channel.inbox)  # leaving empties it
 
     def put_var(self, value: Any, full_objects: bool = False) -> Error:
         """Send ``value`` in Godot 3.2's Variant encoding, as one binary-or-text message."""
@@ -204,17 +163,14 @@ class WebSocketPeer:
 
     def is_connected_to_host(self) -> bool:
         """True until the close handshake completes or the connection drops."""
-        return self._connected
+        return self._channel.open
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the close handshake; the peer stays connected until it completes."""
-        encoded = check_close(code, reason)
-        if not self._connected or self._closing:
-            return
-        self._closing = True
-        self._inbox.clear()  # as Godot: closing also drops what was not read
-        self._inbox_bytes = 0
-        self._server._command(self._link, m.CMD_CLOSE, self._id, 0, m.encode_close(code, encoded))
+        """Start the close handshake; the peer stays connected until it completes.
+
+        As in Godot, what was received and not read is dropped.
+        """
+        self._channel.close(code, check_close(code, reason))
 
     def get_connected_host(self) -> str:
         return self._ip
@@ -223,12 +179,28 @@ class WebSocketPeer:
         return self._port
 
     def set_no_delay(self, enabled: bool) -> None:
-        if self._connected:
-            self._server._command(self._link, m.CMD_NO_DELAY, self._id, int(bool(enabled)), b"")
+        self._channel.command(m.CMD_NO_DELAY, int(bool(enabled)))
 
     def get_current_outbound_buffered_amount(self) -> int:
         """Bytes sent with `put_packet` that the shard has not yet handed to the kernel."""
-        return self._out_bytes
+        return self._channel.out_bytes
+
+    # -- beyond Godot: outbound room ----------------------------------------------------------
+
+    def get_outbound_limit(self) -> int:
+        """The outbound buffer in bytes: `set_buffers`' output size, but never less than the
+        largest message the server accepts (so its echo always fits an empty buffer)."""
+        return self._channel.max_out_bytes
+
+    def get_outbound_room(self) -> int:
+        """The largest packet `put_packet` takes now, in bytes (0: wait).
+
+        The smaller of what the peer's outbound buffer and the server's
+        ``max_buffered_bytes`` have left, and 0 while the peer's packet
+        limit is reached or the peer is closing.  It grows in a later
+        ``poll`` as the shard hands what was sent to the kernel.
+        """
+        return self._channel.room()
 
 
 def _is_utf8(data: bytes) -> bool:

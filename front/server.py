@@ -1,36 +1,37 @@
 """``WebSocketServer``: Godot 3.2's API in the user's process, over N shard processes.
 
-``listen()`` binds one ``SO_REUSEPORT`` socket per shard and starts the
-supervisor (a fresh interpreter), which forks the shards and sends each
-shard's rings back over the control channel.  ``poll()`` never blocks: it
-drains every shard's events ring, keeps inbound messages per peer and emits
-the signals; commands (``put_packet``, closes, broadcasts) go to the owning
-shard's commands ring, found from the peer id by arithmetic.
+Owns the plain Godot API (listen, poll, peers, signals, broadcast) and the
+checks of the user's settings: limits, TLS (`wsfleet.ipc.tls`, the loader
+the shards use too) and ``bind_ip`` (`.binding`).  ``listen()`` turns them
+into a `FleetConfig` and starts a `Fleet` (`.fleet`: the supervisor, the
+rings, dispatch and command batching); each peer is a `WebSocketPeer`
+(`.peer`) over the `PeerChannel` the fleet made for it; with
+``gd_mp_api=True`` the `MultiplayerRelay` (`.relay`) is peer 1 and the
+NetworkedMultiplayerPeer members below go to it.
+
+Imports `wsfleet.ipc` (config, tls, messages) and the front's modules;
+nothing imports it but the package, the CLI, tests and applications.
 """
 
 from __future__ import annotations
 
-import bisect
-import errno
-import ipaddress
 import logging
 import os
-import select
-import socket
-import ssl
-import subprocess
 import sys
-import time
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
-from wsfleet.ipc.ring import DEFAULT_MAX_MESSAGE
+from wsfleet.ipc.config import MAX_MESSAGE_SIZE, FleetConfig, Limits
+from wsfleet.ipc.tls import TlsError, load_tls
 
+from . import binding
+from .binding import BindError, format_url
+from .channel import OutboundBudget, PeerChannel, PeerLimits
 from .errors import Error
+from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
 from .peer import WebSocketPeer, check_close
+from .relay import MultiplayerRelay
 from .signals import SignalEmitter
 
 log = logging.getLogger("wsfleet")
@@ -40,61 +41,33 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
 DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
+#: The server-wide cap on outbound bytes not yet handed to the kernel: 256 MiB holds
+#: 4,096 peers with a full default (64 KiB) buffer, or 16 peers with a 16 MiB message
+#: each, and stays a small part of a server's memory however many peers connect.
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 #: Close codes that fit a peer dropped for not reading: policy violation, try again later.
 SLOW_CONSUMER_CLOSE_CODES = (1008, 1013)
-_MIN_REQUEST_BYTES = 256
-_LISTEN_BACKLOG = 1024
-_STOP_TIMEOUT = 6.0
-_STOP_DRAIN_TIMEOUT = 2.0
-_YIELDS_BEFORE_SLEEP = 8
+# The bounds of stop() (tests check them under these names).
+_STOP_TIMEOUT = STOP_TIMEOUT
+_STOP_DRAIN_TIMEOUT = STOP_DRAIN_TIMEOUT
+#: No cap (max_buffered_bytes=None).
+_UNLIMITED = sys.maxsize
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_BUFFERED_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_PING_INTERVAL",
+    "DEFAULT_PING_TIMEOUT",
+    "DEFAULT_RING_CAPACITY",
+    "SLOW_CONSUMER_CLOSE_CODES",
+    "WebSocketServer",
+    "format_url",
+]
 
 
 def _pow2_at_least(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
-
-
-def _load_pem(value: str | bytes | None) -> str | None:
-    """PEM text as given, or read from the file it names."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bytes):
-        value = value.decode()
-    if "-----BEGIN" in value:
-        return value
-    with open(value, encoding="ascii") as f:
-        return f.read()
-
-
-class _ShardLink:
-    """The front's end of one shard: its two rings and the peers it owns."""
-
-    __slots__ = (
-        "index",
-        "pid",
-        "events_ring",
-        "commands_ring",
-        "events",
-        "commands",
-        "backlog",
-        "peers",
-    )
-
-    def __init__(self, index: int, pid: int, fds: list[int]) -> None:
-        self.index = index
-        self.pid = pid
-        self.events_ring = SharedRing.attach(RingFds(*fds[:3]))
-        self.commands_ring = SharedRing.attach(RingFds(*fds[3:6]))
-        self.events = Consumer(self.events_ring)
-        self.commands = Producer(self.commands_ring)
-        # Commands not yet in the ring, in order: those of this poll() (pushed together
-        # when it ends, one C loop for the batch) and those a full ring did not take
-        # (bounded by the per-peer limits).
-        self.backlog: list[Record] = []
-        self.peers: set[int] = set()
-
-    def close(self) -> None:
-        self.events_ring.close()
-        self.commands_ring.close()
 
 
 class WebSocketServer(SignalEmitter):
@@ -156,7 +129,18 @@ class WebSocketServer(SignalEmitter):
         closed (cut after 1 s if the peer does not read it), and
         ``client_disconnected(id, False)`` follows.  Packets sent in one
         `poll` tick count until the shard hands them to the kernel, so size the
-        output buffer for a tick's burst.
+        output buffer for a tick's burst.  (Refusals for ``max_buffered_bytes``
+        never close a peer: the server, not the peer, is full then.)
+    ``max_buffered_bytes`` (`DEFAULT_MAX_BUFFERED_BYTES`, 256 MiB; None: no cap)
+        Bytes sent with ``put_packet`` that no shard has handed to the kernel
+        yet, over every peer.  Beyond it ``put_packet`` returns
+        ``ERR_OUT_OF_MEMORY`` whatever the peer's own room.  Each peer's
+        outbound buffer is at least the largest message the server accepts
+        (``max_message_size``), so that an echo always fits an empty buffer;
+        with 10,000 peers and 16 MiB messages that alone could hold 160 GB,
+        which this cap turns into refusals.  At least one peer's outbound
+        buffer.  Refusals are counted (`get_outbound_stats`)
+        and logged, at most every 10 s.
     """
 
     SIGNALS = (
@@ -191,6 +175,7 @@ class WebSocketServer(SignalEmitter):
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         slow_consumer_close_code: int | None = None,
+        max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -211,7 +196,7 @@ class WebSocketServer(SignalEmitter):
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.slow_consumer_close_code = slow_consumer_close_code
-        self._slow_close_code: int | None = None  # the one taken by listen()
+        self.max_buffered_bytes = max_buffered_bytes
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -225,45 +210,45 @@ class WebSocketServer(SignalEmitter):
         self._listening = False
         self._gd_mp_api = False
         self._port = 0
+        self._addresses: list[tuple[str, int]] = []
         self._peers: dict[int, WebSocketPeer] = {}
-        self._links: list[_ShardLink | None] = []
-        self._failed: dict[int, str] = {}  # shards the supervisor gave up: index -> reason
-        self._id_span = m.id_span(shards)
-        self._supervisor: subprocess.Popen | None = None
-        self._control: socket.socket | None = None
-        self._lifeline: Lifeline | None = None
-        self._epoll: select.epoll | None = None
-        self._select_mode = False
-        self._in_poll = False
+        self._fleet: Fleet | None = None
+        self._budget = OutboundBudget(_UNLIMITED)
+        self._relay = MultiplayerRelay(self.emit_signal)
         self._refusing = False
-        # Multiplayer mode: packets for the server (sender, payload), the target of
-        # put_packet, what get_packet reported, and client frames dropped by reason.
-        self._mp_inbox: deque[tuple[int, bytes]] = deque()
-        self._target_peer = 0
-        self._mp_packet_error = Error.OK
-        self._mp_drops = dict.fromkeys(m.DROP_REASONS, 0)
-        self._mp_ids: list[int] = []  # every welcomed peer, ascending (Godot's join order)
-        self._limits_config()  # ValueError now rather than an error from listen()
+        self._check_limits()  # ValueError now rather than an error from listen()
 
     # -- properties --------------------------------------------------------------------------
 
     @property
     def bind_ip(self) -> str:
-        """The address to listen on: ``"*"`` (every address, IPv4 and IPv6) or an IP."""
+        """Where to listen: ``"*"`` (every address, IPv4 and IPv6), an IP, or a host name.
+
+        A host name is resolved by ``listen`` (``ERR_CANT_RESOLVE`` if it does
+        not resolve), which listens on every address it has
+        (`get_bound_addresses`).  A value that is none of these: ValueError.
+        """
         return self._bind_ip
 
     @bind_ip.setter
     def bind_ip(self, value: str) -> None:
         if self._listening:
             raise RuntimeError("bind_ip cannot change while the server is listening")
-        if value != "*":
-            ipaddress.ip_address(value)  # ValueError for anything but an IP
-        self._bind_ip = value
+        self._bind_ip = binding.check_bind_ip(value)
 
     @property
     def port(self) -> int:
         """The port listened on (useful after ``listen(0)``)."""
         return self._port
+
+    def get_bound_addresses(self) -> list[tuple[str, int]]:
+        """``(address, port)`` for every address listened on; [] when not listening.
+
+        ``bind_ip="*"`` gives ``("::", port)`` (one socket for every IPv6 and
+        IPv4 address) or, without IPv6, ``("0.0.0.0", port)``; a host name
+        gives each of its addresses.  `format_url` writes a URL for one.
+        """
+        return list(self._addresses) if self._listening else []
 
     # -- WebSocketServer ----------------------------------------------------------------------
 
@@ -274,7 +259,10 @@ class WebSocketServer(SignalEmitter):
         """Per-peer limits, each rounded up to a power of two (Godot's rule). Before `listen`.
 
         The input buffer is also the largest message a peer may send (longer:
-        close 1009) unless ``max_message_size`` says otherwise.
+        close 1009) unless ``max_message_size`` says otherwise.  The output
+        buffer is raised to that largest message where it is smaller, so that
+        the echo of any accepted message fits (`WebSocketPeer.get_outbound_limit`),
+        and capped at 16 MiB.
         """
         if self._listening:
             log.error("set_buffers: the server is already listening")
@@ -302,196 +290,116 @@ class WebSocketServer(SignalEmitter):
         if not 0 <= port <= 65535:
             log.error("listen: port %d is out of range", port)
             return Error.ERR_INVALID_PARAMETER
-        protocols = [p.strip() for p in protocols]
         try:
-            limits = self._limits_config()
+            limits, peer_limits, budget_limit = self._check_limits()
+            protocols = tuple(str(p).strip() for p in protocols)
         except ValueError as exc:
             log.error("listen: %s", exc)
             return Error.ERR_INVALID_PARAMETER
         try:
-            tls = self._tls_config()
-        except (OSError, ssl.SSLError, ValueError) as exc:
+            tls = load_tls(self.ssl_certificate, self.private_key, self.ca_chain)
+        except TlsError as exc:
             log.error("listen: cannot use the TLS certificate/key: %s", exc)
             return Error.ERR_CANT_CREATE
-        sockets, error = self._bind(port)
-        if error != Error.OK:
-            return error
-        self._gd_mp_api = gd_mp_api
-        self._slow_close_code = self.slow_consumer_close_code
+        if tls is None and self.ca_chain:
+            log.warning("listen: ca_chain is set but TLS is off (no certificate and key)")
         try:
-            self._start_supervisor(sockets, protocols, tls, limits)
+            config = FleetConfig(protocols, limits, tls, bool(gd_mp_api), self.ring_capacity)
+        except ValueError as exc:
+            log.error("listen: %s", exc)
+            return Error.ERR_INVALID_PARAMETER
+        try:
+            addresses = binding.resolve(self._bind_ip)
+            port, sockets = binding.bind(addresses, port, self.shards)
+        except BindError as exc:
+            return exc.error  # logged
+        self._budget = OutboundBudget(budget_limit)
+        listener = FleetListener(
+            peer_connected=self._on_peer_connected,
+            peer_left=self._on_peer_left,
+            close_requested=self._on_close_requested,
+            shard_failed=self._on_shard_failed,
+        )
+        fleet = Fleet(
+            self.shards, listener, self._handlers["data_received"], peer_limits, self._budget
+        )
+        fleet.refusing = self._refusing
+        if gd_mp_api:
+            self._relay.attach(fleet)
+        try:
+            fleet.start(sockets, config)
         except OSError as exc:
             log.error("listen: cannot start the supervisor: %s", exc)
-            self._teardown()
+            fleet.close()
+            self._relay.detach()
             return Error.ERR_CANT_CREATE
         finally:
-            for sock in sockets:
-                sock.close()  # the supervisor and the shards hold them now
-        self._gd_mp_api = gd_mp_api
+            for socks in sockets:
+                for sock in socks:
+                    sock.close()  # the supervisor and the shards hold them now
+        self._fleet = fleet
+        self._port = port
+        self._addresses = [(address.host, port) for address in addresses]
+        self._gd_mp_api = bool(gd_mp_api)
         self._listening = True
         return Error.OK
 
-    def _limits_config(self) -> dict[str, Any]:
-        """The limits as the shards take them (config ``limits``); ValueError if one is bad."""
-        if not self.handshake_timeout > 0:
-            raise ValueError(f"handshake_timeout must be positive: {self.handshake_timeout}")
-        max_peers = self.max_peers or 0
-        if max_peers < 0:
-            raise ValueError(f"max_peers must be None, 0 (no limit) or positive: {max_peers}")
+    def _check_limits(self) -> tuple[Limits, PeerLimits, int]:
+        """The limits as the shards take them, the peers' and the buffered-bytes cap.
+
+        ValueError for a bad value (the constructor raises it; listen() logs it).
+        """
         max_message = self.max_message_size
         if max_message is None:
             max_message = self._in_bytes_limit
-        elif not 1 <= max_message <= DEFAULT_MAX_MESSAGE:
-            raise ValueError(f"max_message_size must be 1 to {DEFAULT_MAX_MESSAGE}: {max_message}")
-        if self.max_request_bytes < _MIN_REQUEST_BYTES:
-            raise ValueError(
-                f"max_request_bytes must be at least {_MIN_REQUEST_BYTES}: {self.max_request_bytes}"
-            )
+        if isinstance(max_message, bool) or not isinstance(max_message, int):
+            raise ValueError(f"max_message_size must be an int: {max_message!r}")
         origins = self.allowed_origins
         if isinstance(origins, (str, bytes)):
             raise ValueError("allowed_origins is a list of origins, not one string")
         if origins is not None:
-            origins = sorted({str(origin).strip() for origin in origins})
-        ping_interval = self.ping_interval or None
-        ping_timeout = self.ping_timeout or None
-        for name, value in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be None, 0 (off) or positive: {value}")
+            origins = tuple(sorted({str(origin).strip() for origin in origins}))
         code = self.slow_consumer_close_code
         if code is not None and code not in SLOW_CONSUMER_CLOSE_CODES:
             raise ValueError(f"slow_consumer_close_code must be None, 1008 or 1013: {code}")
-        return {
-            "handshake_timeout": float(self.handshake_timeout),
-            "max_peers": int(max_peers),
-            "max_message": int(max_message),
-            "max_request_bytes": int(self.max_request_bytes),
-            "allowed_origins": origins,
-            "require_origin": bool(self.require_origin),
-            "ping_interval": ping_interval,
-            "ping_timeout": ping_timeout,
-        }
-
-    def _tls_config(self) -> dict[str, str] | None:
-        key, cert = _load_pem(self.private_key), _load_pem(self.ssl_certificate)
-        if key is None and cert is None:
-            return None
-        if key is None or cert is None:
-            raise ValueError("TLS needs both private_key and ssl_certificate")
-        chain = _load_pem(self.ca_chain)
-        # Check here, so that a bad file is a clear listen() error and not a shard that cannot boot.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        for pem in (cert, key, chain):
-            if pem is not None and "-----BEGIN" not in pem:
-                raise ValueError("not a PEM file")
-        fd_cert, fd_key = os.memfd_create("wsfleet-cert"), os.memfd_create("wsfleet-key")
-        try:
-            os.write(fd_cert, cert.encode())
-            os.write(fd_key, key.encode())
-            context.load_cert_chain(f"/proc/self/fd/{fd_cert}", f"/proc/self/fd/{fd_key}")
-        finally:
-            os.close(fd_cert)
-            os.close(fd_key)
-        return {"cert": cert, "key": key, "chain": chain or ""}
-
-    def _address(self) -> tuple[socket.AddressFamily, str]:
-        if self._bind_ip == "*":
-            return (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
-        family = (
-            socket.AF_INET6 if ipaddress.ip_address(self._bind_ip).version == 6 else socket.AF_INET
+        limits = Limits(
+            handshake_timeout=float(self.handshake_timeout),
+            max_peers=int(self.max_peers or 0),
+            max_message_size=max_message,
+            max_request_bytes=int(self.max_request_bytes),
+            allowed_origins=origins,
+            require_origin=bool(self.require_origin),
+            ping_interval=float(self.ping_interval) if self.ping_interval else None,
+            ping_timeout=float(self.ping_timeout) if self.ping_timeout else None,
         )
-        return family, self._bind_ip
-
-    def _bind(self, port: int) -> tuple[list[socket.socket], Error]:
-        family, host = self._address()
-        # SO_REUSEPORT alone would let us join another server's group on this
-        # port: bind once without it first, to see whether the port is free.
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and host == "::":
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind((host, port))
-            port = probe.getsockname()[1]
-        except OSError as exc:
-            probe.close()
-            return [], self._bind_error(exc, host, port)
-        probe.close()
-        sockets: list[socket.socket] = []
-        try:
-            for _ in range(self.shards):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6 and host == "::":
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.bind((host, port))
-                sock.listen(_LISTEN_BACKLOG)
-                sock.setblocking(False)
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            return [], self._bind_error(exc, host, port)
-        self._port = port
-        return sockets, Error.OK
-
-    @staticmethod
-    def _bind_error(exc: OSError, host: str, port: int) -> Error:
-        log.error("listen: cannot listen on %s port %d: %s", host, port, exc.strerror or exc)
-        if exc.errno == errno.EADDRINUSE:
-            return Error.ERR_ALREADY_IN_USE
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
-            return Error.ERR_INVALID_PARAMETER
-        return Error.ERR_CANT_CREATE
-
-    def _start_supervisor(
-        self,
-        sockets: list[socket.socket],
-        protocols: list[str],
-        tls: dict[str, str] | None,
-        limits: dict[str, Any],
-    ) -> None:
-        ours, theirs = control.socketpair()
-        lifeline = Lifeline()  # we hold it; the supervisor watches it
-        listen_fds = [sock.fileno() for sock in sockets]
-        try:
-            self._supervisor = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "wsfleet.supervisor",
-                    "--control-fd",
-                    str(theirs.fileno()),
-                    "--lifeline-fd",
-                    str(lifeline.watch_fd),
-                    "--listen-fds",
-                    ",".join(map(str, listen_fds)),
-                ],  # fmt: skip
-                pass_fds=(theirs.fileno(), lifeline.watch_fd, *listen_fds),
-                stdin=subprocess.DEVNULL,
+        peer_limits = PeerLimits(
+            in_packets=self._in_packets_limit,
+            in_bytes=self._in_bytes_limit,
+            out_packets=self._out_packets_limit,
+            out_bytes=self._outbound_limit(max_message),
+            slow_close_code=code,
+        )
+        cap = self.max_buffered_bytes
+        if cap is None:
+            cap = _UNLIMITED
+        elif isinstance(cap, bool) or not isinstance(cap, int):
+            raise ValueError(f"max_buffered_bytes must be None or an int: {cap!r}")
+        elif cap < peer_limits.out_bytes:
+            raise ValueError(
+                f"max_buffered_bytes must be None or at least one peer's outbound buffer "
+                f"({peer_limits.out_bytes} bytes): {cap}"
             )
-        finally:
-            theirs.close()
-            os.close(lifeline.watch_fd)
-            lifeline.watch_fd = -1
-        self._control = ours
-        self._lifeline = lifeline
-        control.send(
-            ours,
-            {
-                "type": "config",
-                "protocols": protocols,
-                "limits": limits,
-                "ring_capacity": self.ring_capacity,
-                "tls": tls,
-                "gd_mp_api": self._gd_mp_api,
-            },
-        )
-        ours.setblocking(False)
-        self._links = [None] * self.shards
-        self._failed = {}
-        self._epoll = select.epoll()
-        self._epoll.register(ours.fileno(), select.EPOLLIN)
+        return limits, peer_limits, cap
+
+    def _outbound_limit(self, max_message: int) -> int:
+        """The output buffer, raised to hold the largest accepted message, within one record.
+
+        The outbound counters count payload bytes (the shard adds the frame
+        header), so a buffer of ``max_message`` bytes takes the echo of the
+        largest message a peer may send, even in multiplayer mode (where the
+        9-byte header is part of the message both ways).
+        """
+        return min(max(self._out_bytes_limit, max_message), MAX_MESSAGE_SIZE)
 
     def stop(self) -> None:
         """Stop listening and close every peer (close 1001). No signals are emitted, as in Godot.
@@ -506,58 +414,17 @@ class WebSocketServer(SignalEmitter):
         if not self._listening:
             return
         self._listening = False
-        self._drain_backlogs(time.monotonic() + _STOP_DRAIN_TIMEOUT)
-        if self._control is not None:
-            try:
-                control.send(self._control, {"type": "stop"})
-            except OSError:
-                pass
-        if self._supervisor is not None:
-            try:
-                self._supervisor.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.error("stop: the supervisor did not exit in time; killing it")
-                self._supervisor.kill()
-                self._supervisor.wait()
-        self._teardown()
-
-    def _drain_backlogs(self, deadline: float) -> None:
-        """Push every queued command into the rings, while the shards make room, until ``deadline``.
-
-        One flush takes only what the rings have room for; a tick that sent
-        more than a ring holds keeps the rest in ``backlog``, which the shards'
-        SIGTERM would otherwise cut off.
-        """
-        self._flush_commands()
-        while any(link is not None and link.backlog for link in self._links):
-            if time.monotonic() >= deadline:
-                log.error("stop: a shard did not take its queued commands in time")
-                return
-            time.sleep(0.001)
-            self._flush_commands()
-
-    def _teardown(self) -> None:
-        for peer in self._peers.values():
-            peer._connected = False
-            peer._inbox.clear()
+        fleet = self._fleet
+        if fleet is not None:
+            fleet.stop()
         self._peers.clear()
-        self._mp_inbox.clear()
-        self._mp_ids.clear()
-        for link in self._links:
-            if link is not None:
-                link.close()
-        self._links = []
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
-        if self._control is not None:
-            self._control.close()
-            self._control = None
-        if self._lifeline is not None:
-            self._lifeline.close()
-            self._lifeline = None
-        self._supervisor = None
-        self._select_mode = False
+        self._relay.detach()
+        self._fleet = None
+
+    @property
+    def _supervisor(self) -> Any:
+        """The supervisor's ``Popen`` while listening (tests kill it to play a crash)."""
+        return self._fleet.supervisor if self._fleet is not None else None
 
     def is_listening(self) -> bool:
         return self._listening
@@ -576,11 +443,11 @@ class WebSocketServer(SignalEmitter):
         if peer is None:
             log.error("get_peer_address: no peer %d", peer_id)
             return ""
-        return peer._ip
+        return peer.get_connected_host()
 
     def get_peer_port(self, peer_id: int) -> int:
         peer = self._peers.get(peer_id)
-        return 0 if peer is None else peer._port
+        return 0 if peer is None else peer.get_connected_port()
 
     def disconnect_peer(self, peer_id: int, code: int = 1000, reason: str = "") -> None:
         """Start the close handshake with a peer; it leaves in a later `poll`."""
@@ -597,8 +464,8 @@ class WebSocketServer(SignalEmitter):
 
     def get_peer_shard(self, peer_id: int) -> int:
         """The index of the shard that holds the peer's connection (-1 if unknown)."""
-        peer = self._peers.get(peer_id)
-        return -1 if peer is None else peer._link.index
+        channel = self._fleet.channels.get(peer_id) if self._fleet is not None else None
+        return -1 if channel is None else channel.link.index
 
     def get_shard_status(self) -> list[dict[str, Any]]:
         """Per shard: index, pid (None while it is down), peers, state and reason.
@@ -607,16 +474,18 @@ class WebSocketServer(SignalEmitter):
         about to be restarted by the supervisor) or ``"failed"`` (given up for good, see the
         ``shard_failed`` signal); ``reason`` says why it failed, else None.
         """
-        return [
-            {
-                "shard": index,
-                "pid": link.pid if link else None,
-                "peers": len(link.peers) if link else 0,
-                "state": "running" if link else "failed" if index in self._failed else "down",
-                "reason": self._failed.get(index),
-            }
-            for index, link in enumerate(self._links)
-        ]
+        return self._fleet.shard_status() if self._fleet is not None else []
+
+    def get_outbound_stats(self) -> dict[str, int]:
+        """The outbound buffers over every peer, and the packets ``put_packet`` refused.
+
+        ``buffered_bytes``: sent and not yet handed to the kernel;
+        ``max_buffered_bytes``: the cap (``sys.maxsize`` for None);
+        ``refused_peer_full``: refused because that peer's outbound buffer was
+        full; ``refused_server_full``: because ``max_buffered_bytes`` was reached.
+        Counted since ``listen``.
+        """
+        return self._budget.stats()
 
     def broadcast(
         self,
@@ -625,7 +494,7 @@ class WebSocketServer(SignalEmitter):
         exclude: Iterable[int] = (),
     ) -> Error:
         """Send one message to every peer (but ``exclude``), encoded once per shard."""
-        if not self._listening:
+        if not self._listening or self._fleet is None:
             return Error.ERR_UNCONFIGURED
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if text:
@@ -634,24 +503,20 @@ class WebSocketServer(SignalEmitter):
             except UnicodeDecodeError:
                 log.error("broadcast: text messages must be UTF-8")
                 return Error.ERR_INVALID_PARAMETER
-        by_shard: dict[int, list[int]] = {}
-        for peer_id in exclude:
-            by_shard.setdefault(m.owner_of(peer_id, self._id_span), []).append(peer_id)
-        for link in self._links:
-            if link is not None and link.peers:
-                body = m.encode_broadcast(payload, by_shard.get(link.index, ()))
-                self._command(link, m.CMD_BROADCAST, 0, m.FLAG_TEXT if text else 0, body)
+        excluded = list(exclude)
+        if len(payload) + 4 * (1 + len(excluded)) > MAX_MESSAGE_SIZE:
+            log.error("broadcast: %d bytes is more than a message may hold", len(payload))
+            return Error.ERR_OUT_OF_MEMORY
+        self._fleet.broadcast(payload, m.FLAG_TEXT if text else 0, excluded)
         return Error.OK
 
     # -- polling ------------------------------------------------------------------------------
 
     def fileno(self) -> int:
         """A descriptor that becomes readable when `poll` has something to do (for select)."""
-        if self._epoll is None:
+        if self._fleet is None:
             raise RuntimeError("fileno: the server is not listening")
-        self._select_mode = True
-        self._arm_all()
-        return self._epoll.fileno()
+        return self._fleet.fileno()
 
     def poll(self, timeout: float | None = None) -> None:
         """Take every event the shards have and emit the signals; never blocks by default.
@@ -659,203 +524,37 @@ class WebSocketServer(SignalEmitter):
         With ``timeout`` (seconds), wait up to that long for something to
         happen when nothing is pending.
         """
-        if not self._listening:
-            return
-        self._in_poll = True
-        try:
-            if self._select_mode:
-                self._disarm_all()
-            self._flush_commands()
-            handled = self._read_control() + self._drain_events()
-            if not handled and timeout and self._epoll is not None:
-                if not self._yield_for_events() and not self._arm_all():
-                    self._epoll.poll(timeout)
-                self._disarm_all()
-                self._read_control()
-                self._drain_events()
-            self._flush_commands()
-            if self._select_mode:
-                self._arm_all()
-        finally:
-            self._in_poll = False
+        if self._listening and self._fleet is not None:
+            self._fleet.poll(timeout)
 
-    def _yield_for_events(self) -> bool:
-        """Let the shards run a moment before sleeping; True if events came meanwhile.
+    # -- the fleet's reports (handed to it as a FleetListener) ----------------------------------
 
-        Sleeping costs each shard a doorbell (an eventfd write and a wake-up)
-        for its next batch.  A busy shard usually publishes within a few
-        scheduler yields, on another core or on this one (where the yield is
-        what lets it run).
-        """
-        links = [link for link in self._links if link is not None]
-        for _ in range(_YIELDS_BEFORE_SLEEP):
-            os.sched_yield()
-            for link in links:
-                if link.events.has_records():
-                    return True
-        return False
-
-    def _arm_all(self) -> bool:
-        """Ask every shard to ring when it publishes; True if one already has (self-rung)."""
-        pending = False
-        for link in self._links:
-            if link is not None and link.events.arm():
-                pending = True
-                if self._select_mode:
-                    os.eventfd_write(link.events.fileno(), 1)  # so select() sees it
-        return pending
-
-    def _disarm_all(self) -> None:
-        for link in self._links:
-            if link is not None:
-                link.events.disarm()
-
-    def _drain_events(self) -> int:
-        count = 0
-        for link in self._links:
-            if not self._listening:
-                break  # a handler called stop(): the other links are closed now
-            if link is not None:
-                records = link.events.pop_all()
-                if records:
-                    count += len(records)
-                    self._dispatch(link, records)
-        return count
-
-    def _dispatch(self, link: _ShardLink, records: list[Record]) -> None:
-        # The per-message path of every application: names are bound to locals once.
-        peers = self._peers
-        on_data = self._handlers["data_received"]
-        in_packets_limit = self._in_packets_limit
-        in_bytes_limit = self._in_bytes_limit
-        ev_binary, ev_text = m.EV_BINARY, m.EV_TEXT
-        for kind, peer_id, flags, payload in records:
-            if kind == ev_binary or kind == ev_text:
-                peer = peers.get(peer_id)
-                if peer is None:
-                    continue
-                inbox = peer._inbox
-                inbox.append((payload, kind == ev_text))
-                peer._inbox_bytes += len(payload)
-                if not peer._reading_paused and (
-                    len(inbox) >= in_packets_limit or peer._inbox_bytes >= in_bytes_limit
-                ):
-                    peer._reading_paused = True
-                    self._command(link, m.CMD_PAUSE_READING, peer_id, 0, b"")
-                for handler in on_data:
-                    try:
-                        handler(peer_id)
-                    except Exception:
-                        log.exception("error in a 'data_received' handler")
-            elif kind == m.EV_CREDITS:
-                for credited_id, packets, size in m.decode_credits(payload):
-                    peer = peers.get(credited_id)
-                    if peer is not None:
-                        peer._out_packets -= packets
-                        peer._out_bytes -= size
-            elif kind == m.EV_MP_FRAME:
-                self._mp_frame(link, peer_id, payload)
-            elif kind == m.EV_CONNECTED:
-                if not self._listening:
-                    continue  # stop() from a handler of this batch: the peer is being closed
-                ip, port, protocol = m.decode_connected(payload)
-                peers[peer_id] = WebSocketPeer(self, peer_id, link, ip, port, protocol)
-                link.peers.add(peer_id)
-                if self._gd_mp_api:
-                    self._mp_welcome(link, peer_id)
-                    self.emit_signal("peer_connected", peer_id)
-                else:
-                    self.emit_signal("client_connected", peer_id, protocol)
-            elif kind == m.EV_CLOSE_REQUEST:
-                if peer_id in peers:
-                    code, reason = m.decode_close(payload)
-                    self.emit_signal("client_close_request", peer_id, code, reason)
-            elif kind == m.EV_DISCONNECTED:
-                self._peer_left(link, peer_id, bool(flags & m.FLAG_CLEAN))
-            elif kind == m.EV_MP_DROPS:
-                for reason, count in zip(m.DROP_REASONS, m.decode_drops(payload), strict=True):
-                    self._mp_drops[reason] += count
-            else:
-                log.error("unknown event kind %d from shard %d", kind, link.index)
-
-    def _peer_left(self, link: _ShardLink, peer_id: int, clean: bool) -> None:
-        peer = self._peers.pop(peer_id, None)
-        if peer is None:
-            return
-        link.peers.discard(peer_id)
-        peer._connected = False
-        peer._inbox.clear()
+    def _on_peer_connected(self, channel: PeerChannel, ip: str, port: int, protocol: str) -> None:
+        peer_id = channel.id
+        self._peers[peer_id] = WebSocketPeer(channel, ip, port, protocol)
         if self._gd_mp_api:
-            index = bisect.bisect_left(self._mp_ids, peer_id)
-            if index < len(self._mp_ids) and self._mp_ids[index] == peer_id:
-                del self._mp_ids[index]
-            self._mp_sys_all(m.SYS_DEL, peer_id)
+            self._relay.welcome(channel)
+            self.emit_signal("peer_connected", peer_id)
+        else:
+            self.emit_signal("client_connected", peer_id, protocol)
+
+    def _on_peer_left(self, channel: PeerChannel, clean: bool) -> None:
+        peer_id = channel.id
+        if self._peers.pop(peer_id, None) is None:
+            return
+        if self._gd_mp_api:
+            self._relay.peer_left(peer_id)
             self.emit_signal("peer_disconnected", peer_id)
         else:
             self.emit_signal("client_disconnected", peer_id, clean)
 
-    def _maybe_resume_reading(self, peer: WebSocketPeer) -> None:
-        if (
-            len(peer._inbox) <= self._in_packets_limit // 2
-            and peer._inbox_bytes <= self._in_bytes_limit // 2
-        ):
-            peer._reading_paused = False
-            self._command(peer._link, m.CMD_RESUME_READING, peer._id, 0, b"")
+    def _on_close_requested(self, peer_id: int, code: int, reason: str) -> None:
+        self.emit_signal("client_close_request", peer_id, code, reason)
 
-    # -- commands -----------------------------------------------------------------------------
-
-    def _command(
-        self, link: _ShardLink, kind: int, peer_id: int, flags: int, payload: bytes
-    ) -> None:
-        link.backlog.append((kind, peer_id, flags, payload))
-        if not self._in_poll:
-            # Outside poll() (a timer, another task): send now rather than at the next poll.
-            self._flush_link(link)
-
-    def _flush_commands(self) -> None:
-        for link in self._links:
-            if link is not None:
-                self._flush_link(link)
-
-    @staticmethod
-    def _flush_link(link: _ShardLink) -> None:
-        if link.backlog:
-            taken = link.commands.push_many(link.backlog)
-            del link.backlog[:taken]
-        link.commands.flush()
+    def _on_shard_failed(self, index: int, reason: str) -> None:
+        self.emit_signal("shard_failed", index, reason)
 
     # -- multiplayer mode (WebSocketMultiplayerPeer / NetworkedMultiplayerPeer) -----------------
-
-    def _mp_welcome(self, link: _ShardLink, peer_id: int) -> None:
-        """Godot's join: the new peer learns its id and every peer; every peer learns of it."""
-        self._command(link, m.CMD_MP_WELCOME, peer_id, 0, m.encode_ids(self._mp_ids))
-        bisect.insort(self._mp_ids, peer_id)
-        self._mp_sys_all(m.SYS_ADD, peer_id)
-
-    def _mp_sys_all(self, kind: int, subject: int) -> None:
-        # One record per shard: the shard writes the message to each of its peers.
-        for link in self._links:
-            if link is not None and link.peers:
-                self._command(link, m.CMD_MP_SYS_ALL, subject, kind, b"")
-
-    def _mp_frame(self, source: _ShardLink, sender: int, frame: bytes) -> None:
-        """A client frame the shard could not relay alone: for the server and/or other shards."""
-        to = m.MP_HEADER.unpack_from(frame)[2]
-        if to > 1:
-            target = self._peers.get(to)
-            if target is None:
-                self._mp_drops["target"] += 1
-            else:
-                self._command(target._link, m.CMD_MP_FORWARD, sender, 0, frame)
-            return
-        if to != 1:  # 0 or -n: the peers of the other shards (the source shard did its own)
-            for link in self._links:
-                if link is not None and link is not source and link.peers:
-                    self._command(link, m.CMD_MP_FORWARD, sender, 0, frame)
-        if to == -1:
-            return  # "everyone but the server" (Godot 3.2 delivers it to itself too: a bug)
-        self._mp_inbox.append((sender, frame[m.MP_HEADER_SIZE :]))
-        self.emit_signal("peer_packet", sender)
 
     def _require_mp(self, member: str) -> bool:
         if not self._gd_mp_api or not self._listening:
@@ -869,56 +568,38 @@ class WebSocketServer(SignalEmitter):
 
     def set_target_peer(self, peer_id: int) -> None:
         """Where `put_packet` sends: 0 every peer, n one peer, -n every peer but n."""
-        self._target_peer = peer_id
+        self._relay.set_target_peer(peer_id)
 
     def put_packet(self, data: bytes | bytearray | memoryview) -> Error:
         """Send a multiplayer packet from the server (``from`` = 1) to the target peer(s)."""
         if not self._require_mp("put_packet"):
             return Error.ERR_UNCONFIGURED
-        target = self._target_peer
-        frame = m.MP_HEADER.pack(m.SYS_NONE, m.SERVER_ID, target) + bytes(data)
-        if target > 1:
-            peer = self._peers.get(target)
-            if peer is None:
-                log.error("put_packet: no peer %d", target)
-                return Error.FAILED
-            return peer._send(frame, m.CMD_SEND_BINARY)
-        if target == m.SERVER_ID:
-            return Error.OK  # as Godot: the server does not send to itself
-        for link in self._links:
-            if link is not None and link.peers:
-                self._command(link, m.CMD_MP_FORWARD, m.SERVER_ID, 0, frame)
-        return Error.OK
+        return self._relay.put_packet(data)
 
     def get_available_packet_count(self) -> int:
-        return len(self._mp_inbox) if self._gd_mp_api else 0
+        return self._relay.get_available_packet_count() if self._gd_mp_api else 0
 
     def get_packet_peer(self) -> int:
         """The sender of the next packet `get_packet` returns."""
-        if not self._require_mp("get_packet_peer") or not self._mp_inbox:
-            return 1
-        return self._mp_inbox[0][0]
+        if not self._require_mp("get_packet_peer"):
+            return m.SERVER_ID
+        return self._relay.get_packet_peer()
 
     def get_packet(self) -> bytes:
         """The next multiplayer packet for the server (after the 9-byte header)."""
         if not self._require_mp("get_packet"):
-            self._mp_packet_error = Error.ERR_UNCONFIGURED
+            self._relay.set_packet_error(Error.ERR_UNCONFIGURED)
             return b""
-        if not self._mp_inbox:
-            self._mp_packet_error = Error.ERR_UNAVAILABLE
-            return b""
-        self._mp_packet_error = Error.OK
-        return self._mp_inbox.popleft()[1]
+        return self._relay.get_packet()
 
     def get_packet_error(self) -> Error:
-        return self._mp_packet_error
+        return self._relay.get_packet_error()
 
     def set_refuse_new_connections(self, enable: bool) -> None:
         """Drop new connections at once (as Godot does) while ``enable``."""
         self._refusing = bool(enable)
-        for link in self._links:
-            if link is not None:
-                self._command(link, m.CMD_REFUSE, 0, int(self._refusing), b"")
+        if self._fleet is not None:
+            self._fleet.set_refusing(self._refusing)
 
     def is_refusing_new_connections(self) -> bool:
         return self._refusing
@@ -935,88 +616,13 @@ class WebSocketServer(SignalEmitter):
         """Accepted and ignored, as in Godot: WebSocket is always reliable."""
 
     def get_max_packet_size(self) -> int:
-        return self._out_bytes_limit - m.MP_HEADER_SIZE
+        """The outbound buffer less the 9-byte multiplayer header."""
+        max_message = self.max_message_size or self._in_bytes_limit
+        return self._outbound_limit(max_message) - m.MP_HEADER_SIZE
 
     def get_mp_stats(self) -> dict[str, int]:
         """Client frames the relay dropped, by reason: short, type, from, target."""
-        return dict(self._mp_drops)
-
-    # -- the supervisor's notices -------------------------------------------------------------
-
-    def _read_control(self) -> int:
-        handled = 0
-        while self._control is not None:
-            try:
-                received = control.receive(self._control)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                received = None
-                log.error("lost the control channel to the supervisor: %s", exc)
-            if received is None:
-                self._supervisor_gone()
-                break
-            handled += 1
-            message, fds = received
-            kind = message.get("type")
-            if kind == "shard_up":
-                self._shard_up(message["shard"], message["pid"], fds)
-            elif kind == "shard_down":
-                self._shard_down(message["shard"])
-            elif kind == "shard_failed":
-                self._shard_failed(message["shard"], str(message.get("reason", "")))
-            else:
-                log.error("unknown message from the supervisor: %r", message)
-            if kind != "shard_up":
-                for fd in fds:
-                    os.close(fd)
-        return handled
-
-    def _shard_up(self, index: int, pid: int, fds: list[int]) -> None:
-        if self._links[index] is not None:
-            self._shard_down(index)
-        link = _ShardLink(index, pid, fds)
-        self._links[index] = link
-        if self._refusing:
-            self._command(link, m.CMD_REFUSE, 0, 1, b"")
-        if self._epoll is not None:
-            self._epoll.register(link.events.fileno(), select.EPOLLIN)
-        if self._select_mode:
-            self._arm_all()
-
-    def _shard_down(self, index: int) -> None:
-        """A shard died: what it published still counts, then each of its peers is gone."""
-        link = self._links[index]
-        if link is None:
-            return
-        while True:
-            records = link.events.pop_all()
-            if not records:
-                break
-            self._dispatch(link, records)
-        for peer_id in sorted(link.peers):
-            self._peer_left(link, peer_id, False)
-        if self._epoll is not None:
-            self._epoll.unregister(link.events.fileno())
-        self._links[index] = None
-        link.close()
-
-    def _shard_failed(self, index: int, reason: str) -> None:
-        """The supervisor gave the shard up (its death, ``shard_down``, came first)."""
-        log.error("shard %d was given up: %s", index, reason)
-        self._failed[index] = reason
-        self.emit_signal("shard_failed", index, reason)
-
-    def _supervisor_gone(self) -> None:
-        log.error("the supervisor exited: every shard is gone")
-        for index, link in enumerate(self._links):
-            if link is not None:
-                self._shard_down(index)
-        if self._control is not None:
-            if self._epoll is not None:
-                self._epoll.unregister(self._control.fileno())
-            self._control.close()
-            self._control = None
+        return self._relay.stats()
 
     def __del__(self) -> None:
         # An abandoned server still ends its processes (the lifeline would too, at exit).

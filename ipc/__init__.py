@@ -1,8 +1,17 @@
-"""Shared-memory rings between the front and the shards.
+"""What the front, the supervisor and the shards share: the rings and the contracts.
 
-Owns: the single-producer single-consumer record ring (`ring`), the atomic
-words it synchronises on (`atomic`), the per-shard words that outlive a shard
-(`shardstate`: next peer id, peer count) and process lifelines (`lifeline`).
+Owns the channels between the processes: the single-producer
+single-consumer record ring (`ring`), the atomic words it synchronises on
+(`atomic`), the per-shard words that outlive a shard (`shardstate`: next
+peer id, peer count) and process lifelines (`lifeline`).
+
+And the contracts over them, typed in one place that both sides import:
+the configuration (`config`: `Limits`, `TlsConfig`, `FleetConfig`,
+`ShardConfig`, frozen dataclasses), the control messages and their codec
+(`control`: `ShardUp`, `ShardDown`, `ShardFailed`, `Stop`), the records of
+the rings (`messages`: the `Event` and `Command` kinds, the `DropReason`s of
+the relay, the payload layouts) and the one TLS loader (`tls`).
+
 Imports nothing else of wsfleet: the front, the supervisor and the shards
 all build on it.
 """

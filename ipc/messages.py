@@ -1,61 +1,98 @@
 """What the front and a shard say to each other through their two rings.
 
 Each record is ``(kind, peer, flags, payload)`` (see `wsfleet.ipc.ring`).
-Events flow shard -> front, commands front -> shard.  Payloads are raw bytes
-or small fixed ``struct`` layouts; nothing here allocates per message beyond
-the payload itself.
+Events flow shard -> front, commands front -> shard; their kinds are the
+`Event` and `Command` enums (``EV_*`` / ``CMD_*``: the same values as plain
+ints, for the per-message loops), and the relay's drop counters are indexed
+by `DropReason`.  Payloads are raw bytes or small fixed ``struct`` layouts;
+nothing here allocates per message beyond the payload itself.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from enum import IntEnum
+from typing import Final
 
 # -- events: shard -> front ------------------------------------------------------
 
-#: A handshake completed: payload `encode_connected`.
-EV_CONNECTED = 1
-#: A whole text / binary message from a peer: payload = the message.
-EV_TEXT = 2
-EV_BINARY = 3
-#: The peer sent a close frame first: payload `encode_close` (reason without Godot's NUL).
-EV_CLOSE_REQUEST = 4
-#: The connection is gone: flags = 1 if the peer started a clean close handshake.
-EV_DISCONNECTED = 5
-#: Outbound packets the shard handed to the kernel: payload `encode_credits`, peer 0.
-EV_CREDITS = 6
-#: Multiplayer mode: a client frame the front must handle (for the server, or for peers
-#: on other shards): peer = the sender, payload = the whole frame, 9-byte header included.
-EV_MP_FRAME = 7
-#: Multiplayer mode: client frames the shard dropped since its last report: `encode_drops`.
-EV_MP_DROPS = 8
+
+class Event(IntEnum):
+    """The kind of an event record (shard -> front)."""
+
+    #: A handshake completed: payload `encode_connected`.
+    CONNECTED = 1
+    #: A whole text / binary message from a peer: payload = the message.
+    TEXT = 2
+    BINARY = 3
+    #: The peer sent a close frame first: payload `encode_close` (reason without Godot's NUL).
+    CLOSE_REQUEST = 4
+    #: The connection is gone: flags = FLAG_CLEAN if the peer started a clean close handshake.
+    DISCONNECTED = 5
+    #: Outbound packets the shard handed to the kernel: payload `encode_credits`, peer 0.
+    CREDITS = 6
+    #: Multiplayer mode: a client frame the front must handle (for the server, or for peers
+    #: on other shards): peer = the sender, payload = the whole frame, 9-byte header included.
+    MP_FRAME = 7
+    #: Multiplayer mode: client frames the shard dropped since its last report: `encode_drops`.
+    MP_DROPS = 8
+
 
 # -- commands: front -> shard ------------------------------------------------------
 
-#: Send one message: payload = the message.
-CMD_SEND_TEXT = 1
-CMD_SEND_BINARY = 2
-#: Start the close handshake: payload `encode_close`. With FLAG_FAIL, fail the
-#: connection instead: the close frame, then the TCP connection is closed at once.
-CMD_CLOSE = 3
-#: Send to every peer of the shard: flags = FLAG_TEXT or 0, payload `encode_broadcast`.
-CMD_BROADCAST = 4
-#: TCP_NODELAY on (flags 1) or off (flags 0).
-CMD_NO_DELAY = 5
-#: Stop / resume reading from one peer (the front's inbound queue is full / has room).
-CMD_PAUSE_READING = 6
-CMD_RESUME_READING = 7
-#: Drop new connections at once (flags 1) or accept them again (flags 0).
-CMD_REFUSE = 8
-#: Multiplayer mode: welcome peer N: SYS_ID(N), SYS_ADD(1), then SYS_ADD(E) for each id
-#: in the payload (`encode_ids`, ascending). From then on N takes part in the relay.
-CMD_MP_WELCOME = 9
-#: Multiplayer mode: send SYS_ADD/SYS_DEL (flags = the type) about peer ``peer`` to every
-#: welcomed peer of the shard except ``peer`` itself.
-CMD_MP_SYS_ALL = 10
-#: Multiplayer mode: deliver a frame (payload, header included) to this shard's welcomed
-#: peers by its ``to`` field, never to its ``from`` (= ``peer``).
-CMD_MP_FORWARD = 11
+
+class Command(IntEnum):
+    """The kind of a command record (front -> shard)."""
+
+    #: Send one message: payload = the message.
+    SEND_TEXT = 1
+    SEND_BINARY = 2
+    #: Start the close handshake: payload `encode_close`. With FLAG_FAIL, fail the
+    #: connection instead: the close frame, then the TCP connection is closed at once.
+    CLOSE = 3
+    #: Send to every peer of the shard: flags = FLAG_TEXT or 0, payload `encode_broadcast`.
+    BROADCAST = 4
+    #: TCP_NODELAY on (flags 1) or off (flags 0).
+    NO_DELAY = 5
+    #: Stop / resume reading from one peer (the front's inbound queue is full / has room).
+    PAUSE_READING = 6
+    RESUME_READING = 7
+    #: Drop new connections at once (flags 1) or accept them again (flags 0).
+    REFUSE = 8
+    #: Multiplayer mode: welcome peer N: SYS_ID(N), SYS_ADD(1), then SYS_ADD(E) for each id
+    #: in the payload (`encode_ids`, ascending). From then on N takes part in the relay.
+    MP_WELCOME = 9
+    #: Multiplayer mode: send SYS_ADD/SYS_DEL (flags = the type) about peer ``peer`` to every
+    #: welcomed peer of the shard except ``peer`` itself.
+    MP_SYS_ALL = 10
+    #: Multiplayer mode: deliver a frame (payload, header included) to this shard's welcomed
+    #: peers by its ``to`` field, never to its ``from`` (= ``peer``).
+    MP_FORWARD = 11
+
+
+# The same kinds as plain ints, for the per-message loops on both sides: comparing an int
+# with an IntEnum member goes through the subclass's reflected comparison (a few ns more).
+EV_CONNECTED: Final = Event.CONNECTED.value
+EV_TEXT: Final = Event.TEXT.value
+EV_BINARY: Final = Event.BINARY.value
+EV_CLOSE_REQUEST: Final = Event.CLOSE_REQUEST.value
+EV_DISCONNECTED: Final = Event.DISCONNECTED.value
+EV_CREDITS: Final = Event.CREDITS.value
+EV_MP_FRAME: Final = Event.MP_FRAME.value
+EV_MP_DROPS: Final = Event.MP_DROPS.value
+
+CMD_SEND_TEXT: Final = Command.SEND_TEXT.value
+CMD_SEND_BINARY: Final = Command.SEND_BINARY.value
+CMD_CLOSE: Final = Command.CLOSE.value
+CMD_BROADCAST: Final = Command.BROADCAST.value
+CMD_NO_DELAY: Final = Command.NO_DELAY.value
+CMD_PAUSE_READING: Final = Command.PAUSE_READING.value
+CMD_RESUME_READING: Final = Command.RESUME_READING.value
+CMD_REFUSE: Final = Command.REFUSE.value
+CMD_MP_WELCOME: Final = Command.MP_WELCOME.value
+CMD_MP_SYS_ALL: Final = Command.MP_SYS_ALL.value
+CMD_MP_FORWARD: Final = Command.MP_FORWARD.value
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
@@ -67,9 +104,29 @@ MP_HEADER = struct.Struct("<Bii")  # type, from, to
 MP_HEADER_SIZE = MP_HEADER.size  # 9
 SYS_NONE, SYS_ADD, SYS_DEL, SYS_ID = 0, 1, 2, 3
 SERVER_ID = 1
-#: Why a client frame was dropped, in the order of `encode_drops`.
-DROP_REASONS = ("short", "type", "from", "target")
-_DROPS = struct.Struct("<4I")
+
+
+class DropReason(IntEnum):
+    """Why the relay dropped a client frame; the value is its slot in `encode_drops`."""
+
+    #: Shorter than the 9-byte header.
+    SHORT = 0
+    #: A system message type (only the server sends those).
+    TYPE = 1
+    #: A ``from`` that is not the sender's id (or a sender not yet welcomed).
+    FROM = 2
+    #: A ``to`` that names no (welcomed) peer, or the sender itself.
+    TARGET = 3
+
+    @property
+    def label(self) -> str:
+        """The key of `WebSocketServer.get_mp_stats` ("short", "type", "from", "target")."""
+        return self.name.lower()
+
+
+#: The labels of `DropReason`, in slot order.
+DROP_REASONS: Final = tuple(reason.label for reason in DropReason)
+_DROPS = struct.Struct(f"<{len(DropReason)}I")
 
 
 def sys_frame_payload(kind: int, peer_id: int) -> bytes:

@@ -21,7 +21,7 @@ A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
 front has made room.
 
-Limits (the ``limits`` part of the config, see ``WebSocketServer``) cost
+Limits (the `Limits` of its `ShardConfig`, see ``WebSocketServer``) cost
 nothing per message: the handshake checks them (`admit`, `origin_allowed`,
 ``max_request_bytes``), and keepalive is one timer per shard that sweeps every
 connection (`_keepalive`), not a timer per connection.
@@ -36,7 +36,6 @@ import os
 import random
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +47,8 @@ from websockets.exceptions import NegotiationError
 from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.aio import RingReader
+from wsfleet.ipc.config import ShardConfig
+from wsfleet.ipc.tls import TlsError, server_context
 
 from .connection import PeerConnection, frame_header
 
@@ -72,31 +73,31 @@ class Shard:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        config: dict[str, Any],
+        config: ShardConfig,
         events: Producer,
         commands: Consumer,
         state: ShardState,
     ) -> None:
         self.loop = loop
-        self.index: int = config["index"]
-        self.protocols: list[str] = config["protocols"]
-        limits: dict[str, Any] = config["limits"]
-        self.max_message: int = limits["max_message"]
-        self.handshake_timeout: float = limits["handshake_timeout"]
-        self.max_request_bytes: int = limits["max_request_bytes"]
-        self.max_peers: int = limits["max_peers"]  # 0: no limit
-        origins = limits["allowed_origins"]
+        self.index: int = config.index
+        self.protocols: tuple[str, ...] = config.protocols
+        limits = config.limits
+        self.max_message: int = limits.max_message_size
+        self.handshake_timeout: float = limits.handshake_timeout
+        self.max_request_bytes: int = limits.max_request_bytes
+        self.max_peers: int = limits.max_peers  # 0: no limit
+        origins = limits.allowed_origins
         self.allowed_origins: frozenset[str] | None = (
             None if origins is None else frozenset(origins)
         )
-        self.require_origin: bool = limits["require_origin"]
-        self.ping_interval: float | None = limits["ping_interval"]
-        self.ping_timeout: float | None = limits["ping_timeout"]
-        self.mp: bool = config.get("gd_mp_api", False)
+        self.require_origin: bool = limits.require_origin
+        self.ping_interval: float | None = limits.ping_interval
+        self.ping_timeout: float | None = limits.ping_timeout
+        self.mp: bool = config.gd_mp_api
         self.refusing = False
-        self._mp_drops = [0] * len(m.DROP_REASONS)
-        self._id_base: int = config["id_base"]
-        self._id_span: int = config["id_span"]
+        self._mp_drops = [0] * len(m.DropReason)
+        self._id_base: int = config.id_base
+        self._id_span: int = config.id_span
         # The next id lives in memory the supervisor keeps across restarts,
         # so a restarted shard does not hand out its predecessor's ids again;
         # the peer counts of every shard live there too (max_peers).
@@ -113,7 +114,8 @@ class Shard:
         self._flush_scheduled = False
         self._credits: dict[int, list[int]] = {}
         self._touched: list[PeerConnection] = []
-        self.server: asyncio.AbstractServer | None = None
+        #: One per listening socket (one per address the front bound).
+        self.servers: list[asyncio.AbstractServer] = []
 
         # websockets binds this to its ServerProtocol, so it must be a plain function.
         def select_subprotocol(_protocol: Any, offered: Sequence[str]) -> str | None:
@@ -252,7 +254,7 @@ class Shard:
         backlog = self._backlog
         if self.mp and any(self._mp_drops):
             backlog.append((m.EV_MP_DROPS, 0, 0, m.encode_drops(self._mp_drops)))
-            self._mp_drops = [0] * len(m.DROP_REASONS)
+            self._mp_drops = [0] * len(m.DropReason)
         if self._credits:
             credits, self._credits = self._credits, {}
             backlog.append((m.EV_CREDITS, 0, 0, m.encode_credits(credits)))
@@ -307,22 +309,22 @@ class Shard:
     def mp_frame(self, conn: PeerConnection, data: bytes) -> None:
         """A client frame in multiplayer mode: check it, relay it (docs/GODOT_WIRE.md §4.3)."""
         if len(data) < m.MP_HEADER_SIZE:
-            self._mp_drops[0] += 1
+            self._mp_drops[m.DropReason.SHORT] += 1
             return
         kind, sender, to = m.MP_HEADER.unpack_from(data)
         if kind != m.SYS_NONE:
-            self._mp_drops[1] += 1
+            self._mp_drops[m.DropReason.TYPE] += 1
         elif sender != conn.peer_id or not conn.mp_welcomed:
-            self._mp_drops[2] += 1
+            self._mp_drops[m.DropReason.FROM] += 1
         elif to > 1:
             if to == sender:
-                self._mp_drops[3] += 1
+                self._mp_drops[m.DropReason.TARGET] += 1
             elif self._owns(to):
                 target = self.peers.get(to)
                 if target is not None and target.mp_welcomed:
                     self._queue_frame(target, frame_header(0x82, len(data)) + data)
                 else:
-                    self._mp_drops[3] += 1
+                    self._mp_drops[m.DropReason.TARGET] += 1
             else:
                 self.emit(m.EV_MP_FRAME, sender, 0, data)  # a peer of another shard
         else:
@@ -426,8 +428,8 @@ class Shard:
         comes, but a bound costs nothing (``time.monotonic``: uvloop's ``loop.time()``
         stands still inside a callback).
         """
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         drain_until = time.monotonic() + GRACEFUL_CLOSE_SECONDS / 2
         while time.monotonic() < drain_until and (records := self.commands.pop_all()):
             self.on_commands(records)
@@ -452,25 +454,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _tls_context(tls: dict[str, str]) -> ssl.SSLContext:
-    """A server context from PEM text, loaded through anonymous memory (no file names)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    chain = tls["cert"] + ("\n" + tls["chain"] if tls.get("chain") else "")
-    cert_fd = os.memfd_create("wsfleet-cert", os.MFD_CLOEXEC)
-    key_fd = os.memfd_create("wsfleet-key", os.MFD_CLOEXEC)
-    try:
-        os.write(cert_fd, chain.encode())
-        os.write(key_fd, tls["key"].encode())
-        context.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
-    finally:
-        os.close(cert_fd)
-        os.close(key_fd)
-    return context
-
-
 def run(
-    config: dict[str, Any],
-    listen_sock: socket.socket,
+    config: ShardConfig,
+    listen_socks: list[socket.socket],
     events_ring: SharedRing,
     commands_ring: SharedRing,
     state: ShardState,
@@ -487,9 +473,10 @@ def run(
     logging.basicConfig(level=logging.INFO, format="wsfleet shard %(message)s", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per connection
     try:
-        ssl_context = _tls_context(config["tls"]) if config.get("tls") else None
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        log.error("shard %d: cannot load the TLS certificate/key: %s", config["index"], exc)
+        # The loader the front's listen() checked the same text with: it does not fail here.
+        ssl_context = server_context(config.tls) if config.tls is not None else None
+    except (TlsError, OSError) as exc:
+        log.error("shard %d: cannot load the TLS certificate/key: %s", config.index, exc)
         return EXIT_BOOT_FAILED
 
     loop = uvloop.new_event_loop()
@@ -500,14 +487,16 @@ def run(
     loop.add_signal_handler(STOP_SIGNAL, lambda: stopping.done() or stopping.set_result(None))
 
     async def serve() -> None:
-        shard.server = await loop.create_server(
-            lambda: PeerConnection(shard),
-            sock=listen_sock,
-            ssl=ssl_context,
-            backlog=1024,
-            # The TLS handshake comes before the WebSocket one: the same bound applies.
-            ssl_handshake_timeout=shard.handshake_timeout if ssl_context else None,
-        )
+        for listen_sock in listen_socks:
+            server = await loop.create_server(
+                lambda: PeerConnection(shard),
+                sock=listen_sock,
+                ssl=ssl_context,
+                backlog=1024,
+                # The TLS handshake comes before the WebSocket one: the same bound applies.
+                ssl_handshake_timeout=shard.handshake_timeout if ssl_context else None,
+            )
+            shard.servers.append(server)
         shard.start_keepalive()
         reader.start()
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop

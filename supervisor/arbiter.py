@@ -10,10 +10,13 @@ Lifetimes: the supervisor watches the front's lifeline (a pipe whose write
 end only the front holds), so even a SIGKILLed front ends it; each shard is
 created with ``PR_SET_PDEATHSIG`` so a SIGKILLed supervisor ends the shards.
 It imports the shards' code (and so uvloop and websockets) before forking,
-so that every (re)start is quick.  The listening sockets live here for the
-whole run: a restarted shard takes over its predecessor's socket, and
-connections that arrived in between wait in that socket's backlog instead of
-being refused.
+so that every (re)start is quick.  The listening sockets (one per shard
+for each address the front bound) live here for the whole run: a restarted
+shard takes over its predecessor's sockets, and connections that arrived in
+between wait in their backlog instead of being refused.
+
+The front's configuration (`FleetConfig`) and every control message are the
+typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
 Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
 or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsfleet.ipc import ShardState, SharedRing, control
-from wsfleet.ipc import messages as m
+from wsfleet.ipc.config import FleetConfig
 from wsfleet.ipc.lifeline import has_ended
 from wsfleet.shards import worker
 from wsfleet.shards.worker import EXIT_BOOT_FAILED, STOP_SIGNAL
@@ -60,9 +63,9 @@ STOP_GRACE_SECONDS = 3.0
 @dataclass
 class ShardSlot:
     index: int
-    listen_sock: socket.socket
+    #: One listening socket per address the front bound (``SO_REUSEPORT`` groups).
+    listen_socks: list[socket.socket]
     pid: int = 0
-    generation: int = 0
     deaths: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
     failed: bool = False
@@ -70,12 +73,15 @@ class ShardSlot:
 
 class Arbiter:
     def __init__(
-        self, control_sock: socket.socket, front_lifeline: int, listen_socks: list[socket.socket]
+        self,
+        control_sock: socket.socket,
+        front_lifeline: int,
+        listen_socks: list[list[socket.socket]],
     ) -> None:
         self.control = control_sock
         self.front_lifeline = front_lifeline
-        self.slots = [ShardSlot(i, sock) for i, sock in enumerate(listen_socks)]
-        self.config: dict[str, Any] = {}
+        self.slots = [ShardSlot(i, socks) for i, socks in enumerate(listen_socks)]
+        self.config: FleetConfig | None = None
         self.stopping = False
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Anonymous shared memory survives the shards: each one keeps its next
@@ -117,18 +123,19 @@ class Arbiter:
             received = control.receive(self.control)
         except BlockingIOError:
             return False
+        except control.ControlError as exc:
+            log.error("bad control message from the front: %s", exc)
+            return False
         except OSError:
             received = None
         if received is None:
             self.stop(FRONT_GONE_GRACE_SECONDS)
             return True
-        message, fds = received
-        for fd in fds:
-            os.close(fd)
-        if message.get("type") == "stop":
+        message, _fds = received  # none: receive() checks that only ShardUp carries fds
+        if isinstance(message, control.Stop):
             self.stop(STOP_GRACE_SECONDS)
             return True
-        log.error("unknown control message from the front: %r", message)
+        log.error("unexpected control message from the front: %r", message)
         return False
 
     def _handle_signals(self) -> bool:
@@ -150,21 +157,26 @@ class Arbiter:
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the signal
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
 
-    def _receive_config(self) -> dict[str, Any]:
+    def _receive_config(self) -> FleetConfig:
         self.control.settimeout(30)
-        received = control.receive(self.control)
+        try:
+            received = control.receive(self.control)
+        except control.ControlError as exc:
+            raise SystemExit(
+                f"wsfleet supervisor: bad configuration from the front: {exc}"
+            ) from None
         self.control.setblocking(False)
-        if received is None or received[0].get("type") != "config":
+        if received is None or not isinstance(received[0], FleetConfig):
             raise SystemExit("wsfleet supervisor: no configuration from the front")
         return received[0]
 
     # -- shards ---------------------------------------------------------------------------
 
     def spawn(self, slot: ShardSlot) -> None:
-        capacity = self.config["ring_capacity"]
+        assert self.config is not None
+        capacity = self.config.ring_capacity
         events = SharedRing.create(capacity)
         commands = SharedRing.create(capacity)
-        slot.generation += 1
         slot.restart_at = None
         supervisor_pid = os.getpid()
         # A signal that reached the child before it replaced our handlers would be
@@ -181,8 +193,8 @@ class Arbiter:
             try:
                 self._become_shard(slot)
                 status = worker.run(
-                    self._shard_config(slot),
-                    slot.listen_sock,
+                    self.config.for_shard(slot.index, len(self.slots)),
+                    slot.listen_socks,
                     events,
                     commands,
                     self.state,
@@ -197,12 +209,7 @@ class Arbiter:
         try:
             control.send(
                 self.control,
-                {
-                    "type": "shard_up",
-                    "shard": slot.index,
-                    "pid": pid,
-                    "generation": slot.generation,
-                },
+                control.ShardUp(shard=slot.index, pid=pid),
                 [*events.fds, *commands.fds],
             )
         except OSError:
@@ -221,19 +228,8 @@ class Arbiter:
         self.control.close()
         for other in self.slots:
             if other is not slot:
-                other.listen_sock.close()
-
-    def _shard_config(self, slot: ShardSlot) -> dict[str, Any]:
-        ids = m.id_range(slot.index, len(self.slots))
-        return {
-            "index": slot.index,
-            "id_base": ids.start,
-            "id_span": len(ids),
-            "protocols": self.config["protocols"],
-            "limits": self.config["limits"],  # see WebSocketServer._limits_config
-            "tls": self.config.get("tls"),
-            "gd_mp_api": self.config.get("gd_mp_api", False),
-        }
+                for sock in other.listen_socks:
+                    sock.close()
 
     def reap(self) -> None:
         while True:
@@ -251,7 +247,7 @@ class Arbiter:
             # (the front, a new connection to another shard) hears of the death.
             self.state.set_peers(slot.index, 0)
             code = os.waitstatus_to_exitcode(status)
-            self._notify({"type": "shard_down", "shard": slot.index, "pid": pid, "exit": code})
+            self._notify(control.ShardDown(shard=slot.index))
             if self.stopping or has_ended(self.front_lifeline):
                 continue  # the stop (ours, or the loop's once it sees the lifeline) is under way
             self._schedule_restart(slot, code)
@@ -272,8 +268,9 @@ class Arbiter:
                 reason = f"it died {len(slot.deaths)} times in {CRASH_WINDOW_SECONDS:.0f} s"
             log.error("shard %d given up: %s", slot.index, reason)
             slot.failed = True
-            slot.listen_sock.close()  # the kernel stops sending it connections
-            self._notify({"type": "shard_failed", "shard": slot.index, "reason": reason})
+            for sock in slot.listen_socks:
+                sock.close()  # the kernel stops sending it connections
+            self._notify(control.ShardFailed(shard=slot.index, reason=reason))
             return
         # The first death restarts at once; a shard that keeps dying waits longer each time.
         backoff = 0.0 if len(slot.deaths) == 1 else 0.1 * 2 ** (len(slot.deaths) - 2)
@@ -306,7 +303,7 @@ class Arbiter:
             time.sleep(0.005)
             self.reap()
 
-    def _notify(self, message: dict[str, Any]) -> None:
+    def _notify(self, message: control.Message) -> None:
         try:
             control.send(self.control, message)
         except OSError:
@@ -317,9 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsfleet.supervisor")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
-    parser.add_argument("--listen-fds", required=True, help="comma-separated, one per shard")
+    parser.add_argument(
+        "--listen-fds",
+        action="append",
+        required=True,
+        help="one per shard: its listening sockets, comma-separated (one per address)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
     control_sock = socket.socket(fileno=args.control_fd)
-    listen_socks = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
+    listen_socks = [
+        [socket.socket(fileno=int(fd)) for fd in per_shard.split(",")]
+        for per_shard in args.listen_fds
+    ]
     return Arbiter(control_sock, args.lifeline_fd, listen_socks).run()

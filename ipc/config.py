@@ -1,0 +1,132 @@
+"""What the front tells the fleet before it starts: typed, frozen, checked on construction.
+
+Owns the configuration contract between the processes: `Limits` (the
+protections every shard applies), `TlsConfig` (the PEM texts every shard
+loads), `FleetConfig` (what the front sends the supervisor once, through the
+control channel, see `wsfleet.ipc.control`) and `ShardConfig` (what the
+supervisor hands each shard it forks).  Every class checks its own values in
+``__post_init__``, so a configuration that exists is a valid one, whichever
+process built it (the front from the user's values, the control codec from a
+received message).
+
+Imports the standard library, `wsfleet.ipc.messages` (the id ranges) and
+`wsfleet.ipc.ring` (the largest record) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .messages import id_range
+from .ring import DEFAULT_MAX_MESSAGE, MIN_CAPACITY
+
+#: The largest ``max_message_size``: what one ring record may carry.
+MAX_MESSAGE_SIZE = DEFAULT_MAX_MESSAGE
+#: The smallest ``max_request_bytes``: a minimal upgrade request is about 200 bytes.
+MIN_REQUEST_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The protections of `WebSocketServer` (its docstring has the details), as shards take them.
+
+    ``max_peers`` 0 means no limit; ``ping_interval`` / ``ping_timeout`` None
+    means off; ``allowed_origins`` None means no Origin check.
+    """
+
+    handshake_timeout: float
+    max_peers: int
+    max_message_size: int
+    max_request_bytes: int
+    allowed_origins: tuple[str, ...] | None
+    require_origin: bool
+    ping_interval: float | None
+    ping_timeout: float | None
+
+    def __post_init__(self) -> None:
+        if not self.handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive: {self.handshake_timeout}")
+        if self.max_peers < 0:
+            raise ValueError(f"max_peers must be None, 0 (no limit) or positive: {self.max_peers}")
+        if not 1 <= self.max_message_size <= MAX_MESSAGE_SIZE:
+            raise ValueError(
+                f"max_message_size must be 1 to {MAX_MESSAGE_SIZE}: {self.max_message_size}"
+            )
+        if self.max_request_bytes < MIN_REQUEST_BYTES:
+            raise ValueError(
+                f"max_request_bytes must be at least {MIN_REQUEST_BYTES}: {self.max_request_bytes}"
+            )
+        if self.allowed_origins is not None and not all(
+            isinstance(origin, str) for origin in self.allowed_origins
+        ):
+            raise ValueError("allowed_origins must be strings")
+        for name in ("ping_interval", "ping_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None, 0 (off) or positive: {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """A certificate chain and its key as PEM text (`wsfleet.ipc.tls` reads and checks them).
+
+    ``ca_chain`` ("" for none): further certificates sent after
+    ``certificate`` in the handshake, so that clients can build the chain.
+    """
+
+    certificate: str
+    private_key: str
+    ca_chain: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.certificate or not self.private_key:
+            raise ValueError("TLS needs both a certificate and a private key")
+
+    def __repr__(self) -> str:  # never print a private key into a log
+        return f"TlsConfig(certificate=<{len(self.certificate)} chars>, private_key=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """What the front sends the supervisor, once, before any shard starts."""
+
+    protocols: tuple[str, ...]
+    limits: Limits
+    tls: TlsConfig | None
+    gd_mp_api: bool
+    ring_capacity: int
+
+    def __post_init__(self) -> None:
+        capacity = self.ring_capacity
+        if capacity < MIN_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"ring_capacity must be a power of two >= {MIN_CAPACITY}: {capacity}")
+
+    def for_shard(self, index: int, shards: int) -> ShardConfig:
+        """Shard ``index`` of ``shards``: this configuration and its own peer id range."""
+        ids = id_range(index, shards)
+        return ShardConfig(
+            index=index,
+            id_base=ids.start,
+            id_span=len(ids),
+            protocols=self.protocols,
+            limits=self.limits,
+            tls=self.tls,
+            gd_mp_api=self.gd_mp_api,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """What one shard runs with (handed over by fork: it never crosses a socket)."""
+
+    index: int
+    id_base: int
+    id_span: int
+    protocols: tuple[str, ...]
+    limits: Limits
+    tls: TlsConfig | None
+    gd_mp_api: bool
+
+    def __post_init__(self) -> None:
+        if self.index < 0 or self.id_span < 1:
+            raise ValueError(f"bad shard index or id range: {self.index}, {self.id_span}")
