@@ -32,6 +32,7 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
+from .binding import format_url
 from .errors import Error
 from .peer import WebSocketPeer
 from .server import (
@@ -302,11 +303,8 @@ def resolve(host: str) -> list[str]:
     return addresses
 
 
-def url(scheme: str, host: str, port: int) -> str:
-    """``scheme://host:port``, an IPv6 address in brackets (``ws://[::1]:9080``)."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
+#: ``scheme://host:port``, an IPv6 address in brackets (``ws://[::1]:9080``).
+url = format_url
 
 
 def _read_pem(option: str, path: str) -> str | None:
@@ -372,10 +370,8 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         slow_consumer_close_code=args.slow_consumer_close_code,
         **extra,
     )
-    # The echo sends back the largest message it accepts (by default the 64 KiB inbound
-    # buffer): room for one in the outbound buffer, where put_packet refuses at size >= limit.
-    largest = args.max_message_size or 64 * 1024
-    server.set_buffers(64, 1024, largest // 1024 + 1, 1024)
+    # No set_buffers here: the server sizes every peer's outbound buffer for the largest
+    # message it accepts, so the echo of any accepted message fits an empty buffer.
     return server
 
 
@@ -433,7 +429,9 @@ class Echo:
             peer = self.server.get_peer(peer_id)
             if peer is None or not peer.is_connected_to_host():
                 del self.waiting[peer_id]  # gone: nobody left to send it to
-            elif self._send(peer, packet, text):
+            elif peer.get_outbound_room() >= len(packet) and self._send(peer, packet, text):
+                # Asking for room first keeps a retry that cannot fit out of the server's
+                # refusal count and log.
                 del self.waiting[peer_id]
                 self.on_data(peer_id)  # then what waited behind it
         if self.waits:
@@ -489,12 +487,9 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         return usage_error(_option_names(str(exc), parser))
     try:
-        server.bind_ip = args.bind
-    except ValueError:
-        # bind_ip takes IP addresses only (host names: a later version): the name's first
-        # address, IPv4 first, so "localhost" serves 127.0.0.1.
-        addresses = sorted(resolve(args.bind), key=lambda address: ":" in address)
-        server.bind_ip = addresses[0]
+        server.bind_ip = args.bind  # a host name serves every address it resolves to
+    except ValueError as exc:
+        return usage_error(f"--bind {args.bind}: {exc}")
     if args.tls_cert:
         server.ssl_certificate, server.private_key = args.tls_cert, args.tls_key
 
