@@ -159,6 +159,7 @@ _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
 # Bytes the fast handshake leaves to websockets: controls but tab, and anything not ASCII.
 _NOT_PLAIN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line end websockets refuses
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as websockets
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
@@ -488,11 +489,11 @@ class ServerWire:
         request = self._partial + data if self._partial else data
         end = request.find(b"\r\n\r\n")
         limit = self.max_request_bytes
+        bare_lf = _BARE_LF.search(request, 0, end if end >= 0 else len(request))
+        if bare_lf is not None and bare_lf.start() < limit:
+            # A line without CRLF, which websockets refuses at once: let it say so.
+            return self._handshake_by_websockets(request, len(request) - 4, events)
         if end < 0:
-            bare_lf = request.find(b"\n\n")
-            if bare_lf >= 0 and bare_lf + 2 <= limit:
-                # websockets refuses it (a line without CRLF): let it say so.
-                return self._handshake_by_websockets(request, len(request) - 4, events)
             if len(request) < limit:
                 self._partial = request  # wait for the rest of the request
                 return
