@@ -11,7 +11,7 @@ pausing, keepalive deadlines and reporting to the front are the caller's
 
 Owns:
 
-* the connection's `Phase` and every change of it (`_TRANSITIONS`, applied by
+* the connection's `Phase` and every change of it (`TRANSITIONS`, applied by
   `ServerWire._move` only);
 * the fast upgrade: a plain, valid upgrade request (``GET ... HTTP/1.1`` with the
   headers RFC 6455 requires, each once, tokens where tokens go, a subprotocol
@@ -58,8 +58,9 @@ import enum
 import hashlib
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 from websockets.exceptions import NegotiationError
@@ -75,6 +76,7 @@ __all__ = [
     "EventKind",
     "Phase",
     "ServerWire",
+    "TRANSITIONS",
     "Trigger",
     "frame_header",
 ]
@@ -99,7 +101,7 @@ class Phase(enum.Enum):
 
 
 class Trigger(enum.Enum):
-    """What moves a connection from one `Phase` to the next (`_TRANSITIONS`)."""
+    """What moves a connection from one `Phase` to the next (`TRANSITIONS`)."""
 
     ACCEPT = "accept"  # the upgrade request is accepted (101 queued)
     REFUSE = "refuse"  # the upgrade request is refused (an HTTP error or nothing, then EOF)
@@ -108,13 +110,15 @@ class Trigger(enum.Enum):
 
 
 #: Every phase change there is; `ServerWire._move` applies this table and nothing else.
-_TRANSITIONS: dict[tuple[Phase, Trigger], Phase] = {
-    (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
-    (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
-    (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
-    (Phase.OPEN, Trigger.END): Phase.CLOSED,
-    (Phase.CLOSING, Trigger.END): Phase.CLOSED,
-}
+TRANSITIONS: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
+    {
+        (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
+        (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
+        (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
+        (Phase.OPEN, Trigger.END): Phase.CLOSED,
+        (Phase.CLOSING, Trigger.END): Phase.CLOSED,
+    }
+)
 
 
 class EventKind(enum.IntEnum):
@@ -292,9 +296,9 @@ class ServerWire:
     # -- phases ------------------------------------------------------------------------
 
     def _move(self, trigger: Trigger) -> None:
-        """The one place a phase changes; a change not in `_TRANSITIONS` is a bug."""
+        """The one place a phase changes; a change not in `TRANSITIONS` is a bug."""
         try:
-            self.phase = _TRANSITIONS[self.phase, trigger]
+            self.phase = TRANSITIONS[self.phase, trigger]
         except KeyError:
             raise AssertionError(f"no transition from {self.phase} on {trigger}") from None
 
