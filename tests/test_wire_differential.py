@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import random
 import re
 import struct
@@ -49,6 +50,7 @@ from http import HTTPStatus
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import Phase as Stage
 from hypothesis import strategies as st
 from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode, apply_mask
@@ -68,6 +70,10 @@ SETTINGS = dict(
     derandomize=True,  # the same examples on every run: CI is deterministic
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # tests/mutate_wire.py wants a verdict, not a shrunk example.
+    phases=[Stage.explicit, Stage.generate]
+    if os.environ.get("WSFLEET_MUTATION_RUN")
+    else [Stage.explicit, Stage.generate, Stage.shrink],
 )
 
 
