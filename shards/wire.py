@@ -43,8 +43,9 @@ differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
    over 125 bytes or fragmented) fails the connection (1002) at its header;
    ``websockets`` waits for the payload first, which may be megabytes;
 3. text messages must be UTF-8 (1007), see above;
-4. requests over ``max_request_bytes`` get 431; the 101 response carries only
-   the headers Godot sends (no ``Date``).
+4. requests over ``max_request_bytes`` get 431; a request is judged once its
+   head has ended (websockets may refuse a broken line sooner); the 101
+   response carries only the headers Godot sends (no ``Date``).
 
 May import: ``websockets`` only (nothing of the project), so it can be tested
 and fuzzed in-process.
@@ -73,6 +74,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "DEFAULT_MAX_REQUEST_BYTES",
     "PING_FRAME",
+    "Event",
     "EventKind",
     "Phase",
     "ServerWire",

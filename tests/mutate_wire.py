@@ -65,6 +65,11 @@ MUTANTS = [
         "length = _U64.unpack_from(data, pos + 1)[0]",
     ),
     Mutant(
+        "64-bit length cut to 16 bits (fast path)",
+        "length = _U64.unpack_from(data, pos + 2)[0]",
+        "length = _U64.unpack_from(data, pos + 2)[0] & 0xFFFF",
+    ),
+    Mutant(
         "16-bit length off by one (frames for websockets)",
         "length = _U16.unpack_from(data, pos + 2)[0]",
         "length = _U16.unpack_from(data, pos + 2)[0] - 1",

@@ -10,8 +10,8 @@ random points into reads.  It goes to a `ServerWire` and to a bare
 reference: it reads the request head, accepts or refuses it with the same
 subprotocol rule and admission policy, then reads the frames), and both must
 give the same `Outcome`: HTTP status and subprotocol, messages delivered (in
-order, type and bytes), close requests reported, pongs sent, the close code
-sent, the failure reported, whether the server ended the stream.
+order, type and bytes), close requests reported, pongs sent, the close frame
+sent (code and reason), the failure reported, whether the server ended the stream.
 
 Where wsfleet deliberately differs, the reference's outcome goes through a
 function that names the deviation (see ``shards/wire.py`` and
@@ -119,7 +119,7 @@ class Outcome:
     messages: list[tuple[int, bytes]] = field(default_factory=list)
     close_requests: list[tuple[int, str]] = field(default_factory=list)
     pongs: list[bytes] = field(default_factory=list)
-    close_sent: int | None = None  # the code of the server's close frame (1005: empty)
+    close_sent: tuple[int, str] | None = None  # the server's close frame (1005: empty)
     failed: int | None = None  # the close code of a failure (1006: none sent)
     eof: bool = False  # the server ended the stream
 
@@ -164,8 +164,11 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-def close_code(payload: bytes) -> int:
-    return struct.unpack("!H", payload[:2])[0] if payload else 1005
+def close_of(payload: bytes) -> tuple[int, str]:
+    """(code, reason) of a close frame's payload; (1005, "") when it is empty."""
+    if not payload:
+        return 1005, ""
+    return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
 
 
 def read_output(chunks: list[bytes], outcome: Outcome, request: bytes) -> None:
@@ -187,7 +190,7 @@ def read_output(chunks: list[bytes], outcome: Outcome, request: bytes) -> None:
         if opcode == PONG:
             outcome.pongs.append(payload)
         elif opcode == CLOSE and outcome.close_sent is None:
-            outcome.close_sent = close_code(payload)
+            outcome.close_sent = close_of(payload)
         else:
             assert opcode == CLOSE, "the server sends no data frame of its own here"
 
@@ -275,7 +278,7 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
     frames = [frame for frame in ws.events_received() if isinstance(frame, Frame)]
     outcome.pongs = []  # derived from the pings below, so a deviation can cut them short
     outcome.close_sent = None
-    close_frames = [close_code(p) for op, p in server_frames(split_response(b"".join(out))[2])
+    close_frames = [close_of(p) for op, p in server_frames(split_response(b"".join(out))[2])
                     if op == CLOSE]  # fmt: skip
     if close_frames:
         outcome.close_sent = close_frames[0]
@@ -352,7 +355,8 @@ def deviation_head_unfinished(config: Config, stream: bytes) -> bool:
 def deviation_utf8(outcome: Outcome) -> Outcome:
     """At the first text message that is not UTF-8, wsfleet fails the connection with 1007
     (RFC 6455 8.1) and reads no further; websockets' Sans-I/O layer delivers it."""
-    return replace(outcome, close_sent=1007, failed=1007, eof=True)
+    reason = "invalid UTF-8 in a text message"
+    return replace(outcome, close_sent=(1007, reason), failed=1007, eof=True)
 
 
 def deviation_close_inside_message(outcome: Outcome, ws: ServerProtocol) -> Outcome:
@@ -364,7 +368,7 @@ def deviation_close_inside_message(outcome: Outcome, ws: ServerProtocol) -> Outc
     assert close is not None
     return replace(
         outcome,
-        close_sent=close.code,
+        close_sent=(close.code, close.reason),
         failed=None,
         close_requests=[*outcome.close_requests, (close.code, close.reason)],
         eof=True,
@@ -395,9 +399,16 @@ def deviation_header_refusal(
         first = stream[pos]
         fast = first in (0x81, 0x82) and parts is None
         within = length <= config.max_message - sum(map(len, parts or []))
-        rule_broken = first & 0x70 or (first & 0x08 and (length > 125 or not first & 0x80))
-        if not fast and within and rule_broken:
-            return replace(outcome, close_sent=1002, failed=1002, eof=True)
+        if first & 0x70:
+            reason = "reserved bits must be 0"
+        elif first & 0x08 and length > 125:
+            reason = "control frame too long"
+        elif first & 0x08 and not first & 0x80:
+            reason = "fragmented control frame"
+        else:
+            return outcome
+        if not fast and within:
+            return replace(outcome, close_sent=(1002, reason), failed=1002, eof=True)
         return outcome
     return outcome
 
@@ -699,7 +710,7 @@ def test_autobahn_7_1_5_close_inside_a_fragmented_message_is_a_clean_close() -> 
     stream += encode(0x80, b"fragment2", M)
     got, wire = run_wire(CONFIGS[0], split(stream, []))
     assert got == Outcome(status=101, subprotocol="", close_requests=[(1000, "")],
-                          close_sent=1000, eof=True)  # fmt: skip
+                          close_sent=(1000, ""), eof=True)  # fmt: skip
     assert wire.phase is Phase.CLOSED and wire.peer_closed_first
     # websockets itself answers 1002; the deviation maps that to the outcome above.
     assert run_websockets(CONFIGS[0], stream) == got
@@ -708,20 +719,24 @@ def test_autobahn_7_1_5_close_inside_a_fragmented_message_is_a_clean_close() -> 
 def test_a_close_frame_refused_by_its_code_inside_a_message_is_still_1002() -> None:
     stream = PLAIN + encode(0x01, b"part", M) + encode(0x88, b"\x03\xe7", M)  # code 999
     got, _ = run_wire(CONFIGS[0], split(stream, []))
-    assert (got.close_sent, got.failed, got.close_requests) == (1002, 1002, [])
+    assert (got.close_sent, got.failed, got.close_requests) == (
+        (1002, "invalid status code"),
+        1002,
+        [],
+    )
 
 
 def test_header_refusal_comes_before_the_payload() -> None:
     stream = PLAIN + encode(0xC2, b"abcdefgh", M)[:6]  # RSV1 set, payload not yet sent
     got, _ = run_wire(CONFIGS[0], split(stream, []))
-    assert (got.close_sent, got.failed, got.eof) == (1002, 1002, True)
+    assert (got.close_sent, got.failed, got.eof) == ((1002, "reserved bits must be 0"), 1002, True)
     assert run_websockets(CONFIGS[0], stream) == got
 
 
 def test_invalid_utf8_fails_with_1007_and_nothing_after_it_is_read() -> None:
     stream = PLAIN + encode(0x81, b"\xff", M) + encode(0x82, b"later", M)
     got, _ = run_wire(CONFIGS[0], split(stream, [len(PLAIN) + 3]))
-    assert (got.messages, got.close_sent, got.failed) == ([], 1007, 1007)
+    assert (got.messages, got.close_sent[0], got.failed) == ([], 1007, 1007)  # type: ignore[index]
 
 
 def test_a_request_over_max_request_bytes_gets_431() -> None:

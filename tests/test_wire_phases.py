@@ -192,6 +192,31 @@ def test_autobahn_7_1_5_the_close_inside_a_message_is_answered_1000() -> None:
     assert wire.data_to_send() == [b"\x88\x02\x03\xe8", b""]
 
 
+def test_7_1_5_holds_up_to_the_size_limit_of_the_message() -> None:
+    """A close frame exactly as long as what is left of ``max_message`` is still the
+    peer's close; one byte more and websockets refuses its length (1009)."""
+    wire = opened(max_message=64)
+    events = wire.receive_data(frame(0x01, b"f" * 60) + close_frame(1000, b"ab"))
+    assert events == [(EventKind.CLOSE_REQUEST, Close(1000, "ab"))]
+    wire = opened(max_message=64)
+    events = wire.receive_data(frame(0x01, b"f" * 60) + close_frame(1000, b"abc"))
+    assert [(kind, value.code) for kind, value in events] == [(EventKind.FAILED, 1009)]
+
+
+def test_a_ping_at_the_size_limit_with_a_reserved_bit_fails_on_its_header() -> None:
+    wire = opened(max_message=64)
+    assert wire.receive_data(frame(0x01, b"f" * 60)) == []
+    events = wire.receive_data(frame(0xC9, b"pppp")[:4])  # RSV1: the payload never comes
+    assert [(kind, value.code) for kind, value in events] == [(EventKind.FAILED, 1002)]
+
+
+@pytest.mark.parametrize("second", [0xFE, 0xFF])
+def test_an_invalid_opcode_fails_on_two_bytes_as_websockets(second: int) -> None:
+    wire = opened()
+    events = wire.receive_data(bytes((0x8B, second)))  # the length bytes never come
+    assert events == [(EventKind.FAILED, Close(1002, "invalid opcode"))]
+
+
 def test_pings_are_answered_and_pongs_reported() -> None:
     wire = opened()
     assert wire.receive_data(frame(0x89, b"p") + frame(0x8A, b"q")) == [(EventKind.PONG, b"q")]
