@@ -44,6 +44,7 @@ _FULL = "Server full: try again later.\n"
 _OPEN, _REFUSED = Phase.OPEN, Phase.REFUSED
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
+_EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
 
 
 class PeerConnection(asyncio.Protocol):
@@ -76,6 +77,7 @@ class PeerConnection(asyncio.Protocol):
         self._credit_bytes = 0
         self._write_paused = False
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
+        self._mp = shard.mp  # multiplayer mode: messages are relay frames
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -100,19 +102,17 @@ class PeerConnection(asyncio.Protocol):
         wire = self.wire
         events = wire.receive_data(data)
         if events:
-            shard = self.shard
-            if shard.mp:
+            if self._mp:
                 self._events_mp(events)
             else:
-                emit, peer_id = shard.emit, self.peer_id
+                shard = self.shard
                 for kind, value in events:
-                    if kind is _TEXT:
-                        emit(m.EV_TEXT, peer_id, 0, value)
-                    elif kind is _BINARY:
-                        emit(m.EV_BINARY, peer_id, 0, value)
+                    if kind is _BINARY:
+                        shard.emit(_EV_BINARY, self.peer_id, 0, value)
+                    elif kind is _TEXT:
+                        shard.emit(_EV_TEXT, self.peer_id, 0, value)
                     else:
                         self._event(kind, value)
-                        peer_id = self.peer_id  # set by OPENED
         if wire.wants_write:
             self._write_wire_output()
 

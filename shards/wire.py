@@ -332,7 +332,6 @@ class ServerWire:
             self._ws_left -= pos
             self._to_websockets(data[:pos], events)
         max_message = self.max_message
-        append = events.append
         while pos < size:
             if self.phase is not _OPEN:
                 break  # CLOSED by the last frame: the rest is discarded, as websockets does
@@ -365,7 +364,7 @@ class ServerWire:
                         except UnicodeDecodeError:
                             self._fail(1007, "invalid UTF-8 in a text message", events)
                             break
-                    append((_TEXT if first == 0x81 else _BINARY, payload))
+                    events.append((_TEXT if first == 0x81 else _BINARY, payload))
                     pos = end
                     continue
             # Any other frame: checked on its header, then websockets reads it.

@@ -34,6 +34,7 @@ Most examples come from a seeded generator (hypothesis draws only the seed: its
 own cost per example is ~0.5 ms, the check's ~0.5 ms): 20,000 of them, and
 `test_structured_frames` draws 1,500 structured frame lists with hypothesis'
 own strategies (which shrink).  ``derandomize``: the same examples every run.
+``WSFLEET_MUTATION_RUN`` (set by ``tests/mutate_wire.py``) turns shrinking off.
 """
 
 from __future__ import annotations
