@@ -3,5 +3,17 @@
 Owns: one uvloop event loop per shard, its own ``SO_REUSEPORT`` listening
 socket, the WebSocket protocol, and the peer ids of its range.  Everything a
 peer does becomes a record in the shard's events ring; every record in its
-commands ring is done here.  Imports only `wsfleet.ipc`.
+commands ring is done here.
+
+Modules:
+
+* `wire`: one connection's bytes as a Sans-I/O object (`wire.ServerWire`): the
+  upgrade, frame delimiting and the fast path for data frames, ``websockets``
+  for the rest, the connection's `wire.Phase`.  Imports only ``websockets``.
+* `connection`: `connection.PeerConnection`, the asyncio protocol around a
+  wire: transport, deadlines, keepalive, pausing, events to the shard.
+* `worker`: the shard process itself (`worker.Shard`, `worker.run`): rings,
+  commands, the multiplayer relay, shutdown.
+
+Imports only `wsfleet.ipc` (and ``websockets``, ``uvloop``).
 """

@@ -1,0 +1,652 @@
+"""The shard's wire: one WebSocket server connection as a pure object, without I/O.
+
+`ServerWire` is Sans-I/O in the style of ``h11`` and `websockets`'
+``ServerProtocol``: the caller hands it the bytes it reads
+(`ServerWire.receive_data`, which returns the `EventKind` events they
+complete) and writes what `ServerWire.data_to_send` returns (``b""`` in it is
+the end of the stream: close the TCP connection, or half-close it after a
+refused handshake).  It never touches a socket, a clock or the shard: timers,
+pausing, keepalive deadlines and reporting to the front are the caller's
+(`wsfleet.shards.connection`).
+
+Owns:
+
+* the connection's `Phase` and every change of it (`TRANSITIONS`, applied by
+  `ServerWire._move` only);
+* the fast upgrade: a plain, valid upgrade request (``GET ... HTTP/1.1`` with the
+  headers RFC 6455 requires, each once, tokens where tokens go, a subprotocol
+  the caller's rule accepts) is answered here with Godot's own 101 response;
+  any other request goes whole to ``websockets``, which accepts it or answers
+  the right HTTP error.  A request over ``max_request_bytes`` is answered 431
+  before either parser sees it; the caller's ``admit`` policy (Origin, a full
+  server) may refuse a valid request with its own status;
+* frame delimiting and the fast path: the common frame - a whole, unfragmented,
+  masked text or binary frame with no reserved bits, within ``max_message``,
+  while no fragmented message is open - is unmasked and delivered here
+  (``websockets``' parser costs ~3 us a frame).  Every other frame goes to
+  ``websockets`` from its first byte, its bytes as they arrive; the wire counts
+  them, so the fast path resumes exactly at the next frame boundary;
+* UTF-8: a text message that is not UTF-8 fails the connection with 1007
+  (``websockets``' Sans-I/O layer leaves that check to its asyncio layer);
+* server frame headers (`frame_header`) and the keepalive ping.
+
+``websockets``' ``ServerProtocol``, kept inside, stays the authority for the
+handshake rules of any request the fast path does not take, for control
+frames, fragmentation, close codes and the close handshake.  Deliberate
+differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
+``tests/test_wire_differential.py`` names each one):
+
+1. a close frame inside a fragmented message (Autobahn 7.1.5) is a normal close:
+   the unfinished message is dropped and the close echoed (RFC 6455 5.4 lets
+   control frames interleave with fragments); ``websockets`` fails with 1002;
+2. a frame whose header alone breaks RFC 6455 (reserved bits, a control frame
+   over 125 bytes or fragmented) fails the connection (1002) at its header;
+   ``websockets`` waits for the payload first, which may be megabytes;
+3. text messages must be UTF-8 (1007), see above;
+4. requests over ``max_request_bytes`` get 431; a request is judged once its
+   head has ended (websockets may refuse a broken line sooner); the 101
+   response carries only the headers Godot sends (no ``Date``).
+
+May import: ``websockets`` only (nothing of the project), so it can be tested
+and fuzzed in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any
+
+from websockets.exceptions import NegotiationError
+from websockets.frames import Close, Frame, Opcode, apply_mask
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "PING_FRAME",
+    "Event",
+    "EventKind",
+    "Phase",
+    "ServerWire",
+    "TRANSITIONS",
+    "Trigger",
+    "frame_header",
+]
+
+
+class Phase(enum.Enum):
+    """Where a connection is in its life; `ServerWire.phase`."""
+
+    #: Reading the upgrade request.
+    HANDSHAKE = "handshake"
+    #: Open: data frames flow both ways; the fast path cuts and delivers frames.
+    OPEN = "open"
+    #: The server sent a close frame and waits for the peer's; ``websockets`` owns the
+    #: stream (data messages that still come are delivered).
+    CLOSING = "closing"
+    #: The server is done: its end of stream is queued (after a close handshake or a
+    #: failure); whatever still comes is discarded.
+    CLOSED = "closed"
+    #: The upgrade request was refused: the HTTP answer (if any) and the end of stream
+    #: are queued; whatever still comes is discarded.
+    REFUSED = "refused"
+
+
+class Trigger(enum.Enum):
+    """What moves a connection from one `Phase` to the next (`TRANSITIONS`)."""
+
+    ACCEPT = "accept"  # the upgrade request is accepted (101 queued)
+    REFUSE = "refuse"  # the upgrade request is refused (an HTTP error or nothing, then EOF)
+    SEND_CLOSE = "send_close"  # the server starts the close handshake
+    END = "end"  # the server's end of stream is queued: close echoed, or connection failed
+
+
+#: Every phase change there is; `ServerWire._move` applies this table and nothing else.
+TRANSITIONS: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
+    {
+        (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
+        (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
+        (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
+        (Phase.OPEN, Trigger.END): Phase.CLOSED,
+        (Phase.CLOSING, Trigger.END): Phase.CLOSED,
+    }
+)
+
+
+class EventKind(enum.IntEnum):
+    """The kind of an event; an event is a ``(kind, value)`` pair.
+
+    A pair, not an object per kind: a pair comes from CPython's free list
+    (~0.05 us), an instance of a class with slots costs ~0.2 us, a fifth of a
+    small frame's whole receive path.
+    """
+
+    #: The handshake succeeded; value: the subprotocol chosen ("" for none).
+    OPENED = 1
+    #: The handshake was refused; value: the HTTP status answered (None: no answer,
+    #: the request was not HTTP).
+    REFUSED = 2
+    #: A text message; value: its bytes (valid UTF-8).
+    TEXT = 3
+    #: A binary message; value: its bytes.
+    BINARY = 4
+    #: The peer started the close handshake (the server echoed it); value: the peer's
+    #: ``Close`` (1005 if its frame had no code).
+    CLOSE_REQUEST = 5
+    #: The connection failed (RFC 6455 7.1.7); value: the ``Close`` sent (1006: none).
+    FAILED = 6
+    #: A pong came; value: its payload.
+    PONG = 7
+
+
+Event = tuple[EventKind, Any]
+
+DEFAULT_MAX_MESSAGE = 1 << 20
+DEFAULT_MAX_REQUEST_BYTES = 8192
+#: FIN + ping, no payload: the keepalive ping, built once.
+PING_FRAME = b"\x89\x00"
+
+_HANDSHAKE, _OPEN, _CLOSING = Phase.HANDSHAKE, Phase.OPEN, Phase.CLOSING
+_TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
+_TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+# Bytes the fast handshake leaves to websockets: controls but tab, and anything not ASCII.
+_NOT_PLAIN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line end websockets refuses
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as websockets
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
+_TOO_LARGE = "Request headers too large.\n"
+_SMALL_HEADERS = {
+    first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
+}
+_NO_CLOSE = Close(1006, "")
+
+
+def frame_header(first: int, size: int) -> bytes:
+    """The header of an unmasked, unfragmented server frame (``first`` = FIN | opcode)."""
+    if size < 126:
+        return _SMALL_HEADERS[first][size]
+    if size < 65536:
+        return _LEN16.pack(first, 126, size)
+    return _LEN64.pack(first, 127, size)
+
+
+def _valid_key(key: bytes) -> bool:
+    """Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 4.2.1)."""
+    try:
+        return len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def _tokens(value: bytes) -> list[bytes] | None:
+    """A comma-separated token list, or None when it is anything else (websockets decides)."""
+    items = [item.strip() for item in value.split(b",")]
+    if all(_TOKEN.fullmatch(item) for item in items):
+        return items
+    return None
+
+
+def _early_violation(first: int, second: int) -> str | None:
+    """What websockets refuses after a frame's first two bytes (its order), or None."""
+    opcode = first & 0x0F
+    if opcode > 2 and opcode not in (8, 9, 10):
+        return "invalid opcode"
+    if not second & 0x80:
+        return "incorrect masking"
+    return None
+
+
+def _header_violation(first: int, length: int) -> str | None:
+    """What websockets refuses after a frame's payload, known from its header (its order)."""
+    if first & 0x70:
+        return "reserved bits must be 0"
+    if first & 0x08:  # a control frame
+        if length > 125:
+            return "control frame too long"
+        if not first & 0x80:
+            return "fragmented control frame"
+    return None
+
+
+def _accept_all(_origins: Sequence[str]) -> tuple[HTTPStatus, str] | None:
+    return None
+
+
+def _no_subprotocol(offered: Sequence[str]) -> str | None:
+    if offered:
+        raise NegotiationError("this server speaks no subprotocol")
+    return None
+
+
+def _response_101(key: bytes, protocol: str) -> bytes:
+    """Godot's 101 response: exactly the headers it sends, in its order."""
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept
+    )
+    if protocol:
+        response += b"\r\nSec-WebSocket-Protocol: " + protocol.encode()
+    return response + b"\r\n\r\n"
+
+
+class ServerWire:
+    """One server connection's bytes, from the upgrade request to the end of the stream.
+
+    Limits and policy, all given here:
+
+    * ``max_message``: the largest message accepted, in bytes, whole or as the sum
+      of its fragments; a larger one fails the connection with 1009 (``websockets``'
+      ``max_size``).
+    * ``max_request_bytes``: the largest upgrade request head (up to its blank
+      line); a larger one is answered 431.  ``websockets``' own line and header
+      count limits (``MAX_LINE_LENGTH``, ``MAX_NUM_HEADERS``) apply below it.
+    * ``select_subprotocol(offered)``: the subprotocol for the client's list ("" or
+      None for none); raises ``NegotiationError`` to refuse the request (400).
+    * ``admit(origins)``: called for a valid upgrade request, with its Origin
+      values, just before it is accepted: None accepts (the caller must then open
+      the connection: `EventKind.OPENED` follows at once), ``(status, text)``
+      refuses it with that HTTP answer.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        select_subprotocol: Callable[[Sequence[str]], str | None] = _no_subprotocol,
+        admit: Callable[[Sequence[str]], tuple[HTTPStatus, str] | None] = _accept_all,
+    ) -> None:
+        self.max_message = max_message
+        self.max_request_bytes = max_request_bytes
+        self._select_subprotocol = select_subprotocol
+        self._admit = admit
+        self.phase = Phase.HANDSHAKE
+        self.subprotocol = ""
+        #: The peer sent the first close frame (Godot's "clean close" for the server).
+        self.peer_closed_first = False
+        #: Whether `data_to_send` has something (a cheap check for the caller).
+        self.wants_write = False
+        # websockets' protocol: made when the handshake is decided (CONNECTING for a
+        # request it parses, OPEN after the fast upgrade).
+        self._ws: ServerProtocol | None = None
+        self._out: list[bytes] = []
+        self._partial = b""  # the start of an upgrade request, waiting for its end
+        # The start of a frame waiting for the rest, and the bytes it needs in all (0: its
+        # header is not complete yet). A bytearray: a large frame may come in many reads.
+        self._pending = bytearray()
+        self._pending_need = 0
+        self._ws_left = 0  # bytes of a frame websockets has begun that it has not had yet
+        self._fragments: list[bytes] = []  # the fragmented message websockets is reading
+        self._fragments_text = False
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _move(self, trigger: Trigger) -> None:
+        """The one place a phase changes; a change not in `TRANSITIONS` is a bug."""
+        try:
+            self.phase = TRANSITIONS[self.phase, trigger]
+        except KeyError:
+            raise AssertionError(f"no transition from {self.phase} on {trigger}") from None
+
+    # -- bytes in ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Take bytes read from the peer; returns the events they complete, in order.
+
+        Call `data_to_send` afterwards when `wants_write` is set.
+        """
+        events: list[Event] = []
+        if self.phase is not _OPEN:
+            if self.phase is _HANDSHAKE:
+                self._handshake(data, events)
+            elif self.phase is _CLOSING:
+                self._to_websockets(data, events)
+            # CLOSED, REFUSED: discarded, as websockets does.
+            return events
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._pending_need:
+                return events  # a large frame still coming: no copy until it is whole
+            data = bytes(self._pending)
+            self._pending = bytearray()
+        size = len(data)
+        pos = need = 0
+        if self._ws_left:  # the rest of a frame websockets has begun
+            pos = min(self._ws_left, size)
+            self._ws_left -= pos
+            self._to_websockets(data[:pos], events)
+        max_message = self.max_message
+        while pos < size:
+            if self.phase is not _OPEN:
+                break  # CLOSED by the last frame: the rest is discarded, as websockets does
+            if size - pos < 2:
+                break
+            first, second = data[pos], data[pos + 1]
+            if (first == 0x82 or first == 0x81) and second & 0x80 and not self._fragments:
+                # A whole masked data frame, perhaps: the fast path.
+                length = second & 0x7F
+                start = pos + 6
+                if length == 126:
+                    if size - pos < 4:
+                        break
+                    length = _U16.unpack_from(data, pos + 2)[0]
+                    start += 2
+                elif length == 127:
+                    if size - pos < 10:
+                        break
+                    length = _U64.unpack_from(data, pos + 2)[0]
+                    start += 8
+                if length <= max_message:
+                    end = start + length
+                    if end > size:
+                        need = end - pos
+                        break
+                    payload = apply_mask(data[start:end], data[start - 4 : start])
+                    if first == 0x81 and not payload.isascii():
+                        try:
+                            payload.decode()
+                        except UnicodeDecodeError:
+                            self._fail(1007, "invalid UTF-8 in a text message", events)
+                            break
+                    events.append((_TEXT if first == 0x81 else _BINARY, payload))
+                    pos = end
+                    continue
+            # Any other frame: checked on its header, then websockets reads it.
+            early = _early_violation(first, second)
+            if early is not None:
+                self._fail(1002, early, events)  # as websockets, on the same two bytes
+                break
+            length = second & 0x7F
+            end = pos + 6
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = _U16.unpack_from(data, pos + 2)[0]
+                end += 2
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = _U64.unpack_from(data, pos + 2)[0]
+                end += 8
+            end += length
+            if length <= max_message - sum(map(len, self._fragments)):
+                refusal = _header_violation(first, length)
+                if refusal is not None:
+                    # websockets would wait for the payload first: fail on the header now.
+                    self._fail(1002, refusal, events)
+                    break
+                if first & 0x0F == 8 and self._fragments:
+                    self._close_inside_message()
+            # else websockets refuses the length (1009) as soon as it reads it.
+            taken = min(end, size)
+            self._ws_left = end - taken
+            self._to_websockets(data[pos:taken], events)
+            pos = taken
+        if pos < size and self.phase is _OPEN:
+            self._pending = bytearray(data[pos:])
+            self._pending_need = need
+        return events
+
+    def _close_inside_message(self) -> None:
+        """Deviation 1 (Autobahn 7.1.5): a close frame inside a fragmented message.
+
+        RFC 6455 lets control frames come between fragments and wants the close
+        echoed; websockets fails with 1002 ("incomplete fragmented message").  The
+        unfinished message is dropped, and a fresh ``ServerProtocol`` takes the close
+        frame: in the OPEN state the open message is the only state websockets keeps
+        between frames (no extensions are negotiated), and its parser is at a frame
+        boundary here, its output already taken.
+        """
+        self._fragments = []
+        self._ws = self._new_ws(State.OPEN)
+
+    def _to_websockets(self, data: bytes, events: list[Event]) -> None:
+        """Let websockets parse ``data`` (whole frames, or the rest of a closing stream)."""
+        ws = self._ws
+        assert ws is not None
+        ws.receive_data(data)
+        for frame in ws.events_received():
+            if isinstance(frame, Frame):
+                self._frame(frame, events)
+                if self.phase is not _OPEN and self.phase is not _CLOSING:
+                    break  # a message failed the connection: deliver no more
+        self._take_output(events)
+
+    def _frame(self, frame: Frame, events: list[Event]) -> None:
+        """One frame websockets parsed (from an OPEN or CLOSING connection)."""
+        opcode = frame.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
+            if frame.fin:
+                self._message(frame.data, opcode is Opcode.TEXT, events)
+            else:
+                self._fragments = [frame.data]
+                self._fragments_text = opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = []
+                self._message(data, self._fragments_text, events)
+        elif opcode is Opcode.CLOSE:
+            ws = self._ws
+            assert ws is not None
+            if ws.close_rcvd_then_sent:  # not the answer to our own close
+                self.peer_closed_first = True
+                events.append((EventKind.CLOSE_REQUEST, ws.close_rcvd or Close(1005, "")))
+        elif opcode is Opcode.PONG:
+            events.append((_PONG, frame.data))
+
+    def _message(self, data: bytes, text: bool, events: list[Event]) -> None:
+        if text and not data.isascii():
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self._fail(1007, "invalid UTF-8 in a text message", events)
+                return
+        events.append((_TEXT if text else _BINARY, data))
+
+    def _take_output(self, events: list[Event]) -> None:
+        """Move websockets' output into ours; its end of stream ends the connection."""
+        ws = self._ws
+        assert ws is not None
+        out = ws.data_to_send()
+        if not out:
+            return
+        self._out += out
+        self.wants_write = True
+        if out[-1] == b"" and self.phase is not Phase.REFUSED:
+            if self.phase is _HANDSHAKE:
+                self._move(Trigger.REFUSE)
+            else:
+                closing = self.phase is _CLOSING
+                self._move(Trigger.END)
+                if ws.parser_exc is not None or (ws.close_rcvd is None and not closing):
+                    events.append((EventKind.FAILED, ws.close_sent or _NO_CLOSE))
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def _new_ws(self, state: State) -> ServerProtocol:
+        select = self._select_subprotocol
+        return ServerProtocol(
+            select_subprotocol=lambda _protocol, offered: select(offered) or None,
+            max_size=self.max_message,
+            state=state,
+        )
+
+    def _handshake(self, data: bytes, events: list[Event]) -> None:
+        """Answer a plain upgrade request here; hand any other to websockets."""
+        request = self._partial + data if self._partial else data
+        end = request.find(b"\r\n\r\n")
+        limit = self.max_request_bytes
+        bare_lf = _BARE_LF.search(request, 0, end if end >= 0 else len(request))
+        if bare_lf is not None and bare_lf.start() < limit:
+            # A line without CRLF, which websockets refuses at once: let it say so.
+            return self._handshake_by_websockets(request, len(request) - 4, events)
+        if end < 0:
+            if len(request) < limit:
+                self._partial = request  # wait for the rest of the request
+                return
+            return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE, events)
+        if end + 4 > limit:
+            return self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE, events)
+        self._partial = b""
+        plain = self._plain_request(request[:end])
+        if plain is None:
+            return self._handshake_by_websockets(request, end, events)
+        protocol, origins, key = plain
+        refusal = self._admit(origins)
+        if refusal is not None:
+            return self._refuse(*refusal, events)
+        self._out.append(_response_101(key, protocol))
+        self.wants_write = True
+        self._ws = self._new_ws(State.OPEN)
+        self._opened(protocol, events)
+        rest = request[end + 4 :]
+        if rest:
+            events += self.receive_data(rest)  # frames that came with the request
+
+    def _plain_request(self, head: bytes) -> tuple[str, list[str], bytes] | None:
+        """(subprotocol, Origin values, key) of an upgrade request the fast path accepts, or None
+        when websockets must judge it (anything unusual, or a refusal: it says why)."""
+        if _NOT_PLAIN.search(head.replace(b"\r\n", b"")):
+            return None  # control or non-ASCII bytes
+        lines = head.split(b"\r\n")
+        if len(lines) > MAX_NUM_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
+            return None  # its limits (414, 431) apply
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1":
+            return None
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            name = name.lower()
+            if not colon or name in headers or not _TOKEN.fullmatch(name):
+                return None  # odd or repeated: the full rules
+            headers[name] = value.strip()
+        if b"content-length" in headers or b"transfer-encoding" in headers:
+            return None  # a body
+        connection = _tokens(headers.get(b"connection", b""))
+        if (
+            connection is None
+            or b"upgrade" not in [token.lower() for token in connection]
+            or headers.get(b"upgrade", b"").lower() != b"websocket"
+            or headers.get(b"sec-websocket-version") != b"13"
+            or not _valid_key(key := headers.get(b"sec-websocket-key", b""))
+        ):
+            return None
+        offered: list[str] = []
+        if b"sec-websocket-protocol" in headers:
+            tokens = _tokens(headers[b"sec-websocket-protocol"])
+            if tokens is None:
+                return None  # empty or malformed: its 400
+            offered = [token.decode("ascii") for token in tokens]
+        try:
+            protocol = self._select_subprotocol(offered) or ""
+        except NegotiationError:
+            return None  # it answers 400 with the reason
+        origin = headers.get(b"origin")
+        return protocol, [] if origin is None else [origin.decode("latin-1")], key
+
+    def _handshake_by_websockets(self, request: bytes, end: int, events: list[Event]) -> None:
+        """Let websockets judge the request (``request[:end]``); frames after it are ours."""
+        self._partial = b""
+        ws = self._ws = self._new_ws(State.CONNECTING)
+        ws.receive_data(request[: end + 4])
+        parsed = ws.events_received()
+        if parsed and isinstance(parsed[0], Request):
+            request_event = parsed[0]
+            response = ws.accept(request_event)
+            if response.status_code == 101:
+                refusal = self._admit(request_event.headers.get_all("Origin"))
+                if refusal is not None:
+                    response = ws.reject(*refusal)
+            ws.send_response(response)
+            if response.status_code == 101:
+                self._take_output(events)
+                self._opened(response.headers.get("Sec-WebSocket-Protocol", ""), events)
+                rest = request[end + 4 :]
+                if rest:
+                    events += self.receive_data(rest)
+                return
+            status: int | None = response.status_code
+        else:  # its HTTP parser refused the request: its answer (if any) is queued
+            status = None
+        out = ws.data_to_send()
+        if status is None and out and out[0].startswith(b"HTTP/1.1 "):
+            status = int(out[0][9:12])  # 414 or 431
+        self._out += out
+        self.wants_write = True
+        self._move(Trigger.REFUSE)  # websockets ends the stream after any refusal
+        events.append((EventKind.REFUSED, status))
+
+    def _opened(self, protocol: str, events: list[Event]) -> None:
+        self._move(Trigger.ACCEPT)
+        self.subprotocol = protocol
+        events.append((EventKind.OPENED, protocol))
+
+    def _refuse(self, status: HTTPStatus, text: str, events: list[Event]) -> None:
+        """Answer the upgrade request with an HTTP error and end, as websockets' ``reject``."""
+        body = text.encode()
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\nConnection: close\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self._partial = b""
+        self._out += [head.encode() + body, b""]
+        self.wants_write = True
+        self._move(Trigger.REFUSE)
+        events.append((EventKind.REFUSED, status.value))
+
+    # -- bytes out -----------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """What to write, in order, since the last call; ``b""``: the end of the stream."""
+        out, self._out = self._out, []
+        self.wants_write = False
+        return out
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Start the close handshake (OPEN only; otherwise nothing happens)."""
+        if self.phase is _OPEN:
+            assert self._ws is not None
+            self._ws.send_close(code, reason)
+            self._move(Trigger.SEND_CLOSE)
+            if self._pending:
+                # The start of a frame the fast path held: websockets reads the stream from
+                # now on, so it gets it first (only the start of one frame: no event).
+                pending, self._pending = bytes(self._pending), bytearray()
+                self._ws.receive_data(pending)
+            self._take_output([])
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): a close frame, then the end of the stream,
+        without waiting for the peer (OPEN only; otherwise nothing happens)."""
+        if self.phase is _OPEN:
+            self._fail(code, reason, [])
+
+    def _fail(self, code: int, reason: str, events: list[Event]) -> None:
+        assert self._ws is not None
+        self._ws.fail(code, reason)
+        self._take_output(events)  # the close frame and the end of stream: CLOSED, FAILED
+
+    def send_ping(self) -> None:
+        """Queue the keepalive ping (an empty ping frame); OPEN only."""
+        if self.phase is _OPEN:
+            self._out.append(PING_FRAME)
+            self.wants_write = True
