@@ -293,6 +293,10 @@ class ServerWire:
         self._pending_need = 0
         self._ws_left = 0  # bytes of a frame websockets has begun that it has not had yet
         self._fragments: list[bytes] = []  # the fragmented message websockets is reading
+        # Its bytes so far, kept as a running total: summing the list for every frame made
+        # a message of many small fragments quadratic (Autobahn 9.3.1: 65,536 fragments
+        # of 64 bytes, 46 s of one shard's loop).
+        self._fragments_size = 0
         self._fragments_text = False
 
     # -- phases ------------------------------------------------------------------------
@@ -385,7 +389,7 @@ class ServerWire:
                 length = _U64.unpack_from(data, pos + 2)[0]
                 end += 8
             end += length
-            if length <= max_message - sum(map(len, self._fragments)):
+            if length <= max_message - self._fragments_size:
                 refusal = _header_violation(first, length)
                 if refusal is not None:
                     # websockets would wait for the payload first: fail on the header now.
@@ -414,6 +418,7 @@ class ServerWire:
         boundary here, its output already taken.
         """
         self._fragments = []
+        self._fragments_size = 0
         self._ws = self._new_ws(State.OPEN)
 
     def _to_websockets(self, data: bytes, events: list[Event]) -> None:
@@ -436,12 +441,16 @@ class ServerWire:
                 self._message(frame.data, opcode is Opcode.TEXT, events)
             else:
                 self._fragments = [frame.data]
+                self._fragments_size = len(frame.data)
                 self._fragments_text = opcode is Opcode.TEXT
         elif opcode is Opcode.CONT:
-            self._fragments.append(frame.data)
+            if frame.data:  # empty fragments add nothing (and cannot grow the list)
+                self._fragments.append(frame.data)
+                self._fragments_size += len(frame.data)
             if frame.fin:
                 data = b"".join(self._fragments)
                 self._fragments = []
+                self._fragments_size = 0
                 self._message(data, self._fragments_text, events)
         elif opcode is Opcode.CLOSE:
             ws = self._ws
