@@ -10,7 +10,7 @@ peer sent is delivered, and that another peer of the same shard (one shard
 here) still echoes.
 
 Every case goes through each way its bytes can reach the shard (`PATHS`),
-because ``shards/connection.py`` has two receive paths that must agree: its
+because the shard's wire (``shards/wire.py``) has two receive paths that must agree: its
 own parser for whole masked text/binary frames (the fast path, on while
 websockets holds no unparsed bytes) and websockets' Sans-I/O parser for
 everything else and every byte after it; and two handshake paths (its own

@@ -13,7 +13,7 @@ failure), and checks the outcome against a reference:
   ``Sec-WebSocket-Accept``); any refusal must be its refusal (same status), or
   the shard's own 431 for a request over ``max_request_bytes``, or no answer
   where it gives none.  The shard's own parser may accept more (see
-  ``shards/connection.py``), but a 101 must then carry the right accept key and
+  ``shards/wire.py``), but a 101 must then carry the right accept key and
   the connection must work;
 - frames after a valid handshake against websockets' frame parser plus
   wsfleet's UTF-8 rule: the same close code (and close body), the same pongs,

@@ -6,7 +6,7 @@ with ``git show``) and of the working tree, in-process, with a stand-in shard
 whose ``emit`` is the real one's code, and the wire object alone; rounds
 alternate old and new, the median per-frame time of each is printed::
 
-    python tests/bench_wire.py [--rev 68761fd] [--frames 100000] [--rounds 7]
+    python -m wsfleet.loadtest.wire_bench [--rev 68761fd] [--frames 100000] [--rounds 7]
 """
 
 from __future__ import annotations
