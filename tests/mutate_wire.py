@@ -112,8 +112,8 @@ MUTANTS = [
     ),
     Mutant(
         "size limit of fragments off by one",
-        "if length <= max_message - sum(map(len, self._fragments)):",
-        "if length < max_message - sum(map(len, self._fragments)):",
+        "if length <= max_message - self._fragments_size:",
+        "if length < max_message - self._fragments_size:",
     ),
     Mutant(
         "phase transition skipped: OPEN stays OPEN at the end of the stream",
