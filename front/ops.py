@@ -14,6 +14,7 @@ Imports `wsfleet.ipc` and `.fleet` only.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -51,7 +52,7 @@ def bind_ops_sockets(
             if metrics_sock is not None:
                 metrics_sock.close()
             if control_sock is not None:
-                opsock.unlink_if_ours(path, control_sock)
+                os.unlink(path)
                 control_sock.close()
             raise OSError(exc.errno, f"metrics {host}:{metrics_port}: {exc.strerror}") from None
     return OpsSockets(control_sock, path, metrics_sock)

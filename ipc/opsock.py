@@ -113,10 +113,16 @@ def bind(path: str | None, port: int) -> tuple[socket.socket, str]:
     return sock, path
 
 
-def unlink_if_ours(path: str, sock: socket.socket) -> None:
-    """Remove ``path`` if it still is the socket ``sock`` is bound to (not a successor's)."""
+def file_id(path: str) -> tuple[int, int]:
+    """The identity of the file at ``path`` (taken just after bind, to unlink it later)."""
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
+
+
+def unlink_if_ours(path: str, ours: tuple[int, int]) -> None:
+    """Remove ``path`` if it still is the file `file_id` gave ``ours`` (not a successor's)."""
     try:
-        if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+        if file_id(path) == ours:
             os.unlink(path)
     except OSError:
         pass

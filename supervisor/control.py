@@ -49,6 +49,7 @@ class ControlServer:
         self._request_stop = request_stop
         self._set_draining = set_draining
         self._waiting_stop: list[socket.socket] = []
+        self._file = opsock.file_id(path)  # bound by the front just before we started
         sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -78,6 +79,9 @@ class ControlServer:
         data = bytearray()
         while len(data) <= opsock.MAX_REQUEST and (chunk := conn.recv(65536)):
             data += chunk
+        if not data:
+            conn.close()  # a probe (is anybody there?), e.g. a new server's stale check
+            return
         request = orjson.loads(bytes(data))
         if not isinstance(request, dict):
             raise ValueError("a request is a JSON object")
@@ -109,5 +113,5 @@ class ControlServer:
         self._waiting_stop.clear()
 
     def close(self) -> None:
-        opsock.unlink_if_ours(self.path, self.sock)
+        opsock.unlink_if_ours(self.path, self._file)
         self.sock.close()
