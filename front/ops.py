@@ -14,6 +14,7 @@ Imports `wsfleet.ipc` and `.fleet` only.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -26,6 +27,8 @@ from wsfleet.ipc import opsock
 
 from .fleet import OpsSockets
 
+log = logging.getLogger("wsfleet")
+
 EXIT_NOT_CLEAN = 1
 EXIT_NO_SERVER = 3
 DEFAULT_STOP_TIMEOUT = 10.0
@@ -36,8 +39,15 @@ def bind_ops_sockets(
 ) -> OpsSockets:
     """Bind the control socket (unless ``control`` is False) and the metrics socket."""
     control_sock, path = None, ""
-    if control is not False:
-        control_sock, path = opsock.bind(None if control in (None, True) else str(control), port)
+    if control in (None, True):
+        # The default socket is a convenience: if its folder is unusable (another user's,
+        # open to others) the server runs without one rather than not at all.
+        try:
+            control_sock, path = opsock.bind(None, port)
+        except OSError as exc:
+            log.warning("listen: no control socket (wsfleet status/stop/drain): %s", exc)
+    elif control is not False:
+        control_sock, path = opsock.bind(str(control), port)  # asked for: failing is an error
     metrics_sock = None
     if metrics is not None:
         host, metrics_port = metrics

@@ -198,3 +198,33 @@ def test_a_default_folder_open_to_others_is_refused(tmp_path: Path) -> None:
 def test_no_server_is_exit_status_3(tmp_path: Path) -> None:
     result = wsfleet("status", "--control", str(tmp_path / "none.sock"))
     assert result.returncode == 3 and "no server answers" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_default_socket_is_found_by_port_and_an_unusable_folder_only_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    try:
+        path = tmp_path / "wsfleet" / f"{server.port}.sock"
+        assert stat.S_IMODE(os.stat(tmp_path / "wsfleet").st_mode) == 0o700
+        assert opsock.default_path(server.port) == str(path)
+        result = subprocess.run(
+            [sys.executable, "-m", "wsfleet", "status", "--port", str(server.port), "--json"],
+            capture_output=True, text=True, timeout=20, check=False,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
+        )  # fmt: skip
+        assert result.returncode == 0 and f'"port":{server.port}' in result.stdout
+    finally:
+        server.stop()
+    assert not path.exists()
+    (tmp_path / "wsfleet").chmod(0o755)  # now open to others: no socket, but a server
+    server = WebSocketServer(shards=1)
+    assert server.listen(0) == Error.OK
+    try:
+        assert "no control socket" in caplog.text and "open to others" in caplog.text
+        assert not (tmp_path / "wsfleet" / f"{server.port}.sock").exists()
+    finally:
+        server.stop()

@@ -133,3 +133,38 @@ def test_serve_help_names_the_ops_commands() -> None:
     )
     for command in ("status", "stop", "drain"):
         assert command in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_get_stats_in_process_matches_what_the_clients_did(tmp_path: Path) -> None:
+    from .wsserver import echo, run_with, until
+
+    server = WebSocketServer(shards=2, control=False)
+    echo(server)
+    assert server.get_stats() == {}
+    assert server.listen(0) == Error.OK
+    try:
+
+        async def body() -> dict:
+            conns = [
+                await connect(f"ws://127.0.0.1:{server.port}", ping_interval=None) for _ in range(6)
+            ]
+            for ws in conns:
+                for _ in range(3):
+                    await ws.send(b"x" * 10)
+                    assert await ws.recv() == b"x" * 10
+            await until(lambda: server.get_stats()["totals"]["messages_out"] == 18, 5)
+            stats = server.get_stats()
+            for ws in conns:
+                await ws.close()
+            return stats
+
+        stats = run_with(server, body)
+        assert stats["peers"] == 6 and stats["totals"]["messages_in"] == 18
+        assert stats["totals"]["bytes_out"] == 180
+        assert {row["pid"] for row in stats["shards"]} == {
+            s["pid"] for s in server.get_shard_status()
+        }
+        assert all(row["state"] == "running" for row in stats["shards"])
+    finally:
+        server.stop()
