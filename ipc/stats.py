@@ -139,6 +139,8 @@ class Stats:
             values = self._words[start : start + len(SHARD_FIELDS)].tolist()
             if seq.load() == before:
                 break
+        else:  # a writer that keeps writing (it cannot: 10 writes a second): take what is there
+            values = self._words[start : start + len(SHARD_FIELDS)].tolist()
         return dict(zip(SHARD_FIELDS, values, strict=True))
 
     def clear_gauges(self, index: int) -> None:
@@ -146,6 +148,9 @@ class Stats:
         start = (1 + index) * _WORDS + 1
         for i in _GAUGE_INDEXES:
             self._words[start + i] = 0
+        seq = self._seqs[index]
+        if seq.load() & 1:  # it was killed in the middle of a write: close the write
+            seq.store(seq.load() + 1)
 
     def writer(self, index: int) -> ShardStats:
         return ShardStats(self, index)
