@@ -18,6 +18,11 @@ between wait in their backlog instead of being refused.
 The front's configuration (`FleetConfig`) and every control message are the
 typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
+For an operator (`wsfleet.supervisor.ops`), the loop also serves the control
+socket (``wsfleet status|stop|drain``) and ``/metrics`` / ``/healthz`` from the
+counters the shards keep in shared memory (`wsfleet.ipc.stats`), so they
+answer while the application is busy.
+
 Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
 or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
 shards and the supervisor acted on it they would race the front's orderly stop

@@ -70,26 +70,47 @@ def test_metrics_match_status_and_healthz_follows_the_shards(tmp_path: Path) -> 
             assert len(peers) == 3 and sum(peers) == 12  # one series per shard, no total
             assert sum(v for (n, _), v in got.items() if n == "wsfleet_messages_in_total") == 12
 
-            # Shard 1 is killed until the supervisor gives it up: /healthz turns 503.
+            # The busiest shard killed once is restarted at once: healthy again, one restart
+            # counted; another one is then killed until it is given up.
+            busy = max(doc["shards"], key=lambda row: row["messages_in"])["index"]
+            doomed = (busy + 1) % 3
+            victim = doc["shards"][busy]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while (row := served.status()["shards"][busy])["pid"] in (victim, None) or row[
+                "state"
+            ] != "running":
+                assert time.monotonic() < deadline, row
+                time.sleep(0.01)
+            assert row["restarts"] == 1
+            assert fetch(metrics_port, "/healthz") == (200, "ok\n")
+            got = samples(fetch(metrics_port, "/metrics")[1])
+            assert got["wsfleet_restarts_total", (("shard", str(busy)),)] == 1
+            # Its successor continues the running totals (a counter never goes back).
+            assert row["messages_in"] == doc["shards"][busy]["messages_in"] > 0
+            assert got["wsfleet_messages_in_total", (("shard", str(busy)),)] == row["messages_in"]
+
+            # Now one is killed until the supervisor gives it up: /healthz turns 503.
             kills = 0
             deadline = time.monotonic() + 40
             while time.monotonic() < deadline:
-                row = served.status()["shards"][1]
+                row = served.status()["shards"][doomed]
                 if row["state"] == "failed":
                     break
                 if row["state"] == "running":
                     os.kill(row["pid"], signal.SIGKILL)
                     kills += 1
-                    while served.status()["shards"][1]["pid"] == row["pid"]:
+                    while served.status()["shards"][doomed]["pid"] == row["pid"]:
                         time.sleep(0.01)
                 time.sleep(0.01)
             assert kills == CRASH_LIMIT + 1
             code, body = fetch(metrics_port, "/healthz")
-            assert code == 503 and "shard 1 failed: it died" in body
+            assert code == 503 and f"shard {doomed} failed: it died" in body
             got = samples(fetch(metrics_port, "/metrics")[1])
-            assert got["wsfleet_shard_state", (("shard", "1"), ("state", "failed"))] == 1
-            assert got["wsfleet_restarts_total", (("shard", "1"),)] == CRASH_LIMIT
-            assert got["wsfleet_peers", (("shard", "1"),)] == 0
+            label = ("shard", str(doomed))
+            assert got["wsfleet_shard_state", (label, ("state", "failed"))] == 1
+            assert got["wsfleet_restarts_total", (label,)] == CRASH_LIMIT
+            assert got["wsfleet_peers", (label,)] == 0
             for ws in conns:
                 loop.run_until_complete(ws.close())
         finally:
