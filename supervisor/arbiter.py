@@ -256,6 +256,8 @@ class Arbiter:
         slot.pid = pid
         slot.spawns += 1
         slot.started = time.time()
+        if self.ops is not None:
+            self.ops.shard_started(pid)
         log.debug("shard %d started (pid %d)", slot.index, pid)
         try:
             control.send(

@@ -69,6 +69,10 @@ class Operations:
             control=self.control.path if self.control is not None else None,
         )
 
+    def shard_started(self, pid: int) -> None:
+        """Start measuring its CPU now, so that the first status has a figure (since start)."""
+        self._meter.read(pid)
+
     def shard_died(self, index: int) -> None:
         self.stats.clear_gauges(index)
 
