@@ -32,6 +32,7 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
+from . import ops as ops_commands
 from .binding import format_url
 from .errors import Error
 from .peer import WebSocketPeer
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="be peer 1 of Godot's high-level multiplayer API: relay between Godot clients",
     )
     serve.add_argument("--quiet", action="store_true", help="do not log connections")
+    _add_ops_options(serve)
     _add_limit_options(serve)
     serve.set_defaults(serve_parser=serve)  # for messages that name its options
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
@@ -211,7 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",
     )
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
+    ops_commands.add_commands(commands)  # status, stop, drain
     return parser
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]"), port_number(port)
+
+
+def _add_ops_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        default=None,
+        help="the control socket for wsfleet status/stop/drain (default: one per port under "
+        "$XDG_RUNTIME_DIR/wsfleet; 'off': none)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=host_port,
+        default=None,
+        help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9100)",
+    )
 
 
 def _add_limit_options(serve: argparse.ArgumentParser) -> None:
@@ -368,6 +395,8 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         slow_consumer_close_code=args.slow_consumer_close_code,
+        control=False if args.control == "off" else args.control,
+        metrics=args.metrics,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest
@@ -521,6 +550,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    server.connect("stop_requested", lambda: stopping.append(True))  # wsfleet stop
     with folded_errors() as held:
         error = server.listen(args.port, args.protocols, gd_mp_api=args.gd_mp_api)
     if error != Error.OK:
@@ -573,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         from .loadtest.cli import main as loadtest
 
         return loadtest(args.args)
+    if getattr(args, "ops_command", None) is not None:
+        return args.ops_command(args)
     parser.print_help()
     return 0
 

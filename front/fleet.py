@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.config import FleetConfig
+from wsfleet.ipc.stats import ProcessMeter, ShardView, Stats, status_document
 
 from .channel import OutboundBudget, PeerChannel, PeerLimits
 
@@ -75,6 +76,31 @@ class FleetListener:
     close_requested: Callable[[int, int, str], None]
     #: The supervisor gave a shard up: ``(index, reason)``.
     shard_failed: Callable[[int, str], None]
+    #: An operator asked to stop (``wsfleet stop``): ``()``.
+    stop_requested: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True, slots=True)
+class OpsSockets:
+    """What the front bound for the operator (`.ops`), handed to the supervisor, which
+    serves them; the front closes its copies once the supervisor runs."""
+
+    control: socket.socket | None = None
+    control_path: str = ""
+    metrics: socket.socket | None = None
+
+    def close(self) -> None:
+        for sock in (self.control, self.metrics):
+            if sock is not None:
+                sock.close()
+
+    def unlink(self) -> None:
+        """Remove the control socket's file (the supervisor never started)."""
+        if self.control is not None and self.control_path:
+            try:
+                os.unlink(self.control_path)
+            except OSError:
+                pass
 
 
 class RelayHooks(Protocol):
@@ -183,14 +209,32 @@ class Fleet:
         self._lifeline: Lifeline | None = None
         self._epoll: select.epoll | None = None
         self._select_mode = False
+        #: The shards' counters in shared memory (wsfleet.ipc.stats), from `start` on.
+        self.stats: Stats | None = None
+        self._spawns = [0] * shards
+        self._started = [0.0] * shards
+        self._meter = ProcessMeter()
 
     # -- start and stop -----------------------------------------------------------------------
 
-    def start(self, sockets: list[list[socket.socket]], config: FleetConfig) -> None:
+    def start(
+        self, sockets: list[list[socket.socket]], config: FleetConfig, ops: OpsSockets | None = None
+    ) -> None:
         """Start the supervisor, which forks one shard per entry of ``sockets``; OSError if not.
 
-        The caller closes ``sockets`` afterwards: the supervisor holds them then.
+        The caller closes ``sockets`` (and ``ops``' sockets) afterwards: the
+        supervisor holds them then.
         """
+        self.stats = Stats.create(self.shards)
+        ops_fds = [self.stats.fd]
+        ops_args = ["--stats-fd", str(self.stats.fd)]
+        if ops is not None and ops.control is not None:
+            ops_fds.append(ops.control.fileno())
+            ops_args += ["--ops-socket-fd", str(ops.control.fileno())]
+            ops_args += ["--ops-socket-path", ops.control_path]
+        if ops is not None and ops.metrics is not None:
+            ops_fds.append(ops.metrics.fileno())
+            ops_args += ["--metrics-fd", str(ops.metrics.fileno())]
         ours, theirs = control.socketpair()
         lifeline = Lifeline()  # we hold it; the supervisor watches it
         fds = [[sock.fileno() for sock in socks] for socks in sockets]
@@ -208,8 +252,14 @@ class Fleet:
                     "--lifeline-fd",
                     str(lifeline.watch_fd),
                     *listen_args,
+                    *ops_args,
                 ],  # fmt: skip
-                pass_fds=(theirs.fileno(), lifeline.watch_fd, *(fd for per in fds for fd in per)),
+                pass_fds=(
+                    theirs.fileno(),
+                    lifeline.watch_fd,
+                    *(fd for per in fds for fd in per),
+                    *ops_fds,
+                ),
                 stdin=subprocess.DEVNULL,
             )
         except OSError:
@@ -275,6 +325,9 @@ class Fleet:
             self._lifeline.close()
             self._lifeline = None
         self._select_mode = False
+        if self.stats is not None:
+            self.stats.close()
+            self.stats = None
 
     def _drain_backlogs(self, deadline: float) -> None:
         """Push every queued command into the rings as the shards make room, until ``deadline``."""
@@ -335,6 +388,23 @@ class Fleet:
             }
             for index, link in enumerate(self.links)
         ]
+
+    def stats_document(self) -> dict[str, Any]:
+        """The status document of `wsfleet.ipc.stats` as the front sees the fleet."""
+        views = [
+            ShardView(
+                index=index,
+                pid=link.pid if link else None,
+                state="running" if link else "failed" if index in self.failed else "down",
+                reason=self.failed.get(index),
+                restarts=max(0, self._spawns[index] - 1),
+                started=self._started[index] if link else 0.0,
+            )
+            for index, link in enumerate(self.links)
+        ]
+        if self.stats is None:
+            raise RuntimeError("get_stats: the server is not listening")
+        return status_document(self.stats, views, self._meter, front_pid=os.getpid())
 
     # -- polling --------------------------------------------------------------------------------
 
@@ -507,6 +577,8 @@ class Fleet:
                 self._shard_down(message.shard)
             elif isinstance(message, control.ShardFailed):
                 self._shard_failed(message.shard, message.reason)
+            elif isinstance(message, control.StopRequested):
+                self.listener.stop_requested()
             else:
                 log.error("unexpected message from the supervisor: %r", message)
         return handled
@@ -521,6 +593,8 @@ class Fleet:
             self._shard_down(index)
         link = ShardLink(index, pid, fds)
         self.links[index] = link
+        self._spawns[index] += 1
+        self._started[index] = time.time()
         link.deferred = True  # we are inside poll(): its commands go at the end of it
         if self.refusing:
             link.command(m.CMD_REFUSE, 0, 1, b"")

@@ -30,6 +30,7 @@ from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
+from .ops import bind_ops_sockets
 from .peer import WebSocketPeer, check_close
 from .relay import MultiplayerRelay
 from .signals import SignalEmitter
@@ -141,6 +142,17 @@ class WebSocketServer(SignalEmitter):
         which this cap turns into refusals.  At least one peer's outbound
         buffer.  Refusals are counted (`get_outbound_stats`)
         and logged, at most every 10 s.
+
+    Operations (README "Operations", docs/METRICS.md):
+
+    ``control`` (None: on, at the default path for the port; a path; False: off)
+        The operator's control socket (``wsfleet status|stop|drain``), served
+        by the supervisor: mode 0600 in a 0700 folder,
+        ``$XDG_RUNTIME_DIR/wsfleet/PORT.sock`` by default.  ``wsfleet stop``
+        makes `poll` emit ``stop_requested``: the application saves what it
+        must and calls `stop`.
+    ``metrics`` (None: off; ``(host, port)``)
+        Serve Prometheus' ``/metrics`` and ``/healthz`` there (supervisor).
     """
 
     SIGNALS = (
@@ -149,6 +161,7 @@ class WebSocketServer(SignalEmitter):
         "client_close_request",
         "data_received",
         "shard_failed",
+        "stop_requested",
         # Multiplayer mode (gd_mp_api=True), as WebSocketMultiplayerPeer emits them:
         "peer_connected",
         "peer_disconnected",
@@ -176,6 +189,8 @@ class WebSocketServer(SignalEmitter):
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         slow_consumer_close_code: int | None = None,
         max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
+        control: str | bool | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -197,6 +212,8 @@ class WebSocketServer(SignalEmitter):
         self.ping_timeout = ping_timeout
         self.slow_consumer_close_code = slow_consumer_close_code
         self.max_buffered_bytes = max_buffered_bytes
+        self.control = control
+        self.metrics = metrics
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -319,6 +336,7 @@ class WebSocketServer(SignalEmitter):
             peer_left=self._on_peer_left,
             close_requested=self._on_close_requested,
             shard_failed=self._on_shard_failed,
+            stop_requested=lambda: self.emit_signal("stop_requested"),
         )
         fleet = Fleet(
             self.shards, listener, self._handlers["data_received"], peer_limits, self._budget
@@ -327,16 +345,27 @@ class WebSocketServer(SignalEmitter):
         if gd_mp_api:
             self._relay.attach(fleet)
         try:
-            fleet.start(sockets, config)
+            ops = bind_ops_sockets(self.control, self.metrics, port)
+        except OSError as exc:
+            log.error("listen: %s", exc)
+            for socks in sockets:
+                for sock in socks:
+                    sock.close()
+            self._relay.detach()
+            return Error.ERR_ALREADY_IN_USE if exc.errno == 98 else Error.ERR_CANT_CREATE
+        try:
+            fleet.start(sockets, config, ops)
         except OSError as exc:
             log.error("listen: cannot start the supervisor: %s", exc)
             fleet.close()
+            ops.unlink()
             self._relay.detach()
             return Error.ERR_CANT_CREATE
         finally:
             for socks in sockets:
                 for sock in socks:
                     sock.close()  # the supervisor and the shards hold them now
+            ops.close()
         self._fleet = fleet
         self._port = port
         self._addresses = [(address.host, port) for address in addresses]
@@ -475,6 +504,16 @@ class WebSocketServer(SignalEmitter):
         ``shard_failed`` signal); ``reason`` says why it failed, else None.
         """
         return self._fleet.shard_status() if self._fleet is not None else []
+
+    def get_stats(self) -> dict[str, Any]:
+        """The figures of ``wsfleet status --json`` (docs/METRICS.md), read in this process.
+
+        Per shard (``shards``) and summed (``totals``): peers, handshakes
+        accepted and refused by reason, messages and bytes in and out, closes
+        by code, events-ring fill, paused sockets, restarts, CPU % and RSS.
+        The shards publish their counters every 0.1 s.  {} when not listening.
+        """
+        return self._fleet.stats_document() if self._fleet is not None else {}
 
     def get_outbound_stats(self) -> dict[str, int]:
         """The outbound buffers over every peer, and the packets ``put_packet`` refused.

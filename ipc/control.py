@@ -13,7 +13,7 @@ message raises `ControlError`; nothing reaches the other side as a dict.
 
 Front -> supervisor: `FleetConfig` first, then `Stop`.
 Supervisor -> front: `ShardUp` (with the six ring fds: events then commands),
-`ShardDown`, `ShardFailed`.
+`ShardDown`, `ShardFailed`, `StopRequested`.
 
 Imports the standard library, orjson and `wsfleet.ipc.config` only.
 """
@@ -47,6 +47,12 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class StopRequested:
+    """Supervisor -> front: an operator asked to stop (``wsfleet stop``): the front emits
+    ``stop_requested``; the application stops the server (`Stop` follows)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ShardUp:
     """Supervisor -> front: shard ``shard`` runs as ``pid``; its two rings' fds come along."""
 
@@ -69,7 +75,7 @@ class ShardFailed:
     reason: str
 
 
-Message = FleetConfig | Stop | ShardUp | ShardDown | ShardFailed
+Message = FleetConfig | Stop | StopRequested | ShardUp | ShardDown | ShardFailed
 
 #: The ``"type"`` tag of each message class.
 _TAGS: dict[type, str] = {
@@ -78,6 +84,7 @@ _TAGS: dict[type, str] = {
     ShardUp: "shard_up",
     ShardDown: "shard_down",
     ShardFailed: "shard_failed",
+    StopRequested: "stop_requested",
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 #: The dataclasses a message may nest (decoded by their field types too).

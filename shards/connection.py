@@ -27,6 +27,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.stats import close_field, refuse_field
 
 from .wire import EventKind, Phase, ServerWire, frame_header
 
@@ -41,9 +42,11 @@ __all__ = ["CLOSE_GRACE_SECONDS", "PeerConnection", "frame_header"]
 CLOSE_GRACE_SECONDS = 1.0
 _FORBIDDEN = "Origin not allowed.\n"
 _FULL = "Server full: try again later.\n"
-_OPEN, _REFUSED = Phase.OPEN, Phase.REFUSED
+_DRAINING = "Server draining: try another one.\n"
+_OPEN, _REFUSED, _HANDSHAKE = Phase.OPEN, Phase.REFUSED, Phase.HANDSHAKE
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
+_REFUSED_EVENT = EventKind.REFUSED
 _EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
 
 
@@ -70,6 +73,7 @@ class PeerConnection(asyncio.Protocol):
         self._close_due = 0.0  # loop time by which our close handshake must end (0: none)
         self._paused_by_front = False
         self._paused_by_shard = False
+        self._reading_off = False  # reading is paused (counted in shard.paused_sockets)
         # Frames queued during the current batch of commands.
         self.outbox: list[bytes] = []
         # Packets/bytes handed to the transport and not yet credited to the front.
@@ -84,6 +88,7 @@ class PeerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.shard.refusing:
+            self.shard.count("refused_dropped")
             transport.abort()  # as Godot: a refused connection is dropped at once
             return
         sock = transport.get_extra_info("socket")
@@ -96,16 +101,20 @@ class PeerConnection(asyncio.Protocol):
         self._set_deadline(self.shard.handshake_timeout)
         if self.shard.reading_paused:
             self._paused_by_shard = True
+            self._reading_off = True
+            self.shard.paused_sockets += 1
             transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         wire = self.wire
         events = wire.receive_data(data)
+        shard = self.shard
+        shard.bytes_in += len(data)  # counters: per read, not per message (see _event)
         if events:
+            shard.messages_in += len(events)
             if self._mp:
                 self._events_mp(events)
             else:
-                shard = self.shard
                 for kind, value in events:
                     if kind is _BINARY:
                         shard.emit(_EV_BINARY, self.peer_id, 0, value)
@@ -127,10 +136,12 @@ class PeerConnection(asyncio.Protocol):
     def _event(self, kind: EventKind, value: object) -> None:
         """The wire's other events (see `EventKind`); FAILED and REFUSED need nothing here:
         the end of stream the wire queued with them closes the connection."""
+        self.shard.messages_in -= 1  # data_received counted every event as a message
         if kind is _PONG:
             self._pong_due = 0.0  # alive (any pong will do: it is a heartbeat)
         elif kind is _OPENED:
             self._clear_deadline()
+            self.shard.count("handshakes_accepted")
             self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
         elif kind is _CLOSE_REQUEST:
@@ -140,10 +151,16 @@ class PeerConnection(asyncio.Protocol):
                 reason = reason[:-1]  # Godot appends one NUL to every reason it sends
             payload = m.encode_close(close.code, reason)  # type: ignore[attr-defined]
             self.shard.emit(m.EV_CLOSE_REQUEST, self.peer_id, 0, payload)
+        elif kind is _REFUSED_EVENT:
+            self.shard.count(refuse_field(value))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._clear_deadline()
+        if self._reading_off:
+            self._reading_off = False
+            self.shard.paused_sockets -= 1
         if self.peer_id:
+            self.shard.count(close_field(self.wire.close_code()))
             self.shard.peer_gone(self, self.wire.peer_closed_first)
 
     def pause_writing(self) -> None:
@@ -161,6 +178,8 @@ class PeerConnection(asyncio.Protocol):
         None also means that a ``max_peers`` slot is now counted for this
         connection: the wire opens it at once (`EventKind.OPENED`).
         """
+        if self.shard.draining:
+            return HTTPStatus.SERVICE_UNAVAILABLE, _DRAINING
         if not self.shard.origin_allowed(origins):
             return HTTPStatus.FORBIDDEN, _FORBIDDEN
         if not self.shard.admit():
@@ -195,6 +214,8 @@ class PeerConnection(asyncio.Protocol):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
+        if self.wire.phase is _HANDSHAKE:
+            self.shard.count("refused_timeout")
         if self.transport is not None:
             self.transport.abort()  # connection_lost follows: a peer is reported gone
 
@@ -312,7 +333,11 @@ class PeerConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._paused_by_front or self._paused_by_shard:
+        off = self._paused_by_front or self._paused_by_shard
+        if off != self._reading_off:
+            self._reading_off = off
+            self.shard.paused_sockets += 1 if off else -1
+        if off:
             transport.pause_reading()
         else:
             transport.resume_reading()

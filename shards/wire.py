@@ -654,6 +654,15 @@ class ServerWire:
         self._ws.fail(code, reason)
         self._take_output(events)  # the close frame and the end of stream: CLOSED, FAILED
 
+    def close_code(self) -> int:
+        """The code the connection ended with (for the counters, once it is gone): the
+        peer's if it closed first, else the one sent; 1006 without a close frame."""
+        ws = self._ws
+        if ws is None:
+            return 1006
+        close = ws.close_rcvd if self.peer_closed_first else ws.close_sent or ws.close_rcvd
+        return 1006 if close is None else close.code
+
     def send_ping(self) -> None:
         """Queue the keepalive ping (an empty ping frame); OPEN only."""
         if self.phase is _OPEN:

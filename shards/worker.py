@@ -48,6 +48,7 @@ from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.aio import RingReader
 from wsfleet.ipc.config import ShardConfig
+from wsfleet.ipc.stats import PUBLISH_SECONDS, SHARD_FIELDS, ShardStats
 from wsfleet.ipc.tls import TlsError, server_context
 
 from .connection import PeerConnection, frame_header
@@ -77,6 +78,7 @@ class Shard:
         events: Producer,
         commands: Consumer,
         state: ShardState,
+        stats: ShardStats | None = None,
     ) -> None:
         self.loop = loop
         self.index: int = config.index
@@ -116,6 +118,16 @@ class Shard:
         self._touched: list[PeerConnection] = []
         #: One per listening socket (one per address the front bound).
         self.servers: list[asyncio.AbstractServer] = []
+        # Counters (wsfleet.ipc.stats): the busy ones are plain attributes that the
+        # connections add to once per read or write batch, the rare ones live in
+        # ``counts``; `publish_stats` copies them all to shared memory on a timer.
+        self.stats = stats
+        self.counts = stats.resume() if stats is not None else dict.fromkeys(SHARD_FIELDS, 0)
+        self.messages_in: int = self.counts["messages_in"]
+        self.bytes_in: int = self.counts["bytes_in"]
+        self.messages_out: int = self.counts["messages_out"]
+        self.bytes_out: int = self.counts["bytes_out"]
+        self.paused_sockets = 0
 
         # websockets binds this to its ServerProtocol, so it must be a plain function.
         def select_subprotocol(_protocol: Any, offered: Sequence[str]) -> str | None:
@@ -155,6 +167,11 @@ class Shard:
         if not origins:
             return not self.require_origin
         return len(origins) == 1 and origins[0] in self.allowed_origins
+
+    @property
+    def draining(self) -> bool:
+        """``wsfleet drain``: new upgrades are refused with 503 (read once per handshake)."""
+        return self.stats is not None and self.stats.draining
 
     def admit(self) -> bool:
         """Take a ``max_peers`` slot for a connection about to open; False when the server is full.
@@ -237,6 +254,8 @@ class Shard:
             self._ring_full()
 
     def credit(self, peer: int, packets: int, size: int) -> None:
+        self.messages_out += packets
+        self.bytes_out += size
         entry = self._credits.get(peer)
         if entry is None:
             self._credits[peer] = [packets, size]
@@ -295,9 +314,12 @@ class Shard:
     def _queue_frame(self, conn: PeerConnection, frame: bytes) -> None:
         """Queue a built frame for ``conn``; it is written at the end of this iteration."""
         first_in_batch = not conn.outbox
-        if conn.queue_frame(frame) and first_in_batch:
-            self._touched.append(conn)
-            self._schedule_flush()
+        if conn.queue_frame(frame):
+            self.messages_out += 1  # broadcasts and relayed frames (never credited)
+            self.bytes_out += len(frame)
+            if first_in_batch:
+                self._touched.append(conn)
+                self._schedule_flush()
 
     def _write_touched(self) -> None:
         touched, self._touched = self._touched, []
@@ -414,6 +436,36 @@ class Shard:
                     log.error("shard %d: unknown command kind %d", self.index, kind)
         self._write_touched()
 
+    # -- counters -------------------------------------------------------------------------
+
+    def count(self, field: str) -> None:
+        """One more of a rare event (a refusal, a close by code: `wsfleet.ipc.stats`)."""
+        self.counts[field] += 1
+
+    def start_stats(self) -> None:
+        if self.stats is not None:
+            self.loop.call_later(PUBLISH_SECONDS, self._stats_timer)
+
+    def _stats_timer(self) -> None:
+        self.publish_stats()
+        self.loop.call_later(PUBLISH_SECONDS, self._stats_timer)
+
+    def publish_stats(self) -> None:
+        """Copy every counter into this shard's shared block (every `PUBLISH_SECONDS`)."""
+        if self.stats is None:
+            return
+        counts = self.counts
+        counts["peers"] = len(self.peers)
+        counts["messages_in"] = self.messages_in
+        counts["bytes_in"] = self.bytes_in
+        counts["messages_out"] = self.messages_out
+        counts["bytes_out"] = self.bytes_out
+        counts["paused_sockets"] = self.paused_sockets
+        ring = self.events.ring
+        counts["ring_fill"] = max(0, ring.used())
+        counts["ring_capacity"] = ring.capacity
+        self.stats.publish(counts)
+
     # -- shutdown ------------------------------------------------------------------------
 
     async def close_gracefully(self) -> None:
@@ -443,6 +495,7 @@ class Shard:
                 conn.transport.abort()
         await asyncio.sleep(0)
         self._flush()
+        self.publish_stats()
 
 
 def _die_with_parent() -> None:
@@ -461,6 +514,7 @@ def run(
     commands_ring: SharedRing,
     state: ShardState,
     supervisor_pid: int,
+    stats: ShardStats | None = None,
 ) -> int:
     """The shard process's main function (called in the forked child); returns its exit status."""
     _die_with_parent()
@@ -481,7 +535,7 @@ def run(
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state)
+    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state, stats)
     reader = RingReader(loop, shard.commands, shard.on_commands)
     stopping = loop.create_future()
     loop.add_signal_handler(STOP_SIGNAL, lambda: stopping.done() or stopping.set_result(None))
@@ -498,6 +552,7 @@ def run(
             )
             shard.servers.append(server)
         shard.start_keepalive()
+        shard.start_stats()
         reader.start()
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop
         # drops a signal that arrives before (a pending STOP_SIGNAL is handled right here).

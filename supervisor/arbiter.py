@@ -18,6 +18,11 @@ between wait in their backlog instead of being refused.
 The front's configuration (`FleetConfig`) and every control message are the
 typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
+For an operator (`wsfleet.supervisor.ops`), the loop also serves the control
+socket (``wsfleet status|stop|drain``) and ``/metrics`` / ``/healthz`` from the
+counters the shards keep in shared memory (`wsfleet.ipc.stats`), so they
+answer while the application is busy.
+
 Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
 or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
 shards and the supervisor acted on it they would race the front's orderly stop
@@ -46,8 +51,11 @@ from typing import Any
 from wsfleet.ipc import ShardState, SharedRing, control
 from wsfleet.ipc.config import FleetConfig
 from wsfleet.ipc.lifeline import has_ended
+from wsfleet.ipc.stats import ShardView, Stats
 from wsfleet.shards import worker
 from wsfleet.shards.worker import EXIT_BOOT_FAILED, STOP_SIGNAL
+
+from .ops import Operations
 
 log = logging.getLogger("wsfleet.supervisor")
 
@@ -69,6 +77,9 @@ class ShardSlot:
     deaths: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
     failed: bool = False
+    reason: str | None = None  # why it was given up
+    spawns: int = 0
+    started: float = 0.0  # Unix time the running process started
 
 
 class Arbiter:
@@ -77,6 +88,7 @@ class Arbiter:
         control_sock: socket.socket,
         front_lifeline: int,
         listen_socks: list[list[socket.socket]],
+        ops: dict[str, Any] | None = None,
     ) -> None:
         self.control = control_sock
         self.front_lifeline = front_lifeline
@@ -88,10 +100,42 @@ class Arbiter:
         # peer id here so that its replacement continues after it, and its peer
         # count, which every shard reads to enforce max_peers.
         self.state = ShardState(len(self.slots))
+        # The operator's side (wsfleet.supervisor.ops): ``ops`` holds the shared counters'
+        # Stats and, when on, the control socket and its path and the metrics socket.
+        self.ops: Operations | None = None
+        if ops is not None:
+            self.ops = Operations(
+                ops["stats"],
+                self.shard_views,
+                lambda: self._notify(control.StopRequested()),
+                listen_socks[0][0].getsockname()[1] if listen_socks else 0,
+                ops.get("control"),
+                ops.get("metrics"),
+            )
 
     # -- the master loop ------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self.ops is not None:
+                self.ops.close()
+
+    def shard_views(self) -> list[ShardView]:
+        return [
+            ShardView(
+                index=slot.index,
+                pid=slot.pid or None,
+                state="running" if slot.pid else "failed" if slot.failed else "down",
+                reason=slot.reason,
+                restarts=max(0, slot.spawns - 1),
+                started=slot.started if slot.pid else 0.0,
+            )
+            for slot in self.slots
+        ]
+
+    def _run(self) -> int:
         self._install_signals()
         self.config = self._receive_config()
         for slot in self.slots:
@@ -107,6 +151,8 @@ class Arbiter:
                 return 0
             if self._wakeup_r in readable and self._handle_signals():
                 return 0
+            if self.ops is not None:
+                self.ops.handle(readable)
             self._restart_due()
 
     def _sleep(self) -> set[Any]:
@@ -114,6 +160,8 @@ class Arbiter:
         due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
         timeout = max(0.0, min(due) - now) if due else 1.0
         watched = [self.front_lifeline, self.control, self._wakeup_r]
+        if self.ops is not None:
+            watched += self.ops.fds()
         readable, _, _ = select.select(watched, [], [], timeout)
         return set(readable)
 
@@ -199,12 +247,17 @@ class Arbiter:
                     commands,
                     self.state,
                     supervisor_pid,
+                    self.ops.stats.writer(slot.index) if self.ops is not None else None,
                 )
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(status)
         slot.pid = pid
+        slot.spawns += 1
+        slot.started = time.time()
+        if self.ops is not None:
+            self.ops.shard_started(pid)
         log.debug("shard %d started (pid %d)", slot.index, pid)
         try:
             control.send(
@@ -226,6 +279,8 @@ class Arbiter:
         os.close(self._wakeup_w)
         os.close(self.front_lifeline)
         self.control.close()
+        if self.ops is not None:
+            self.ops.close_in_child()
         for other in self.slots:
             if other is not slot:
                 for sock in other.listen_socks:
@@ -246,6 +301,8 @@ class Arbiter:
             # Its connections died with it: free their max_peers slots before anyone
             # (the front, a new connection to another shard) hears of the death.
             self.state.set_peers(slot.index, 0)
+            if self.ops is not None:
+                self.ops.shard_died(slot.index)
             code = os.waitstatus_to_exitcode(status)
             self._notify(control.ShardDown(shard=slot.index))
             if self.stopping or has_ended(self.front_lifeline):
@@ -268,6 +325,7 @@ class Arbiter:
                 reason = f"it died {len(slot.deaths)} times in {CRASH_WINDOW_SECONDS:.0f} s"
             log.error("shard %d given up: %s", slot.index, reason)
             slot.failed = True
+            slot.reason = reason
             for sock in slot.listen_socks:
                 sock.close()  # the kernel stops sending it connections
             self._notify(control.ShardFailed(shard=slot.index, reason=reason))
@@ -296,12 +354,16 @@ class Arbiter:
         while any(slot.pid for slot in self.slots) and time.monotonic() < deadline:
             time.sleep(0.01)
             self.reap()
+        clean = True
         for slot in self.slots:
             if slot.pid:
+                clean = False
                 os.kill(slot.pid, signal.SIGKILL)
         while any(slot.pid for slot in self.slots):
             time.sleep(0.005)
             self.reap()
+        if self.ops is not None:
+            self.ops.stopped(clean)  # whoever ran `wsfleet stop` hears it now
 
     def _notify(self, message: control.Message) -> None:
         try:
@@ -320,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="one per shard: its listening sockets, comma-separated (one per address)",
     )
+    parser.add_argument("--stats-fd", type=int, help="the shared counters (wsfleet.ipc.stats)")
+    parser.add_argument("--ops-socket-fd", type=int, help="the listening control socket")
+    parser.add_argument("--ops-socket-path", help="its path (unlinked at exit)")
+    parser.add_argument("--metrics-fd", type=int, help="the listening /metrics socket")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
     control_sock = socket.socket(fileno=args.control_fd)
@@ -327,4 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         [socket.socket(fileno=int(fd)) for fd in per_shard.split(",")]
         for per_shard in args.listen_fds
     ]
-    return Arbiter(control_sock, args.lifeline_fd, listen_socks).run()
+    ops: dict[str, Any] | None = None
+    if args.stats_fd is not None:
+        ops = {"stats": Stats(args.stats_fd, len(listen_socks))}
+        if args.ops_socket_fd is not None:
+            ops["control"] = (socket.socket(fileno=args.ops_socket_fd), args.ops_socket_path)
+        if args.metrics_fd is not None:
+            ops["metrics"] = socket.socket(fileno=args.metrics_fd)
+    return Arbiter(control_sock, args.lifeline_fd, listen_socks, ops).run()

@@ -187,6 +187,12 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--slow-consumer-close-code", "1000"],
         ["--slow-consumer-close-code", "x"],
     ],
+    "--control": [["--control", "/nonexistent/folder/x.sock"], ["--control", "{dir}"]],
+    "--metrics": [
+        ["--metrics", "9100"],
+        ["--metrics", "127.0.0.1:x"],
+        ["--metrics", "127.0.0.1:{in_use}"],
+    ],
 }
 
 #: Misuse of the command itself rather than of one option.

@@ -538,6 +538,8 @@ def _named_files(pid: int, writable_dirs: tuple[str, ...]) -> list[str]:
             inode = target[len("socket:[") : -1]
             if inode in tcp or unix.get(inode) == "":
                 continue
+            if unix.get(inode):
+                target = f"unix {unix[inode]}"  # a named Unix socket: say which
         named.append(f"fd {fd} -> {target}")
     # mmap(-1) shows as "/dev/zero (deleted)": anonymous (the supervisor's shard state).
     anonymous = ("/memfd:", "/dev/zero (deleted)", "anon_inode:")
@@ -556,22 +558,26 @@ def _named_files(pid: int, writable_dirs: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.timeout(60)
 def test_every_file_the_server_uses_is_private(tmp_path: Path) -> None:
-    """Shared memory is memfd (no name), sockets are TCP or unnamed socketpairs, and no file
-    appears in the working directory, $TMPDIR, /tmp or /dev/shm while the server runs."""
-    workdir, tmpdir = tmp_path / "cwd", tmp_path / "tmp"
+    """Shared memory is memfd (no name), sockets are TCP or unnamed socketpairs but the
+    operator's control socket (the supervisor's, in its private folder, removed at the end),
+    and no file appears in the working directory, $TMPDIR, /tmp or /dev/shm while the server
+    runs."""
+    workdir, tmpdir, rundir = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "run"
     workdir.mkdir()
     tmpdir.mkdir()
+    rundir.mkdir()
     watched = [Path("/tmp"), Path("/dev/shm"), workdir, tmpdir]
     before = {d: set(os.listdir(d)) for d in watched}
     port = free_port()
     front = subprocess.Popen(
         [*serve_argv(port, shards=3), "--quiet"],
         cwd=workdir,
-        env={**os.environ, "TMPDIR": str(tmpdir)},
+        env={**os.environ, "TMPDIR": str(tmpdir), "XDG_RUNTIME_DIR": str(rundir)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    control = f"unix {rundir / 'wsfleet' / f'{port}.sock'}"
     tree: list[psutil.Process] = []
     try:
         dirs = (str(workdir), str(tmpdir))
@@ -595,13 +601,17 @@ def test_every_file_the_server_uses_is_private(tmp_path: Path) -> None:
 
         named = asyncio.run(asyncio.wait_for(check(), 40))
         assert len(tree) == 5, tree  # front, supervisor, three shards
-        assert named == []
+        supervisor = f"{tree[1].pid} wsfleet.supervisor: "
+        assert [n for n in named if not n.endswith(control)] == []
+        assert [n.startswith(supervisor) for n in named] == [True]
+        assert os.listdir(rundir / "wsfleet") == [f"{port}.sock"]
         appeared = {str(d): set(os.listdir(d)) - before[d] for d in watched}
         assert appeared == {str(d): set() for d in watched}
         front.send_signal(signal.SIGTERM)
         assert front.wait(15) == 0
         _, alive = psutil.wait_procs(tree, timeout=3)
         assert alive == []
+        assert os.listdir(rundir / "wsfleet") == []
         appeared = {str(d): set(os.listdir(d)) - before[d] for d in watched}
         assert appeared == {str(d): set() for d in watched}
     finally:

@@ -1,0 +1,241 @@
+"""The operator's commands: ``wsfleet status``, ``wsfleet stop``, ``wsfleet drain``.
+
+Each talks to a running server's control socket (`wsfleet.ipc.opsock`),
+served by its supervisor, found by ``--port`` (the default path for that
+port) or ``--control PATH``.  Also binds the operator's sockets for
+``listen`` (`bind_ops_sockets`).
+
+Exit statuses: 0 done; 1 the server answered but the stop was not clean or
+not done in time; 2 misuse; 3 no server answers at that socket.
+
+Imports `wsfleet.ipc` and `.fleet` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from wsfleet.ipc import opsock
+
+from .fleet import OpsSockets
+
+log = logging.getLogger("wsfleet")
+
+EXIT_NOT_CLEAN = 1
+EXIT_NO_SERVER = 3
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+def bind_ops_sockets(
+    control: str | bool | None, metrics: tuple[str, int] | None, port: int
+) -> OpsSockets:
+    """Bind the control socket (unless ``control`` is False) and the metrics socket."""
+    control_sock, path = None, ""
+    if control in (None, True):
+        # The default socket is a convenience: if its folder is unusable (another user's,
+        # open to others) the server runs without one rather than not at all.
+        try:
+            control_sock, path = opsock.bind(None, port)
+        except OSError as exc:
+            log.warning("listen: no control socket (wsfleet status/stop/drain): %s", exc)
+    elif control is not False:
+        control_sock, path = opsock.bind(str(control), port)  # asked for: failing is an error
+    metrics_sock = None
+    if metrics is not None:
+        host, metrics_port = metrics
+        try:
+            infos = socket.getaddrinfo(host, metrics_port, type=socket.SOCK_STREAM)
+            family, _, _, _, address = infos[0]
+            metrics_sock = socket.socket(family, socket.SOCK_STREAM)
+            metrics_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            metrics_sock.bind(address)
+            metrics_sock.listen(64)
+        except OSError as exc:
+            if metrics_sock is not None:
+                metrics_sock.close()
+            if control_sock is not None:
+                os.unlink(path)
+                control_sock.close()
+            raise OSError(exc.errno, f"metrics {host}:{metrics_port}: {exc.strerror}") from None
+    return OpsSockets(control_sock, path, metrics_sock)
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--port", type=int, default=9080, help="the server's port (default 9080): its socket"
+    )
+    where.add_argument("--control", metavar="PATH", help="the server's control socket")
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``status``, ``stop`` and ``drain`` to the ``wsfleet`` command's subparsers."""
+    status = commands.add_parser("status", help="a running server's figures, per shard")
+    add_target_options(status)
+    status.add_argument("--json", action="store_true", help="the status document (stable)")
+    status.add_argument("--watch", action="store_true", help="redraw every second, with rates")
+    status.add_argument("--count", type=int, default=0, help="with --watch: stop after N")
+    status.set_defaults(ops_command=run_status)
+    stop = commands.add_parser("stop", help="stop a running server in order (close 1001)")
+    add_target_options(stop)
+    stop.add_argument(
+        "--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="seconds (default 10)"
+    )
+    stop.set_defaults(ops_command=run_stop)
+    drain = commands.add_parser(
+        "drain", help="health 503 and new upgrades refused (503); peers stay"
+    )
+    add_target_options(drain)
+    drain.add_argument("--off", action="store_true", help="accept new upgrades again")
+    drain.set_defaults(ops_command=run_drain)
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    return args.control or opsock.default_path(args.port)
+
+
+def _fail(prog: str, path: str, exc: OSError) -> int:
+    print(f"wsfleet {prog}: no server answers at {path}: {exc}", file=sys.stderr)
+    return EXIT_NO_SERVER
+
+
+def run_status(args: argparse.Namespace) -> int:
+    path = socket_path(args)
+    previous: tuple[float, dict[str, Any]] | None = None
+    shown = 0
+    try:
+        while True:
+            try:
+                doc = opsock.request(path, {"cmd": "status"}, 5.0)[0]
+            except (OSError, IndexError) as exc:
+                return _fail("status", path, exc if isinstance(exc, OSError) else OSError(str(exc)))
+            now = time.monotonic()
+            if args.json:
+                sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+            else:
+                if args.watch:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                sys.stdout.write(format_status(doc, previous and (now - previous[0], previous[1])))
+            sys.stdout.flush()
+            shown += 1
+            if not args.watch or (args.count and shown >= args.count):
+                return 0
+            previous = (now, doc)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def format_status(doc: dict[str, Any], since: tuple[float, dict[str, Any]] | None = None) -> str:
+    """The human form of the status document (with rates when ``since`` has an earlier one)."""
+    lines = [
+        f"wsfleet :{doc.get('port')}  supervisor {doc.get('supervisor_pid')}  "
+        f"front {doc.get('front_pid')}  up {doc.get('uptime', 0):.0f} s  "
+        f"peers {doc['peers']}{'  DRAINING' if doc['draining'] else ''}"
+    ]
+    header = (
+        f"{'shard':>5} {'pid':>8} {'state':<8} {'peers':>7} {'acc':>7} {'refused':>8} "
+        f"{'msg in':>10} {'msg out':>10} {'B in':>10} {'B out':>10} {'ring':>6} "
+        f"{'paused':>6} {'rst':>4} {'cpu%':>6} {'rss':>10} {'up s':>7}"
+    )
+    lines.append(header)
+    old = {row["index"]: row for row in since[1]["shards"]} if since else {}
+    for row in [*doc["shards"], {**doc["totals"], "index": "all", "pid": "", "state": ""}]:
+        refused = sum(v for k, v in row.items() if k.startswith("refused_"))
+        ring = row["ring_fill"] / row["ring_capacity"] if row.get("ring_capacity") else 0.0
+        msg_in, msg_out = f"{row['messages_in']}", f"{row['messages_out']}"
+        before = old.get(row["index"]) if since else None
+        if row["index"] == "all" and since:
+            before = since[1]["totals"]
+        if before is not None and since and since[0] > 0:
+            rate_in = (row["messages_in"] - before["messages_in"]) / since[0]
+            rate_out = (row["messages_out"] - before["messages_out"]) / since[0]
+            msg_in, msg_out = f"{rate_in:.0f}/s", f"{rate_out:.0f}/s"
+        lines.append(
+            f"{row['index']!s:>5} {row.get('pid') or '-'!s:>8} {row.get('state', ''):<8} "
+            f"{row['peers']:>7} {row['handshakes_accepted']:>7} {refused:>8} "
+            f"{msg_in:>10} {msg_out:>10} {_size(row['bytes_in']):>10} "
+            f"{_size(row['bytes_out']):>10} {ring:>6.1%} {row['paused_sockets']:>6} "
+            f"{row['restarts']:>4} {row['cpu_percent']:>6.1f} {_size(row['rss']):>10} "
+            f"{row.get('uptime', 0):>7.0f}"
+        )
+        if row.get("reason"):
+            lines.append(f"      shard {row['index']} {row['state']}: {row['reason']}")
+    closes = {k[7:]: v for k, v in doc["totals"].items() if k.startswith("closes_") and v}
+    refusals = {k[8:]: v for k, v in doc["totals"].items() if k.startswith("refused_") and v}
+    lines.append("closes: " + (", ".join(f"{k} {v}" for k, v in closes.items()) or "none"))
+    lines.append("refused: " + (", ".join(f"{k} {v}" for k, v in refusals.items()) or "none"))
+    return "\n".join(lines) + "\n"
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    """Ask the server to stop; wait for its supervisor to say every shard has exited."""
+    path = socket_path(args)
+    deadline = time.monotonic() + args.timeout
+    try:
+        sock = opsock.send_request(path, {"cmd": "stop"}, max(0.1, args.timeout))
+    except OSError as exc:
+        return _fail("stop", path, exc)
+    answers: list[dict[str, Any]] = []
+    data = bytearray()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        print(
+            f"wsfleet stop: the server did not stop within {args.timeout:g} s "
+            "(does the application handle stop_requested?)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_CLEAN
+    except OSError as exc:
+        print(f"wsfleet stop: lost the server: {exc}", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    finally:
+        sock.close()
+    answers = [orjson.loads(line) for line in bytes(data).splitlines() if line.strip()]
+    done = next((a for a in answers if a.get("stopped")), None)
+    if done is None:
+        print("wsfleet stop: the server went away before it said it stopped", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    if not done.get("clean"):
+        print("wsfleet stop: stopped, but a shard had to be killed", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    print("wsfleet stop: stopped")
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    path = socket_path(args)
+    try:
+        answer = opsock.request(path, {"cmd": "drain", "on": not args.off}, 5.0)[0]
+    except (OSError, IndexError) as exc:
+        return _fail("drain", path, exc if isinstance(exc, OSError) else OSError(str(exc)))
+    print("wsfleet drain: " + ("draining" if answer.get("draining") else "accepting again"))
+    return 0
