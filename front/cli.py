@@ -657,8 +657,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 break
     except KeyboardInterrupt:
         pass
-    except Exception:
-        log.exception("--app %s: its tick raised", args.app)
+    except Exception:  # the application's tick or a signal handler of it
+        log.exception("--app %s raised", args.app) if args.app else log.exception("serve failed")
         status = EXIT_FAILED
     finally:
         started = time.monotonic()

@@ -15,6 +15,13 @@ for each address the front bound) live here for the whole run: a restarted
 shard takes over its predecessor's sockets, and connections that arrived in
 between wait in their backlog instead of being refused.
 
+A hung shard (its loop stuck, the process alive: nothing reaps it) is found
+by its heartbeat word in `ShardState`, which its loop bumps once a second:
+one older than ``FleetConfig.shard_timeout`` gets SIGKILL, and its death
+takes the path of any crash (reaped, `ShardDown`, restarted).  Every
+process logs through the front's `LogConfig` (``wsfleet.ipc.logconfig``) and
+titles itself ``wsfleet supervisor :PORT`` / ``wsfleet shard I/N :PORT``.
+
 The front's configuration (`FleetConfig`) and every control message are the
 typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
