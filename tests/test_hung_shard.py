@@ -76,6 +76,7 @@ def test_a_stopped_shard_is_replaced_within_its_timeout_and_its_peers_reported_g
         poll_until(server, replaced, TIMEOUT + 10)
         took = time.monotonic() - stopped_at
         assert took <= TIMEOUT + 2, f"replaced after {took:.2f} s"
+        print(f"\nhung shard replaced {took:.2f} s after SIGSTOP (shard_timeout {TIMEOUT:g} s)")
         assert not psutil.pid_exists(hung_pid)  # killed and reaped
         gone = {(event[1], event[2]) for event in recorder.named("disconnected")}
         assert gone == {(peer_id, False) for peer_id in by_shard[0]}
