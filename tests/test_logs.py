@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from .serveproc import ServeProcess
@@ -61,13 +62,18 @@ def test_every_line_names_time_level_and_process_and_refusals_show_at_debug(serv
     server = serve(
         "--shards", "2", "--log-level", "debug", "--max-peers", "1",
         "--allowed-origins", "https://game.example", "--max-request-bytes", "512",
-        "--handshake-timeout", "0.5",
+        "--handshake-timeout", "0.5", "--max-message-size", "1024",
     )  # fmt: skip
     server.wait_up()
     with connect(f"ws://127.0.0.1:{server.port}") as client:
         client.send(b"hello")
         assert client.recv(5) == b"hello"
         assert raw_request(server.port, upgrade(server.port)).startswith(b"HTTP/1.1 503")
+        client.send(b"x" * 2000)  # over --max-message-size: closed with 1009
+        with pytest.raises(ConnectionClosed):
+            client.recv(5)
+    server.wait_for(r"DEBUG shard \d: peer \d+ from 127\.0\.0\.1:\d+ failed: close 1009")
+    server.wait_for(r"DEBUG shard \d: peer \d+ .* left: code 1006 \(we sent 1009\).*abnormal")
     bad_origin = upgrade(server.port, "Origin: https://evil.example\r\n")
     time.sleep(0.5)  # the slot is free (a normal departure: no line without the access log)
     assert raw_request(server.port, bad_origin).startswith(b"HTTP/1.1 403")
