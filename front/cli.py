@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -31,7 +32,12 @@ from contextlib import contextmanager
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from . import __version__
+from wsfleet.ipc.config import DEFAULT_SHARD_TIMEOUT, MIN_SHARD_TIMEOUT
+from wsfleet.ipc.logconfig import FORMATS, LEVELS, LogConfig
+from wsfleet.ipc.logconfig import apply as apply_logging
+from wsfleet.ipc.proctitle import set_title
+
+from . import __version__, config_file, userapp
 from . import ops as ops_commands
 from .binding import format_url
 from .errors import Error
@@ -51,6 +57,11 @@ _TEXT, _BINARY = WebSocketPeer.WRITE_MODE_TEXT, WebSocketPeer.WRITE_MODE_BINARY
 _OUT_OF_MEMORY = Error.ERR_OUT_OF_MEMORY
 #: Exit status of every misuse (argparse's own).
 EXIT_USAGE = 2
+#: Exit status when the server cannot go on: every shard given up, the supervisor gone,
+#: or the application (--app) raised.
+EXIT_FAILED = 1
+#: File descriptors a shard keeps for itself (listening sockets, rings, stdio, Python's).
+_FDS_RESERVED = 64
 MAX_SHARDS = 1024
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # WebSocketServer's ceiling for max_message_size
 #: A subprotocol name is an HTTP token (RFC 6455 4.1, RFC 7230 3.2.6).
@@ -201,7 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="be peer 1 of Godot's high-level multiplayer API: relay between Godot clients",
     )
-    serve.add_argument("--quiet", action="store_true", help="do not log connections")
+    serve.add_argument(
+        "--quiet", action="store_true", help="log warnings and errors only (--log-level warning)"
+    )
+    serve.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="run this application instead of the echo: ATTR(server) is called before listen "
+        "and returns None or a function called after every poll (see the README)",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of serve options (keys: option names); the command line and "
+        "WSFLEET_* variables win over it",
+    )
+    _add_operations_options(serve)
     _add_ops_options(serve)
     _add_limit_options(serve)
     serve.set_defaults(serve_parser=serve)  # for messages that name its options
@@ -238,6 +264,59 @@ def _add_ops_options(serve: argparse.ArgumentParser) -> None:
         type=host_port,
         default=None,
         help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9100)",
+    )
+
+
+def log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LEVELS:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(LEVELS)}: {text!r}")
+    return value
+
+
+def log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in FORMATS:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(FORMATS)}: {text!r}")
+    return value
+
+
+def shard_timeout(text: str) -> float:
+    value = _number(text, float)
+    if value < MIN_SHARD_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_SHARD_TIMEOUT:g} s: {text}")
+    return value
+
+
+def _add_operations_options(serve: argparse.ArgumentParser) -> None:
+    """Logs and the supervision of the shards."""
+    group = serve.add_argument_group("logs and supervision")
+    group.add_argument(
+        "--log-level",
+        type=log_level,
+        default="info",
+        metavar="LEVEL",
+        help=f"{', '.join(LEVELS)} (default info; debug shows every refused handshake)",
+    )
+    group.add_argument(
+        "--log-format",
+        type=log_format,
+        default="text",
+        metavar="FORMAT",
+        help="text, or json: one object per line with time, level, process, logger, message",
+    )
+    group.add_argument(
+        "--access-log",
+        action="store_true",
+        help="a line per connection (connect, departure with its close code) and refusal",
+    )
+    group.add_argument(
+        "--shard-timeout",
+        type=shard_timeout,
+        default=DEFAULT_SHARD_TIMEOUT,
+        metavar="S",
+        help="replace a shard whose loop has not turned for S seconds "
+        f"(default {DEFAULT_SHARD_TIMEOUT:g}, at least {MIN_SHARD_TIMEOUT:g})",
     )
 
 
@@ -378,6 +457,31 @@ def _option_names(message: str, parser: argparse.ArgumentParser) -> str:
     return message
 
 
+def log_config_from_args(args: argparse.Namespace) -> LogConfig:
+    """How every process of `wsfleet serve` logs (--quiet: warnings and errors only)."""
+    level = "warning" if args.quiet and args.log_level in ("debug", "info") else args.log_level
+    return LogConfig(level=level, format=args.log_format, access_log=args.access_log)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's open-files soft limit to its hard limit; (before, after).
+
+    The supervisor and the shards inherit it; each shard holds one descriptor per
+    connection.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = 1 << 20  # Linux's nr_open default: "unlimited" cannot be set as is
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 def server_from_args(args: argparse.Namespace) -> WebSocketServer:
     """A server configured by `wsfleet serve`'s options (ValueError for a bad limit)."""
     # Given only when set, so that WebSocketServer's own default applies otherwise.
@@ -397,6 +501,8 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         slow_consumer_close_code=args.slow_consumer_close_code,
         control=False if args.control == "off" else args.control,
         metrics=args.metrics,
+        shard_timeout=args.shard_timeout,
+        log_config=log_config_from_args(args),
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest
@@ -523,53 +629,67 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         server.ssl_certificate, server.private_key = args.tls_cert, args.tls_key
 
     echo = Echo(server)
-
-    def on_mp_packet(peer_id: int) -> None:
-        # A pure relay: packets addressed to the server itself are read and let go.
-        while server.get_available_packet_count():
-            server.get_packet()
-
-    def log_connect(peer_id: int) -> None:
-        protocol = server.get_peer(peer_id).protocol
-        address, port = server.get_peer_address(peer_id), server.get_peer_port(peer_id)
-        log.info("peer %d connected from %s:%d %s", peer_id, address, port, protocol)
-
-    if args.gd_mp_api:
-        server.connect("peer_packet", on_mp_packet)
-        if not args.quiet:
-            server.connect("peer_connected", lambda peer_id: log.info("peer %d joined", peer_id))
-            server.connect("peer_disconnected", lambda peer_id: log.info("peer %d left", peer_id))
+    tick: userapp.Tick | None = None
+    if args.app:
+        try:
+            tick = userapp.check_tick(args.app, userapp.load(args.app)(server))
+        except userapp.AppError as exc:
+            return usage_error(str(exc))
+        except Exception:
+            log.exception("--app %s: its setup raised", args.app)
+            return EXIT_FAILED
+    elif args.gd_mp_api:
+        server.connect("peer_packet", lambda peer_id: _drain_packets(server))
     else:
         server.connect("data_received", echo.on_data)
-        if not args.quiet:
-            server.connect("client_connected", lambda peer_id, protocol: log_connect(peer_id))
-            server.connect(
-                "client_disconnected",
-                lambda peer_id, clean: log.info("peer %d left (clean: %s)", peer_id, clean),
-            )
+    # Connects and departures are the shards' access log (--access-log).
 
+    failed: set[int] = set()  # shards given up: checked once per tick, not per message
+    server.connect("shard_failed", lambda index, reason: failed.add(index))
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     server.connect("stop_requested", lambda: stopping.append(True))  # wsfleet stop
+    before, after = raise_open_files_limit()
     with folded_errors() as held:
         error = server.listen(args.port, args.protocols, gd_mp_api=args.gd_mp_api)
     if error != Error.OK:
         reason = held[0].removeprefix("listen: ") if held else "listen() failed"
         return usage_error(f"{reason} ({error.name})")
+    set_title("front", server.port)
     log.info(
         "wsfleet %s: %s on %s with %d shards (Ctrl-C stops)",
         __version__,
+        f"application {args.app}" if args.app else
         "multiplayer relay" if args.gd_mp_api else "echo",
         url("wss" if args.tls_cert else "ws", args.bind, server.port),
         server.shards,
+    )  # fmt: skip
+    log.info(
+        "open files limit %d (was %d): about %d connections per shard, %d in all",
+        after,
+        before,
+        max(0, after - _FDS_RESERVED),
+        max(0, after - _FDS_RESERVED) * server.shards,
     )
+    status = 0
     try:
         while not stopping:
             server.poll(0.05)
             if echo.waiting:
                 echo.retry()
+            if tick is not None and tick() is False:
+                log.info("--app %s asked to stop", args.app)
+                break
+            problem = fleet_problem(server, failed)
+            if problem and not stopping:
+                log.error("%s: exiting with status %d", problem, EXIT_FAILED)
+                status = EXIT_FAILED
+                break
     except KeyboardInterrupt:
         pass
+    except Exception:  # the application's tick or a signal handler of it
+        log.exception("--app %s raised", args.app) if args.app else log.exception("serve failed")
+        status = EXIT_FAILED
     finally:
         started = time.monotonic()
         try:
@@ -583,7 +703,22 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if echo.waits:
             echo.log_waits(force=True)
         log.info("stopped in %.2f s", time.monotonic() - started)
-    return 0
+    return status
+
+
+def _drain_packets(server: WebSocketServer) -> None:
+    """The relay's own packets (addressed to the server, peer 1): read and let go."""
+    while server.get_available_packet_count():
+        server.get_packet()
+
+
+def fleet_problem(server: WebSocketServer, failed: set[int]) -> str | None:
+    """Why the server cannot serve any more (every shard given up, no supervisor), or None."""
+    if not server.is_supervisor_alive():
+        return "the supervisor exited"
+    if len(failed) >= server.shards:
+        return "every shard was given up"
+    return None
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -594,11 +729,14 @@ def serve_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
     if args.command == "serve":
-        if args.quiet:
-            logging.getLogger("wsfleet").setLevel(logging.WARNING)
+        try:
+            args = config_file.apply_sources(args.serve_parser, lambda: parser.parse_args(argv))
+        except config_file.ConfigError as exc:
+            return usage_error(str(exc))
+        apply_logging(log_config_from_args(args), "front")
         return serve(args, args.serve_parser)
+    logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
     if args.command == "loadtest":
         from .loadtest.cli import main as loadtest
 

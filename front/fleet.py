@@ -204,6 +204,8 @@ class Fleet:
         self.supervisor: subprocess.Popen | None = None
         self.running = False
         self.refusing = False
+        #: The supervisor exited on its own (the control channel closed) while running.
+        self.supervisor_lost = False
         self._id_span = m.id_span(shards)
         self._control: socket.socket | None = None
         self._lifeline: Lifeline | None = None
@@ -630,6 +632,7 @@ class Fleet:
 
     def _supervisor_gone(self) -> None:
         log.error("the supervisor exited: every shard is gone")
+        self.supervisor_lost = True
         for index, link in enumerate(self.links):
             if link is not None:
                 self._shard_down(index)

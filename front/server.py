@@ -15,6 +15,7 @@ nothing imports it but the package, the CLI, tests and applications.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -22,7 +23,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from wsfleet.ipc import messages as m
-from wsfleet.ipc.config import MAX_MESSAGE_SIZE, FleetConfig, Limits
+from wsfleet.ipc.config import (
+    DEFAULT_SHARD_TIMEOUT,
+    MAX_MESSAGE_SIZE,
+    MIN_SHARD_TIMEOUT,
+    FleetConfig,
+    Limits,
+)
+from wsfleet.ipc.logconfig import LogConfig
 from wsfleet.ipc.tls import TlsError, load_tls
 
 from . import binding
@@ -153,6 +161,13 @@ class WebSocketServer(SignalEmitter):
         must and calls `stop`.
     ``metrics`` (None: off; ``(host, port)``)
         Serve Prometheus' ``/metrics`` and ``/healthz`` there (supervisor).
+    ``shard_timeout`` (30 s, at least 2)
+        A shard whose loop has not beaten its heartbeat (once a second) for
+        this long is hung: the supervisor SIGKILLs it and replaces it as a
+        crashed one (its peers get ``client_disconnected(id, False)``).
+    ``log_config`` (None: INFO, text, no access log)
+        A `wsfleet.ipc.logconfig.LogConfig`: how the supervisor and the
+        shards log (the application's own process is the application's).
     """
 
     SIGNALS = (
@@ -191,6 +206,8 @@ class WebSocketServer(SignalEmitter):
         max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
         control: str | bool | None = None,
         metrics: tuple[str, int] | None = None,
+        shard_timeout: float = DEFAULT_SHARD_TIMEOUT,
+        log_config: LogConfig | None = None,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -214,6 +231,9 @@ class WebSocketServer(SignalEmitter):
         self.max_buffered_bytes = max_buffered_bytes
         self.control = control
         self.metrics = metrics
+        self.shard_timeout = shard_timeout
+        #: How the supervisor and the shards log (None: INFO, text, no access log).
+        self.log_config = log_config
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -321,7 +341,15 @@ class WebSocketServer(SignalEmitter):
         if tls is None and self.ca_chain:
             log.warning("listen: ca_chain is set but TLS is off (no certificate and key)")
         try:
-            config = FleetConfig(protocols, limits, tls, bool(gd_mp_api), self.ring_capacity)
+            config = FleetConfig(
+                protocols,
+                limits,
+                tls,
+                bool(gd_mp_api),
+                self.ring_capacity,
+                log=self.log_config or LogConfig(),
+                shard_timeout=self.shard_timeout,
+            )
         except ValueError as exc:
             log.error("listen: %s", exc)
             return Error.ERR_INVALID_PARAMETER
@@ -330,6 +358,7 @@ class WebSocketServer(SignalEmitter):
             port, sockets = binding.bind(addresses, port, self.shards)
         except BindError as exc:
             return exc.error  # logged
+        config = dataclasses.replace(config, port=port)  # the port bound (listen(0))
         self._budget = OutboundBudget(budget_limit)
         listener = FleetListener(
             peer_connected=self._on_peer_connected,
@@ -378,6 +407,11 @@ class WebSocketServer(SignalEmitter):
 
         ValueError for a bad value (the constructor raises it; listen() logs it).
         """
+        timeout = self.shard_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError(f"shard_timeout must be a number of seconds: {timeout!r}")
+        if not timeout >= MIN_SHARD_TIMEOUT:
+            raise ValueError(f"shard_timeout must be at least {MIN_SHARD_TIMEOUT:g} s: {timeout}")
         max_message = self.max_message_size
         if max_message is None:
             max_message = self._in_bytes_limit
@@ -514,6 +548,10 @@ class WebSocketServer(SignalEmitter):
         The shards publish their counters every 0.1 s.  {} when not listening.
         """
         return self._fleet.stats_document() if self._fleet is not None else {}
+
+    def is_supervisor_alive(self) -> bool:
+        """False once the supervisor (and with it every shard) is gone while listening."""
+        return self._fleet is not None and not self._fleet.supervisor_lost
 
     def get_outbound_stats(self) -> dict[str, int]:
         """The outbound buffers over every peer, and the packets ``put_packet`` refused.

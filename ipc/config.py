@@ -9,19 +9,25 @@ supervisor hands each shard it forks).  Every class checks its own values in
 process built it (the front from the user's values, the control codec from a
 received message).
 
-Imports the standard library, `wsfleet.ipc.messages` (the id ranges) and
-`wsfleet.ipc.ring` (the largest record) only.
+Imports the standard library, `wsfleet.ipc.messages` (the id ranges),
+`wsfleet.ipc.ring` (the largest record) and `wsfleet.ipc.logconfig` only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .logconfig import LogConfig
 from .messages import id_range
 from .ring import DEFAULT_MAX_MESSAGE, MIN_CAPACITY
 
 #: The largest ``max_message_size``: what one ring record may carry.
 MAX_MESSAGE_SIZE = DEFAULT_MAX_MESSAGE
+#: How long a shard's heartbeat may stand still before the supervisor replaces it.
+DEFAULT_SHARD_TIMEOUT = 30.0
+#: Two heartbeats (`wsfleet.ipc.shardstate.HEARTBEAT_SECONDS`): a shorter timeout would kill
+#: a shard between two beats.
+MIN_SHARD_TIMEOUT = 2.0
 #: The smallest ``max_request_bytes``: a minimal upgrade request is about 200 bytes.
 MIN_REQUEST_BYTES = 256
 
@@ -95,11 +101,21 @@ class FleetConfig:
     tls: TlsConfig | None
     gd_mp_api: bool
     ring_capacity: int
+    #: How every process logs (`wsfleet.ipc.logconfig`).
+    log: LogConfig = LogConfig()
+    #: Seconds a shard's heartbeat may stand still before it is killed and replaced.
+    shard_timeout: float = DEFAULT_SHARD_TIMEOUT
+    #: Port the front listens on, for process titles ("wsfleet shard 3/8 :9080").
+    port: int = 0
 
     def __post_init__(self) -> None:
         capacity = self.ring_capacity
         if capacity < MIN_CAPACITY or capacity & (capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= {MIN_CAPACITY}: {capacity}")
+        if not self.shard_timeout >= MIN_SHARD_TIMEOUT:
+            raise ValueError(
+                f"shard_timeout must be at least {MIN_SHARD_TIMEOUT:g} s: {self.shard_timeout}"
+            )
 
     def for_shard(self, index: int, shards: int) -> ShardConfig:
         """Shard ``index`` of ``shards``: this configuration and its own peer id range."""
@@ -112,6 +128,9 @@ class FleetConfig:
             limits=self.limits,
             tls=self.tls,
             gd_mp_api=self.gd_mp_api,
+            log=self.log,
+            shards=shards,
+            port=self.port,
         )
 
 
@@ -126,6 +145,10 @@ class ShardConfig:
     limits: Limits
     tls: TlsConfig | None
     gd_mp_api: bool
+    log: LogConfig = LogConfig()
+    #: How many shards the fleet has, and the port it serves (for the process title).
+    shards: int = 1
+    port: int = 0
 
     def __post_init__(self) -> None:
         if self.index < 0 or self.id_span < 1:

@@ -15,7 +15,7 @@ Front -> supervisor: `FleetConfig` first, then `Stop`.
 Supervisor -> front: `ShardUp` (with the six ring fds: events then commands),
 `ShardDown`, `ShardFailed`, `StopRequested`.
 
-Imports the standard library, orjson and `wsfleet.ipc.config` only.
+Imports the standard library, orjson, `wsfleet.ipc.config` and `.logconfig` only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Union
 import orjson
 
 from .config import FleetConfig, Limits, ShardConfig, TlsConfig
+from .logconfig import LogConfig
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
@@ -88,7 +89,7 @@ _TAGS: dict[type, str] = {
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 #: The dataclasses a message may nest (decoded by their field types too).
-_NESTED = (Limits, TlsConfig, ShardConfig)
+_NESTED = (Limits, TlsConfig, ShardConfig, LogConfig)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

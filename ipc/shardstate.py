@@ -1,4 +1,4 @@
-"""Per-shard words that outlive a shard: its next peer id and how many peers it holds.
+"""Per-shard words that outlive a shard: its next peer id, how many peers it holds, its heartbeat.
 
 The supervisor maps this block (anonymous shared memory) before it forks the
 shards, so every shard, and each shard's replacement, sees the same words.
@@ -11,7 +11,12 @@ between cores:
 * word 1, the number of peers the shard holds: written only by that shard,
   read by every shard to enforce the server-wide ``max_peers``, and reset to
   0 by the supervisor when the shard dies (its connections died with it), so
-  a crash never leaks slots.
+  a crash never leaks slots;
+* word 2, the heartbeat: ``CLOCK_MONOTONIC`` in milliseconds (one clock for
+  every process of the machine), stored by the shard's loop once a second
+  and by the supervisor when it forks the shard (so a shard that has not
+  ticked yet is not stale); the supervisor reads it to find a hung shard
+  (its loop stuck, the process alive) and replace it.
 
 A count per shard rather than one shared counter is what makes the reset
 possible: nobody has to know how many of a global total a dead shard held.
@@ -20,12 +25,16 @@ possible: nobody has to know how many of a global total a dead shard held.
 from __future__ import annotations
 
 import mmap
+import time
 
 from .atomic import AtomicWord
 
 SLOT_BYTES = 64
 _NEXT_ID_OFF = 0
 _PEERS_OFF = 8
+_HEARTBEAT_OFF = 16
+#: How often a shard's loop beats.
+HEARTBEAT_SECONDS = 1.0
 
 
 class ShardState:
@@ -36,6 +45,9 @@ class ShardState:
         self._map = mmap.mmap(-1, SLOT_BYTES * max(1, shards))
         view = memoryview(self._map)
         self._peers = [AtomicWord(view[i * SLOT_BYTES + _PEERS_OFF :][:8]) for i in range(shards)]
+        self._beats = [
+            AtomicWord(view[i * SLOT_BYTES + _HEARTBEAT_OFF :][:8]) for i in range(shards)
+        ]
 
     def next_id_word(self, index: int) -> memoryview:
         """Shard ``index``'s next-id word, as a one-element ``Q`` view (its own process only)."""
@@ -52,6 +64,14 @@ class ShardState:
     def set_peers(self, index: int, held: int) -> None:
         """Publish how many peers shard ``index`` holds (it, or the supervisor once it died)."""
         self._peers[index].store(held)
+
+    def beat(self, index: int) -> None:
+        """Shard ``index`` is alive now (its loop, once a second; the supervisor at fork)."""
+        self._beats[index].store_release(time.monotonic_ns() // 1_000_000)
+
+    def heartbeat_age(self, index: int) -> float:
+        """Seconds since shard ``index`` last beat."""
+        return time.monotonic() - self._beats[index].load_acquire() / 1000
 
     def admit(self, index: int, held: int, limit: int) -> bool:
         """Count a new peer for shard ``index`` (which holds ``held``) if the server has room.

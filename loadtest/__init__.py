@@ -26,5 +26,7 @@ One framework, in layers (each module's docstring says what it may import):
 * the servers under test besides ``wsfleet serve``: ``ws_server`` (the one
   ``websockets`` baseline, echo or broadcast), ``wsfleet_apps`` (wsfleet's
   broadcast application), ``godot_server.gd``, ``node_ws_server.js``; and
-  ``scaling.sh`` (echo with 1-8 shards on a 16-core machine).
+  ``scaling.sh`` (echo with 1-8 shards on a 16-core machine);
+* micro-benchmarks of one shard's code, in-process: ``wire_bench`` (the receive
+  path), ``handshake_bench`` (upgrade + close cycles).
 """

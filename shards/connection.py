@@ -21,6 +21,7 @@ not done within ``handshake_timeout`` is dropped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -46,7 +47,9 @@ _DRAINING = "Server draining: try another one.\n"
 _OPEN, _REFUSED, _HANDSHAKE = Phase.OPEN, Phase.REFUSED, Phase.HANDSHAKE
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
-_REFUSED_EVENT = EventKind.REFUSED
+_REFUSED_EVENT, _FAILED = EventKind.REFUSED, EventKind.FAILED
+#: Close codes of an orderly departure (the others are logged as abnormal).
+_NORMAL_CLOSES = (1000, 1001)
 _EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
 
 
@@ -90,6 +93,8 @@ class PeerConnection(asyncio.Protocol):
         if self.shard.refusing:
             self.shard.count("refused_dropped")
             transport.abort()  # as Godot: a refused connection is dropped at once
+            if self.shard.conn_log_level is not None:
+                self._log_refusal(transport, "dropped: the server refuses connections")
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -144,6 +149,20 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("handshakes_accepted")
             self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
+        elif kind is _REFUSED_EVENT:
+            if self.shard.conn_log_level is not None:
+                self._log_refusal(self.transport, f"handshake refused: HTTP {value or 'none'}")
+        elif kind is _FAILED:
+            if self.shard.conn_log_level is not None:
+                self.shard.log_connection(
+                    self.shard.conn_log_level,
+                    "peer %d from %s:%d failed: close %d (%s)",
+                    self.peer_id,
+                    self.ip,
+                    self.port,
+                    value.code,  # type: ignore[attr-defined]
+                    value.reason or "no reason",  # type: ignore[attr-defined]
+                )
         elif kind is _CLOSE_REQUEST:
             close = value
             reason = close.reason  # type: ignore[attr-defined]
@@ -160,8 +179,49 @@ class PeerConnection(asyncio.Protocol):
             self._reading_off = False
             self.shard.paused_sockets -= 1
         if self.peer_id:
-            self.shard.count(close_field(self.wire.close_code()))
-            self.shard.peer_gone(self, self.wire.peer_closed_first)
+            shard = self.shard
+            shard.count(close_field(self.wire.close_code()))
+            if shard.access or shard.conn_log_level is not None:
+                self._log_departure(exc)
+            shard.peer_gone(self, self.wire.peer_closed_first)
+
+    # -- per-connection log lines (only when asked for: see `Shard.conn_log_level`) ------
+
+    def _log_refusal(self, transport: asyncio.BaseTransport | None, why: str) -> None:
+        if self.ip:
+            address = f"{self.ip}:{self.port}"
+        else:  # dropped before connection_made took the address
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        assert self.shard.conn_log_level is not None
+        self.shard.log_connection(self.shard.conn_log_level, "%s from %s", why, address)
+
+    def _log_departure(self, exc: Exception | None) -> None:
+        """The access log's departure line; an abnormal one also at the refusal level."""
+        received, sent = self.wire.close_status()
+        clean = self.wire.peer_closed_first
+        code = received if received is not None else 1006
+        abnormal = received not in _NORMAL_CLOSES or (
+            sent is not None and sent not in _NORMAL_CLOSES
+        )
+        shard = self.shard
+        level = logging.INFO if shard.access else None
+        if abnormal and shard.conn_log_level is not None:
+            level = max(level or 0, shard.conn_log_level)
+        if level is None:
+            return
+        shard.log_connection(
+            level,
+            "peer %d from %s:%d left: code %d%s, clean %s%s%s",
+            self.peer_id,
+            self.ip,
+            self.port,
+            code,
+            f" (we sent {sent})" if sent is not None else "",
+            clean,
+            ", abnormal" if abnormal else "",
+            f" ({exc})" if exc else "",
+        )
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -216,6 +276,8 @@ class PeerConnection(asyncio.Protocol):
         self._deadline = None
         if self.wire.phase is _HANDSHAKE:
             self.shard.count("refused_timeout")
+            if not self.peer_id and self.shard.conn_log_level is not None:
+                self._log_refusal(self.transport, "handshake timeout")
         if self.transport is not None:
             self.transport.abort()  # connection_lost follows: a peer is reported gone
 
@@ -305,6 +367,14 @@ class PeerConnection(asyncio.Protocol):
             self._pong_due = 0.0
             return
         if self._pong_due and now >= self._pong_due:
+            if self.shard.conn_log_level is not None:
+                self.shard.log_connection(
+                    self.shard.conn_log_level,
+                    "peer %d from %s:%d: no pong in time, failing it (1011)",
+                    self.peer_id,
+                    self.ip,
+                    self.port,
+                )
             self.fail(1011, "keepalive ping timeout")
             return
         if now >= self._next_ping:

@@ -630,6 +630,17 @@ class ServerWire:
         self.wants_write = False
         return out
 
+    def close_status(self) -> tuple[int | None, int | None]:
+        """The close codes received from the peer and sent to it (None: no close frame).
+
+        For logs, once the connection is gone: never on the per-message path.
+        """
+        ws = self._ws
+        if ws is None:
+            return None, None
+        received, sent = ws.close_rcvd, ws.close_sent
+        return (received.code if received else None), (sent.code if sent else None)
+
     def send_close(self, code: int, reason: str) -> None:
         """Start the close handshake (OPEN only; otherwise nothing happens)."""
         if self.phase is _OPEN:

@@ -36,7 +36,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -48,12 +47,17 @@ from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.aio import RingReader
 from wsfleet.ipc.config import ShardConfig
+from wsfleet.ipc.logconfig import ACCESS_LOGGER
+from wsfleet.ipc.logconfig import apply as apply_logging
+from wsfleet.ipc.proctitle import set_title
+from wsfleet.ipc.shardstate import HEARTBEAT_SECONDS
 from wsfleet.ipc.stats import PUBLISH_SECONDS, SHARD_FIELDS, ShardStats
 from wsfleet.ipc.tls import TlsError, server_context
 
 from .connection import PeerConnection, frame_header
 
 log = logging.getLogger("wsfleet.shard")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 #: Exit status of a shard that cannot start (bad TLS files...): do not restart it.
 EXIT_BOOT_FAILED = 3
@@ -97,6 +101,11 @@ class Shard:
         self.ping_timeout: float | None = limits.ping_timeout
         self.mp: bool = config.gd_mp_api
         self.refusing = False
+        #: Per-connection lines: connects and departures (the access log), and the level of
+        #: refusals and abnormal closes (None: not logged). Decided once: a handshake pays
+        #: one attribute check when they are off, a message nothing.
+        self.access: bool = config.log.access_log
+        self.conn_log_level: int | None = config.log.connection_log_level()
         self._mp_drops = [0] * len(m.DropReason)
         self._id_base: int = config.id_base
         self._id_span: int = config.id_span
@@ -181,6 +190,17 @@ class Shard:
         """
         return self._state.admit(self.index, len(self.peers), self.max_peers)
 
+    def log_connection(self, level: int, text: str, *args: object) -> None:
+        """One per-connection line (callers check ``access`` / ``conn_log_level`` first)."""
+        access_log.log(level, text, *args)
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Tell the supervisor this loop still turns (a hung shard is killed and replaced)."""
+        self._state.beat(self.index)
+        self.loop.call_later(HEARTBEAT_SECONDS, self.heartbeat)
+
     # -- keepalive -------------------------------------------------------------------------
 
     def start_keepalive(self) -> None:
@@ -226,6 +246,14 @@ class Shard:
         peer_id = self._allocate_id()
         self.peers[peer_id] = conn
         self.emit(m.EV_CONNECTED, peer_id, 0, m.encode_connected(conn.ip, conn.port, protocol))
+        if self.access:
+            access_log.info(
+                "peer %d connected from %s:%d, subprotocol %s",
+                peer_id,
+                conn.ip,
+                conn.port,
+                protocol or "(none)",
+            )
         return peer_id
 
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
@@ -524,8 +552,8 @@ def run(
     # STOP_SIGNAL once every packet it sent is in the commands ring.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="wsfleet shard %(message)s", stream=sys.stderr)
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per connection
+    apply_logging(config.log, f"shard {config.index}")
+    set_title(f"shard {config.index}/{config.shards}", config.port)
     try:
         # The loader the front's listen() checked the same text with: it does not fail here.
         ssl_context = server_context(config.tls) if config.tls is not None else None
@@ -553,6 +581,7 @@ def run(
             shard.servers.append(server)
         shard.start_keepalive()
         shard.start_stats()
+        shard.heartbeat()
         reader.start()
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop
         # drops a signal that arrives before (a pending STOP_SIGNAL is handled right here).

@@ -15,6 +15,13 @@ for each address the front bound) live here for the whole run: a restarted
 shard takes over its predecessor's sockets, and connections that arrived in
 between wait in their backlog instead of being refused.
 
+A hung shard (its loop stuck, the process alive: nothing reaps it) is found
+by its heartbeat word in `ShardState`, which its loop bumps once a second:
+one older than ``FleetConfig.shard_timeout`` gets SIGKILL, and its death
+takes the path of any crash (reaped, `ShardDown`, restarted).  Every
+process logs through the front's `LogConfig` (``wsfleet.ipc.logconfig``) and
+titles itself ``wsfleet supervisor :PORT`` / ``wsfleet shard I/N :PORT``.
+
 The front's configuration (`FleetConfig`) and every control message are the
 typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
@@ -42,7 +49,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,6 +57,10 @@ from typing import Any
 from wsfleet.ipc import ShardState, SharedRing, control
 from wsfleet.ipc.config import FleetConfig
 from wsfleet.ipc.lifeline import has_ended
+from wsfleet.ipc.logconfig import LogConfig
+from wsfleet.ipc.logconfig import apply as apply_logging
+from wsfleet.ipc.proctitle import set_title
+from wsfleet.ipc.shardstate import HEARTBEAT_SECONDS
 from wsfleet.ipc.stats import ShardView, Stats
 from wsfleet.shards import worker
 from wsfleet.shards.worker import EXIT_BOOT_FAILED, STOP_SIGNAL
@@ -80,6 +90,8 @@ class ShardSlot:
     reason: str | None = None  # why it was given up
     spawns: int = 0
     started: float = 0.0  # Unix time the running process started
+    #: Killed by us for a stale heartbeat: its death is said to be that, not a crash.
+    hung: bool = False
 
 
 class Arbiter:
@@ -138,11 +150,14 @@ class Arbiter:
     def _run(self) -> int:
         self._install_signals()
         self.config = self._receive_config()
+        apply_logging(self.config.log, "supervisor")
+        set_title("supervisor", self.config.port)
         for slot in self.slots:
             self.spawn(slot)
         while True:
             readable = self._sleep()
             self.reap()
+            self._check_heartbeats()
             if self.front_lifeline in readable:
                 log.info("the front has exited: stopping the shards")
                 self.stop(FRONT_GONE_GRACE_SECONDS)
@@ -158,7 +173,9 @@ class Arbiter:
     def _sleep(self) -> set[Any]:
         now = time.monotonic()
         due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        # At most a heartbeat apart, so that a hung shard is found within its timeout + 1 s.
         timeout = max(0.0, min(due) - now) if due else 1.0
+        timeout = min(timeout, HEARTBEAT_SECONDS)
         watched = [self.front_lifeline, self.control, self._wakeup_r]
         if self.ops is not None:
             watched += self.ops.fds()
@@ -220,12 +237,40 @@ class Arbiter:
 
     # -- shards ---------------------------------------------------------------------------
 
+    def _check_heartbeats(self) -> None:
+        """SIGKILL every shard whose loop has not beaten for ``shard_timeout`` (it is hung).
+
+        Its death then takes the path of a crash: reaped, its peers reported
+        gone (`ShardDown`), restarted (and given up if it keeps hanging).
+        """
+        assert self.config is not None
+        if self.stopping:
+            return
+        timeout = self.config.shard_timeout
+        for slot in self.slots:
+            if slot.pid and not slot.hung:
+                age = self.state.heartbeat_age(slot.index)
+                if age > timeout:
+                    log.error(
+                        "shard %d (pid %d) is hung: no heartbeat for %.1f s (shard timeout "
+                        "%g s); killing it",
+                        slot.index,
+                        slot.pid,
+                        age,
+                        timeout,
+                    )
+                    slot.hung = True
+                    os.kill(slot.pid, signal.SIGKILL)
+
     def spawn(self, slot: ShardSlot) -> None:
         assert self.config is not None
         capacity = self.config.ring_capacity
         events = SharedRing.create(capacity)
         commands = SharedRing.create(capacity)
         slot.restart_at = None
+        slot.hung = False
+        # Its heartbeat starts now: the shard has its timeout to boot and beat.
+        self.state.beat(slot.index)
         supervisor_pid = os.getpid()
         # A signal that reached the child before it replaced our handlers would be
         # swallowed by them (SIGTERM: written to our wakeup fd) or kill it (STOP_SIGNAL's
@@ -298,6 +343,8 @@ class Arbiter:
             if slot is None:
                 continue
             slot.pid = 0
+            if slot.hung:
+                log.warning("shard %d: the hung shard is dead; its peers are gone", slot.index)
             # Its connections died with it: free their max_peers slots before anyone
             # (the front, a new connection to another shard) hears of the death.
             self.state.set_peers(slot.index, 0)
@@ -387,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops-socket-path", help="its path (unlinked at exit)")
     parser.add_argument("--metrics-fd", type=int, help="the listening /metrics socket")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="wsfleet %(message)s", stream=sys.stderr)
+    # Until the front's configuration says how (`Arbiter.run`).
+    apply_logging(LogConfig(), "supervisor")
     control_sock = socket.socket(fileno=args.control_fd)
     listen_socks = [
         [socket.socket(fileno=int(fd)) for fd in per_shard.split(",")]

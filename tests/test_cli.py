@@ -35,7 +35,8 @@ from .rawclient import OP_BINARY, OP_TEXT, RawClient
 def test_serve_echoes_and_stops_on_a_signal_with_close_1001(signum: int) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "wsfleet", "serve", "--port", str(port), "--shards", "2"]
-    proc = subprocess.Popen([*argv, "--protocols", "chat,other"], stderr=subprocess.PIPE, text=True)
+    argv += ["--protocols", "chat,other", "--access-log"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
 
         async def body() -> None:
@@ -193,6 +194,27 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--metrics", "127.0.0.1:x"],
         ["--metrics", "127.0.0.1:{in_use}"],
     ],
+    "--log-level": [["--log-level", "loud"], ["--log-level", ""]],
+    "--log-format": [["--log-format", "xml"]],
+    "--access-log": [["--access-log=yes"]],
+    "--shard-timeout": [
+        ["--shard-timeout", "1"],
+        ["--shard-timeout", "0"],
+        ["--shard-timeout", "x"],
+    ],
+    "--app": [
+        ["--app", "no_such_module_here:setup"],
+        ["--app", "os"],
+        ["--app", "os:no_such_attr"],
+        ["--app", "os:sep"],  # not callable
+    ],
+    "--config": [
+        ["--config", "/nonexistent/wsfleet.toml"],
+        ["--config", "{not_toml}"],
+        ["--config", "{unknown_key}"],
+        ["--config", "{bad_value}"],
+        ["--config", "{bad_switch}"],
+    ],
 }
 
 #: Misuse of the command itself rather than of one option.
@@ -231,6 +253,24 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {**{name: str(path) for name, path in files.items()}, "dir": str(folder)}
 
 
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Bad --config files, one problem each."""
+    folder = tmp_path_factory.mktemp("config")
+    texts = {
+        "not_toml": "port = = 1\n",
+        "unknown_key": "portt = 9080\n",
+        "bad_value": "max-peers = -1\n",
+        "bad_switch": 'access_log = "sometimes"\n',
+    }
+    paths = {}
+    for name, text in texts.items():
+        path = folder / f"{name}.toml"
+        path.write_text(text)
+        paths[name] = str(path)
+    return paths
+
+
 @pytest.fixture
 def port_in_use() -> Iterator[int]:
     with socket.socket() as holder:
@@ -262,9 +302,9 @@ def assert_one_line_and_status_2(result: subprocess.CompletedProcess) -> None:
     "bad", [case for cases in BAD_VALUES.values() for case in cases], ids=" ".join
 )
 def test_a_bad_serve_option_is_one_line_and_status_2(
-    bad: list[str], tls_files: dict[str, str], port_in_use: int
+    bad: list[str], tls_files: dict[str, str], config_files: dict[str, str], port_in_use: int
 ) -> None:
-    values = {**tls_files, "in_use": str(port_in_use)}
+    values = {**tls_files, **config_files, "in_use": str(port_in_use)}
     argv = ["serve", "--port", str(free_port()), "--shards", "1"]
     argv += [part.format(**values) for part in bad]
     assert_one_line_and_status_2(run_wsfleet(argv))

@@ -1,0 +1,1 @@
+"""Small applications for ``wsfleet serve --app`` (tests/test_serve_app.py)."""
