@@ -150,6 +150,7 @@ class PeerConnection(asyncio.Protocol):
             self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
         elif kind is _REFUSED_EVENT:
+            self.shard.count(refuse_field(value))  # type: ignore[arg-type]
             if self.shard.conn_log_level is not None:
                 self._log_refusal(self.transport, f"handshake refused: HTTP {value or 'none'}")
         elif kind is _FAILED:
@@ -170,8 +171,6 @@ class PeerConnection(asyncio.Protocol):
                 reason = reason[:-1]  # Godot appends one NUL to every reason it sends
             payload = m.encode_close(close.code, reason)  # type: ignore[attr-defined]
             self.shard.emit(m.EV_CLOSE_REQUEST, self.peer_id, 0, payload)
-        elif kind is _REFUSED_EVENT:
-            self.shard.count(refuse_field(value))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._clear_deadline()
