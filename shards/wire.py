@@ -53,7 +53,6 @@ and fuzzed in-process.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import hashlib
@@ -167,6 +166,27 @@ _LEN64 = struct.Struct("!BBQ")
 _NOT_PLAIN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")  # a line end websockets refuses
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as websockets
+# Header names (lowercased) known to be tokens: a set lookup instead of a regex match for
+# each header of a common request; any other name is matched against _TOKEN.
+_KNOWN_NAMES = frozenset(
+    (
+        b"host",
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"origin",
+        b"user-agent",
+        b"pragma",
+        b"cache-control",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"cookie",
+    )
+)
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
 _TOO_LARGE = "Request headers too large.\n"
@@ -188,13 +208,16 @@ def frame_header(first: int, size: int) -> bytes:
 def _valid_key(key: bytes) -> bool:
     """Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 4.2.1)."""
     try:
-        return len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+        # binascii directly: base64.b64decode(validate=True) is this call behind a wrapper.
+        return len(key) == 24 and len(binascii.a2b_base64(key, strict_mode=True)) == 16
     except binascii.Error:
         return False
 
 
 def _tokens(value: bytes) -> list[bytes] | None:
     """A comma-separated token list, or None when it is anything else (websockets decides)."""
+    if _TOKEN.fullmatch(value):
+        return [value]  # one token (the common ``Connection: Upgrade``): one match, no list
     items = [item.strip() for item in value.split(b",")]
     if all(_TOKEN.fullmatch(item) for item in items):
         return items
@@ -235,7 +258,7 @@ def _no_subprotocol(offered: Sequence[str]) -> str | None:
 
 def _response_101(key: bytes, protocol: str) -> bytes:
     """Godot's 101 response: exactly the headers it sends, in its order."""
-    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    accept = binascii.b2a_base64(hashlib.sha1(key + _GUID).digest(), newline=False)
     response = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept
@@ -503,7 +526,13 @@ class ServerWire:
         request = self._partial + data if self._partial else data
         end = request.find(b"\r\n\r\n")
         limit = self.max_request_bytes
-        bare_lf = _BARE_LF.search(request, 0, end if end >= 0 else len(request))
+        stop = end if end >= 0 else len(request)
+        # Every LF in a CRLF (two counts, ~0.5 us) or else the regex for where the first
+        # bare one is (~3 us on every request).
+        if request.count(b"\n", 0, stop) == request.count(b"\r\n", 0, stop):
+            bare_lf = None
+        else:
+            bare_lf = _BARE_LF.search(request, 0, stop)
         if bare_lf is not None and bare_lf.start() < limit:
             # A line without CRLF, which websockets refuses at once: let it say so.
             return self._handshake_by_websockets(request, len(request) - 4, events)
@@ -545,7 +574,11 @@ class ServerWire:
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             name = name.lower()
-            if not colon or name in headers or not _TOKEN.fullmatch(name):
+            if (
+                not colon
+                or name in headers
+                or (name not in _KNOWN_NAMES and not _TOKEN.fullmatch(name))
+            ):
                 return None  # odd or repeated: the full rules
             headers[name] = value.strip()
         if b"content-length" in headers or b"transfer-encoding" in headers:
