@@ -56,6 +56,7 @@ from __future__ import annotations
 import binascii
 import enum
 import hashlib
+import logging
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -213,6 +214,9 @@ _SMALL_HEADERS = {
     first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
 }
 _NO_CLOSE = Close(1006, "")
+#: The logger websockets gives every server protocol (``websockets.server``), looked up once:
+#: ``logging.getLogger`` takes a lock each time it is called.
+_WS_LOGGER = logging.getLogger("websockets.server")
 
 
 def frame_header(first: int, size: int) -> bytes:
@@ -533,11 +537,16 @@ class ServerWire:
     # -- the handshake -------------------------------------------------------------------
 
     def _new_ws(self, state: State) -> ServerProtocol:
+        if state is _WS_OPEN:
+            # Past the handshake: no subprotocol to select, so no closure for it (websockets
+            # binds one to each protocol), and the logger websockets would look up anyway.
+            return ServerProtocol(max_size=self.max_message, state=state, logger=_WS_LOGGER)
         select = self._select_subprotocol
         return ServerProtocol(
             select_subprotocol=lambda _protocol, offered: select(offered) or None,
             max_size=self.max_message,
             state=state,
+            logger=_WS_LOGGER,
         )
 
     def _handshake(self, data: bytes, events: list[Event]) -> None:
