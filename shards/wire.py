@@ -182,8 +182,10 @@ _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
-# Bytes the fast handshake leaves to websockets: controls but tab, and anything not ASCII.
-_NOT_PLAIN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")
+# The bytes a request head may hold for the fast handshake (tab and printable ASCII): it
+# leaves any other (controls, anything not ASCII) to websockets.  Checked by deleting these
+# with bytes.translate (~0.4 us for a common request; a regex search took ~1 us).
+_PLAIN = b"\t" + bytes(range(0x20, 0x7F))
 _BARE_LF = re.compile(rb"(?<!\r)\n")  # a line end websockets refuses
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as websockets
 # Header names (lowercased) known to be tokens: a set lookup instead of a regex match for
@@ -590,11 +592,13 @@ class ServerWire:
     def _plain_request(self, head: bytes) -> tuple[str, list[str], bytes] | None:
         """(subprotocol, Origin values, key) of an upgrade request the fast path accepts, or None
         when websockets must judge it (anything unusual, or a refusal: it says why)."""
-        if _NOT_PLAIN.search(head.replace(b"\r\n", b"")):
+        if head.replace(b"\r\n", b"").translate(None, _PLAIN):
             return None  # control or non-ASCII bytes
         lines = head.split(b"\r\n")
-        if len(lines) > MAX_NUM_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
-            return None  # its limits (414, 431) apply
+        if len(lines) > MAX_NUM_HEADERS + 1 or (
+            len(head) > _MAX_LINE and max(map(len, lines)) > _MAX_LINE
+        ):
+            return None  # its limits (414, 431) apply (no line is longer than the head)
         request_line = lines[0].split(b" ")
         if len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1":
             return None
