@@ -27,6 +27,8 @@ import orjson
 
 from wsfleet.ipc import opsock
 
+from .accepting import waiting_connections
+
 log = logging.getLogger("wsfleet.supervisor")
 
 REQUEST_TIMEOUT = 0.5
@@ -57,14 +59,7 @@ class ControlServer:
 
     def handle(self) -> None:
         """Serve every connection waiting to be accepted."""
-        while True:
-            try:
-                conn, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.error("control socket: %s", exc)
-                return
+        for conn in waiting_connections(self.sock, "control socket"):
             try:
                 self._serve(conn)
             except (OSError, ValueError) as exc:

@@ -28,6 +28,8 @@ from prometheus_client.registry import Collector
 
 from wsfleet.ipc.stats import CLOSE_CODES, REFUSE_REASONS
 
+from .accepting import waiting_connections
+
 log = logging.getLogger("wsfleet.supervisor")
 
 REQUEST_TIMEOUT = 0.5
@@ -133,14 +135,7 @@ class MetricsServer:
         return self.sock.fileno()
 
     def handle(self) -> None:
-        while True:
-            try:
-                conn, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.error("metrics socket: %s", exc)
-                return
+        for conn in waiting_connections(self.sock, "metrics socket"):
             try:
                 conn.settimeout(REQUEST_TIMEOUT)
                 self._serve(conn)
