@@ -390,53 +390,42 @@ class ServerWire:
             if size - pos < 2:
                 break
             first, second = data[pos], data[pos + 1]
-            if (first == 0x82 or first == 0x81) and second & 0x80 and not self._fragments:
-                # A whole masked data frame, perhaps: the fast path.
-                length = second & 0x7F
-                start = pos + 6
-                if length == 126:
-                    if size - pos < 4:
-                        break
-                    length = _U16.unpack_from(data, pos + 2)[0]
-                    start += 2
-                elif length == 127:
-                    if size - pos < 10:
-                        break
-                    length = _U64.unpack_from(data, pos + 2)[0]
-                    start += 8
-                if length <= max_message:
-                    end = start + length
-                    if end > size:
-                        need = end - pos
-                        break
-                    payload = apply_mask(data[start:end], data[start - 4 : start])
-                    if first == 0x81 and not payload.isascii():
-                        try:
-                            payload.decode()
-                        except UnicodeDecodeError:
-                            self._fail(1007, "invalid UTF-8 in a text message", events)
-                            break
-                    events.append((_TEXT if first == 0x81 else _BINARY, payload))
-                    pos = end
-                    continue
-            # Any other frame: checked on its header, then websockets reads it.
-            early = _early_violation(first, second)
-            if early is not None:
-                self._fail(1002, early, events)  # as websockets, on the same two bytes
-                break
+            # A whole masked data frame, perhaps: the fast path.
+            fast = (first == 0x82 or first == 0x81) and second & 0x80 and not self._fragments
+            if not fast:
+                early = _early_violation(first, second)
+                if early is not None:
+                    self._fail(1002, early, events)  # as websockets, on the same two bytes
+                    break
+            # The header's length (masked: the early check refused any other frame).
             length = second & 0x7F
-            end = pos + 6
+            start = pos + 6
             if length == 126:
                 if size - pos < 4:
                     break
                 length = _U16.unpack_from(data, pos + 2)[0]
-                end += 2
+                start += 2
             elif length == 127:
                 if size - pos < 10:
                     break
                 length = _U64.unpack_from(data, pos + 2)[0]
-                end += 8
-            end += length
+                start += 8
+            end = start + length
+            if fast and length <= max_message:
+                if end > size:
+                    need = end - pos
+                    break
+                payload = apply_mask(data[start:end], data[start - 4 : start])
+                if first == 0x81 and not payload.isascii():
+                    try:
+                        payload.decode()
+                    except UnicodeDecodeError:
+                        self._fail(1007, "invalid UTF-8 in a text message", events)
+                        break
+                events.append((_TEXT if first == 0x81 else _BINARY, payload))
+                pos = end
+                continue
+            # Any other frame: checked on its header, then websockets reads it.
             if length <= max_message - self._fragments_size:
                 refusal = _header_violation(first, length)
                 if refusal is not None:
