@@ -74,7 +74,9 @@ class _Shard:
 
     def __init__(self) -> None:
         self.loop = _Loop()
-        self.refusing = self.reading_paused = self.mp = False
+        self.refusing = self.reading_paused = self.mp = self.draining = False
+        self.conn_log_level = None  # no per-connection log lines, as by default
+        self.messages_in = self.bytes_in = self.paused_sockets = 0
         self.handshake_timeout = 10.0
         self.max_message = 1 << 20
         self.max_request_bytes = 8192
@@ -90,6 +92,9 @@ class _Shard:
 
     def admit(self) -> bool:
         return True
+
+    def count(self, _field: str) -> None:
+        pass
 
     def peer_connected(self, _conn: Any, _protocol: str) -> int:
         return 7
