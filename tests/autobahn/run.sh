@@ -52,21 +52,8 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 shards=()
 [ -z "${WSFLEET_SHARDS:-}" ] || shards=(--shards "$WSFLEET_SHARDS")
 
-server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  if kill -TERM "$server_pid" 2>/dev/null; then
-    for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$server_pid" 2>/dev/null; then
-      echo "autobahn: server $server_pid did not stop in 10 s: killing its group" >&2
-      kill -KILL -- "-$server_pid" 2>/dev/null || true
-    fi
-  fi
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
-trap stop_server EXIT
-trap 'exit 3' INT TERM
+check=autobahn
+. "$REPO/tests/stop_server.sh"  # stop_server on exit, whatever happens
 
 # Its own session (setsid): the group id is its pid, so a stuck server's shards go with it.
 setsid "$WSFLEET" serve --port "$port" --bind 127.0.0.1 --max-message-size 16777216 \

@@ -35,21 +35,8 @@ if [ ! -f "$HERE/node_modules/playwright-core/package.json" ]; then
     --no-package-lock --loglevel=error) >&2 || { echo "browser: npm install failed" >&2; exit 2; }
 fi
 
-server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  if kill -TERM "$server_pid" 2>/dev/null; then
-    for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$server_pid" 2>/dev/null; then
-      echo "browser: server $server_pid did not stop in 10 s: killing its group" >&2
-      kill -KILL -- "-$server_pid" 2>/dev/null || true
-    fi
-  fi
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
-trap stop_server EXIT
-trap 'exit 3' INT TERM
+check=browser
+. "$REPO/tests/stop_server.sh"  # stop_server on exit, whatever happens
 
 if [ -z "$url" ]; then
   if [ -z "${WSFLEET:-}" ]; then
