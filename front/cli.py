@@ -23,8 +23,6 @@ import math
 import re
 import resource
 import signal
-import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -400,15 +398,6 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
 # -- checks of options together, before anything starts -----------------------------------
 
 
-def resolve(host: str) -> list[str]:
-    """Every address ``host`` (a name or an IP) stands for; OSError when it resolves to none."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise OSError(f"{host} resolves to no address")
-    return addresses
-
-
 #: ``scheme://host:port``, an IPv6 address in brackets (``ws://[::1]:9080``).
 url = format_url
 
@@ -436,16 +425,8 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
             problem = _read_pem(option, path)
             if problem:
                 return problem
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            return f"cannot use --tls-cert/--tls-key: {getattr(exc, 'reason', None) or exc}"
-    if args.bind != "*":
-        try:
-            resolve(args.bind)
-        except (OSError, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            return f"--bind {args.bind}: cannot resolve it: {reason}"
+    # The certificate and key themselves, and a --bind name, are checked by listen() (the
+    # one TLS loader, the one resolver); its logged reason becomes the one line.
     return None
 
 

@@ -24,7 +24,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from wsfleet.cli import resolve, serve_parser, url
+from wsfleet.binding import resolve
+from wsfleet.cli import serve_parser, url
 
 from .conftest import connect_when_up, free_port
 from .rawclient import OP_BINARY, OP_TEXT, RawClient
@@ -400,7 +401,7 @@ def test_bind_localhost_serves_on_every_address_localhost_has(serving) -> None:
     """Needs WebSocketServer.bind_ip to take host names for ::1 (where localhost has it)."""
     port = free_port()
     server = serving("--bind", "localhost", "--port", str(port), "--shards", "1")
-    addresses = resolve("localhost")
+    addresses = [address.host for address in resolve("localhost")]
     assert "127.0.0.1" in addresses
     for address in addresses:
         client = server.connect(address, port)
