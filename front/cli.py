@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",
     )
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
-    ops_commands.add_commands(commands)  # status, stop, drain
+    ops_commands.add_commands(commands)  # status, stop, drain, reload
     return parser
 
 

@@ -581,6 +581,8 @@ class Fleet:
                 self._shard_failed(message.shard, message.reason)
             elif isinstance(message, control.StopRequested):
                 self.listener.stop_requested()
+            elif isinstance(message, control.ShardMoved):
+                self._shard_moved(message.shard, message.pid)
             else:
                 log.error("unexpected message from the supervisor: %r", message)
         return handled
@@ -605,6 +607,14 @@ class Fleet:
             self._epoll.register(link.commands.space_fileno(), select.EPOLLIN)
         if self._select_mode:
             self._arm_all()
+
+    def _shard_moved(self, index: int, pid: int) -> None:
+        """``wsfleet reload`` gave the shard a new process: same rings, same peers."""
+        link = self.links[index] if 0 <= index < self.shards else None
+        if link is not None:
+            log.info("shard %d reloaded: now pid %d (pid %d before)", index, pid, link.pid)
+            link.pid = pid
+            self._started[index] = time.time()
 
     def _shard_down(self, index: int) -> None:
         """A shard died: what it published still counts, then each of its peers is gone."""

@@ -1,4 +1,4 @@
-"""The operator's commands: ``wsfleet status``, ``wsfleet stop``, ``wsfleet drain``.
+"""The operator's commands: ``wsfleet status``, ``stop``, ``drain``, ``reload``.
 
 Each talks to a running server's control socket (`wsfleet.ipc.opsock`),
 served by its supervisor, found by ``--port`` (the default path for that
@@ -6,7 +6,8 @@ port) or ``--control PATH``.  Also binds the operator's sockets for
 ``listen`` (`bind_ops_sockets`).
 
 Exit statuses: 0 done; 1 the server answered but the stop was not clean or
-not done in time; 2 misuse; 3 no server answers at that socket.
+the reload not complete, or either was not done in time; 2 misuse; 3 no
+server answers at that socket.
 
 Imports `wsfleet.ipc` and `.fleet` only.
 """
@@ -19,6 +20,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -32,6 +34,9 @@ log = logging.getLogger("wsfleet")
 EXIT_NOT_CLEAN = 1
 EXIT_NO_SERVER = 3
 DEFAULT_STOP_TIMEOUT = 10.0
+#: A reload moves the shards one at a time: a fresh interpreter each (~0.5 s), then
+#: the handoff (up to a few seconds for peers that are slow to take their data).
+DEFAULT_RELOAD_TIMEOUT = 300.0
 
 
 def bind_ops_sockets(
@@ -80,7 +85,7 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``status``, ``stop`` and ``drain`` to the ``wsfleet`` command's subparsers."""
+    """Add ``status``, ``stop``, ``drain`` and ``reload`` to the ``wsfleet`` subparsers."""
     status = commands.add_parser("status", help="a running server's figures, per shard")
     add_target_options(status)
     status.add_argument("--json", action="store_true", help="the status document (stable)")
@@ -99,6 +104,17 @@ def add_commands(commands: Any) -> None:
     add_target_options(drain)
     drain.add_argument("--off", action="store_true", help="accept new upgrades again")
     drain.set_defaults(ops_command=run_drain)
+    reload = commands.add_parser(
+        "reload", help="replace every shard process, one at a time, keeping every connection"
+    )
+    add_target_options(reload)
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_RELOAD_TIMEOUT,
+        help="seconds for the whole reload (default 300)",
+    )
+    reload.set_defaults(ops_command=run_reload)
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -195,18 +211,8 @@ def run_stop(args: argparse.Namespace) -> int:
         sock = opsock.send_request(path, {"cmd": "stop"}, max(0.1, args.timeout))
     except OSError as exc:
         return _fail("stop", path, exc)
-    answers: list[dict[str, Any]] = []
-    data = bytearray()
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        done = next((a for a in _read_lines(sock, deadline) if a.get("stopped")), None)
     except TimeoutError:
         print(
             f"wsfleet stop: the server did not stop within {args.timeout:g} s "
@@ -219,8 +225,6 @@ def run_stop(args: argparse.Namespace) -> int:
         return EXIT_NOT_CLEAN
     finally:
         sock.close()
-    answers = [orjson.loads(line) for line in bytes(data).splitlines() if line.strip()]
-    done = next((a for a in answers if a.get("stopped")), None)
     if done is None:
         print("wsfleet stop: the server went away before it said it stopped", file=sys.stderr)
         return EXIT_NOT_CLEAN
@@ -228,6 +232,65 @@ def run_stop(args: argparse.Namespace) -> int:
         print("wsfleet stop: stopped, but a shard had to be killed", file=sys.stderr)
         return EXIT_NOT_CLEAN
     print("wsfleet stop: stopped")
+    return 0
+
+
+def _read_lines(sock: socket.socket, deadline: float) -> Iterator[dict[str, Any]]:
+    """The server's JSON lines as they come, until it closes; TimeoutError at ``deadline``."""
+    buffered = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    """Replace every shard process; print a line per shard; 0 only if all were replaced."""
+    path = socket_path(args)
+    deadline = time.monotonic() + args.timeout
+    try:
+        sock = opsock.send_request(path, {"cmd": "reload"}, max(0.1, args.timeout))
+    except OSError as exc:
+        return _fail("reload", path, exc)
+    done: dict[str, Any] | None = None
+    try:
+        for line in _read_lines(sock, deadline):
+            if "error" in line and "shard" in line:
+                print(f"wsfleet reload: {line['error']}", file=sys.stderr)
+            elif "shard" in line:
+                print(
+                    f"wsfleet reload: shard {line['shard']}: pid {line['old_pid']} -> "
+                    f"{line['pid']}, {line['connections']} connection(s) moved in "
+                    f"{line['seconds']:.2f} s"
+                )
+            elif line.get("reloaded"):
+                done = line
+    except TimeoutError:
+        print(f"wsfleet reload: not done within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    except OSError as exc:
+        print(f"wsfleet reload: lost the server: {exc}", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    finally:
+        sock.close()
+    if done is None:
+        print("wsfleet reload: the server went away before the reload ended", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    if not done.get("ok"):
+        for error in done.get("errors", []):
+            if not error.startswith("shard "):  # those were printed as they came
+                print(f"wsfleet reload: {error}", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    print(f"wsfleet reload: {done.get('replaced', 0)} shard process(es) replaced")
     return 0
 
 

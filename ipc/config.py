@@ -136,7 +136,8 @@ class FleetConfig:
 
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
-    """What one shard runs with (handed over by fork: it never crosses a socket)."""
+    """What one shard runs with: handed over by fork, or to a fresh interpreter in a
+    `wsfleet.ipc.control.ShardBoot` (``wsfleet reload``)."""
 
     index: int
     id_base: int

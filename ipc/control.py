@@ -13,7 +13,16 @@ message raises `ControlError`; nothing reaches the other side as a dict.
 
 Front -> supervisor: `FleetConfig` first, then `Stop`.
 Supervisor -> front: `ShardUp` (with the six ring fds: events then commands),
-`ShardDown`, `ShardFailed`, `StopRequested`.
+`ShardDown`, `ShardFailed`, `StopRequested`, `ShardMoved` (``wsfleet reload``
+replaced the process, the shard and its peers stay).
+
+The same codec serves the channel between the supervisor and each shard (a
+pair made when the shard is started), which ``wsfleet reload`` uses:
+supervisor -> successor `ShardBoot` (its configuration and every descriptor
+of the shard: a fresh interpreter inherits nothing), successor -> supervisor
+`SuccessorReady` then `TookOver`, supervisor -> old shard `HandOff` (with the
+socket on which it hands its connections to the successor,
+`wsfleet.ipc.handoff`).
 
 Imports the standard library, orjson, `wsfleet.ipc.config` and `.logconfig` only.
 """
@@ -33,7 +42,12 @@ from .config import FleetConfig, Limits, ShardConfig, TlsConfig
 from .logconfig import LogConfig
 
 MAX_MESSAGE = 1 << 20
-MAX_FDS = 16
+#: The version of every format shared between processes (rings, records, counters, control
+#: messages, handoff): a shard started by ``wsfleet reload`` from an upgraded wsfleet runs
+#: only if it matches the running server's, else the reload stops with that reason.
+IPC_VERSION = 1
+#: The most a message carries: a `ShardBoot` with a listening socket per bound address.
+MAX_FDS = 64
 #: Ring descriptors a `ShardUp` carries: memfd, data bell, space bell, for each of two rings.
 SHARD_UP_FDS = 6
 
@@ -76,7 +90,64 @@ class ShardFailed:
     reason: str
 
 
-Message = FleetConfig | Stop | StopRequested | ShardUp | ShardDown | ShardFailed
+@dataclass(frozen=True, slots=True)
+class ShardMoved:
+    """Supervisor -> front: shard ``shard`` runs as ``pid`` now (reloaded: same rings and peers)."""
+
+    shard: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBoot:
+    """Supervisor -> a shard started as a fresh interpreter: what it runs with.
+
+    Its fds, in order: the shard's channel to the supervisor, the `ShardState`
+    memfd, the events ring's three and the commands ring's three (`RingFds`),
+    the counters' memfd if ``stats``, then ``listen_count`` listening sockets.
+    """
+
+    config: ShardConfig
+    supervisor_pid: int
+    listen_count: int
+    stats: bool
+    ipc_version: int = IPC_VERSION
+
+    def fd_count(self) -> int:
+        return 2 + SHARD_UP_FDS + int(self.stats) + self.listen_count
+
+
+@dataclass(frozen=True, slots=True)
+class SuccessorReady:
+    """Successor -> supervisor: booted and waiting for its predecessor's connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Supervisor -> shard: hand every connection to the successor on the attached socket,
+    then exit (`wsfleet.shards.handoff`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TookOver:
+    """Successor -> supervisor: it serves its predecessor's ``connections`` connections now."""
+
+    connections: int
+
+
+Message = (
+    FleetConfig
+    | Stop
+    | StopRequested
+    | ShardUp
+    | ShardDown
+    | ShardFailed
+    | ShardMoved
+    | ShardBoot
+    | SuccessorReady
+    | HandOff
+    | TookOver
+)
 
 #: The ``"type"`` tag of each message class.
 _TAGS: dict[type, str] = {
@@ -86,6 +157,11 @@ _TAGS: dict[type, str] = {
     ShardDown: "shard_down",
     ShardFailed: "shard_failed",
     StopRequested: "stop_requested",
+    ShardMoved: "shard_moved",
+    ShardBoot: "shard_boot",
+    SuccessorReady: "successor_ready",
+    HandOff: "hand_off",
+    TookOver: "took_over",
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 #: The dataclasses a message may nest (decoded by their field types too).
@@ -145,11 +221,20 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]] | None:
     except ControlError:
         _close_all(fds)
         raise
-    expected = SHARD_UP_FDS if isinstance(message, ShardUp) else 0
+    expected = expected_fds(message)
     if len(fds) != expected:
         _close_all(fds)
         raise ControlError(f"{type(message).__name__} came with {len(fds)} fds, not {expected}")
     return message, fds
+
+
+def expected_fds(message: Message) -> int:
+    """How many descriptors ``message`` travels with (any other count is malformed)."""
+    if isinstance(message, ShardUp):
+        return SHARD_UP_FDS
+    if isinstance(message, ShardBoot):
+        return message.fd_count()
+    return 1 if isinstance(message, HandOff) else 0
 
 
 def _close_all(fds: list[int]) -> None:

@@ -618,6 +618,15 @@ class Consumer:
             raise RingCorrupted(f"reassembled {len(message)} bytes, expected {total}")
         return (kind, peer, flags, message)
 
+    @property
+    def in_message(self) -> bool:
+        """True between the chunks of a message: some taken, the rest still to come.
+
+        A consumer that hands the ring to another process must wait until this
+        is False: the other one starts at a record, not inside a message.
+        """
+        return self._part_header is not None
+
     def has_records(self) -> bool:
         """True if something is published and not yet popped (maybe a part of a message)."""
         return self.ring.head.load_acquire() != self._tail

@@ -1,7 +1,9 @@
 """Per-shard words that outlive a shard: its next peer id, how many peers it holds, its heartbeat.
 
-The supervisor maps this block (anonymous shared memory) before it forks the
-shards, so every shard, and each shard's replacement, sees the same words.
+The supervisor creates this block (an anonymous ``memfd``) before it forks the
+shards, so every shard, and each shard's replacement, sees the same words; a
+successor started as a fresh interpreter (``wsfleet reload``) maps it from
+the descriptor it is handed (`ShardState.attach`).
 Each shard owns one 64-byte line, so that shards do not bounce a cache line
 between cores:
 
@@ -25,6 +27,7 @@ possible: nobody has to know how many of a global total a dead shard held.
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 from .atomic import AtomicWord
@@ -40,14 +43,28 @@ HEARTBEAT_SECONDS = 1.0
 class ShardState:
     """The shared words of ``shards`` shards (see the module docstring)."""
 
-    def __init__(self, shards: int) -> None:
+    def __init__(self, shards: int, fd: int | None = None) -> None:
+        """A new zeroed block for ``shards`` shards, or (``fd``) the one another process made."""
         self.shards = shards
-        self._map = mmap.mmap(-1, SLOT_BYTES * max(1, shards))
+        size = SLOT_BYTES * max(1, shards)
+        if fd is None:
+            fd = os.memfd_create("wsfleet-shardstate", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            raise ValueError(f"shard state of {os.fstat(fd).st_size} bytes, not {size}")
+        #: The memfd (close-on-exec): what a successor is handed to `attach`.
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)
         view = memoryview(self._map)
         self._peers = [AtomicWord(view[i * SLOT_BYTES + _PEERS_OFF :][:8]) for i in range(shards)]
         self._beats = [
             AtomicWord(view[i * SLOT_BYTES + _HEARTBEAT_OFF :][:8]) for i in range(shards)
         ]
+
+    @classmethod
+    def attach(cls, fd: int, shards: int) -> ShardState:
+        """Map the block whose memfd this process was handed (it owns ``fd`` from now on)."""
+        return cls(shards, fd)
 
     def next_id_word(self, index: int) -> memoryview:
         """Shard ``index``'s next-id word, as a one-element ``Q`` view (its own process only)."""

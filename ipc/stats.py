@@ -59,6 +59,8 @@ SHARD_FIELDS: tuple[str, ...] = (
     "bytes_out",
     *(f"closes_{code}" for code in CLOSE_CODES),
     "closes_other",
+    "reloads",
+    "handoff_dropped",
     "ring_fill",
     "ring_capacity",
     "paused_sockets",

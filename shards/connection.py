@@ -28,6 +28,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.handoff import MovedConnection
 from wsfleet.ipc.stats import close_field, refuse_field
 
 from .wire import EventKind, Phase, ServerWire, frame_header
@@ -85,11 +86,25 @@ class PeerConnection(asyncio.Protocol):
         self._write_paused = False
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
         self._mp = shard.mp  # multiplayer mode: messages are relay frames
+        #: Set for a connection another shard handed over (`moved`) until it is made.
+        self._moved_from: MovedConnection | None = None
+
+    @classmethod
+    def moved(cls, shard: Shard, state: MovedConnection) -> PeerConnection:
+        """A connection the previous shard process handed over (``wsfleet reload``); give it
+        to ``loop.connect_accepted_socket`` with its socket. No signal fires for it."""
+        conn = cls(shard)
+        conn._moved_from = state
+        return conn
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.shard.connections.add(self)
+        if self._moved_from is not None:
+            self._carry_on(self._moved_from)
+            return
         if self.shard.refusing:
             self.shard.count("refused_dropped")
             transport.abort()  # as Godot: a refused connection is dropped at once
@@ -172,7 +187,28 @@ class PeerConnection(asyncio.Protocol):
             payload = m.encode_close(close.code, reason)  # type: ignore[attr-defined]
             self.shard.emit(m.EV_CLOSE_REQUEST, self.peer_id, 0, payload)
 
+    def _carry_on(self, state: MovedConnection) -> None:
+        """Continue where the previous shard process stopped: same peer, same protocol state."""
+        self._moved_from = None
+        shard = self.shard
+        self.ip, self.port = state.ip, state.port
+        self.mp_welcomed = state.mp_welcomed
+        if state.peer_id:
+            self.wire.resume(state.subprotocol, state.fragments, state.fragments_text)
+            self.peer_id = state.peer_id
+            shard.adopt(self)
+            self._next_ping = shard.first_ping_time()
+        else:  # still in its upgrade: a fresh deadline
+            self._set_deadline(shard.handshake_timeout)
+        self._paused_by_front = state.paused_by_front
+        self._paused_by_shard = shard.reading_paused
+        self._apply_reading()
+        if state.unparsed:
+            shard.bytes_in -= len(state.unparsed)  # counted when the old shard read them
+            self.data_received(state.unparsed)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.shard.connections.discard(self)
         self._clear_deadline()
         if self._reading_off:
             self._reading_off = False
@@ -387,6 +423,52 @@ class PeerConnection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(enabled))
+
+    # -- handing over to the next shard process (wsfleet reload) --------------------------
+
+    def stop_reading(self) -> None:
+        """Read nothing more (the handoff): what the kernel holds moves with the socket."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def movable(self) -> bool:
+        """Whether this connection can be handed over now: in its upgrade or open, with
+        every byte it was sent in the kernel's hands (nothing queued in the transport)."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and self.wire.phase in (_OPEN, _HANDSHAKE)
+            and not self.outbox
+            and not self.wire.wants_write
+            and transport.get_write_buffer_size() == 0
+        )
+
+    def handoff_state(self) -> MovedConnection:
+        """Its state for the successor (`movable` must hold); credits are released first."""
+        self.release_credits()
+        unparsed, fragments, fragments_text = self.wire.snapshot()
+        return MovedConnection(
+            peer_id=self.peer_id,
+            ip=self.ip,
+            port=self.port,
+            subprotocol=self.wire.subprotocol,
+            mp_welcomed=self.mp_welcomed,
+            paused_by_front=self._paused_by_front,
+            unparsed=unparsed,
+            fragments=fragments,
+            fragments_text=fragments_text,
+        )
+
+    def socket_fd(self) -> int:
+        """The connection's socket descriptor (sent to the successor with ``SCM_RIGHTS``)."""
+        assert self.transport is not None
+        return self.transport.get_extra_info("socket").fileno()
+
+    def abort(self) -> None:
+        """Cut the TCP connection (the peer is reported gone)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- reading control ---------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class Trigger(enum.Enum):
     REFUSE = "refuse"  # the upgrade request is refused (an HTTP error or nothing, then EOF)
     SEND_CLOSE = "send_close"  # the server starts the close handshake
     END = "end"  # the server's end of stream is queued: close echoed, or connection failed
+    RESUME = "resume"  # an open connection moved here from another shard (wsfleet reload)
 
 
 #: Every phase change there is; `ServerWire._move` applies this table and nothing else.
@@ -122,6 +123,7 @@ TRANSITIONS: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
     {
         (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
         (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
+        (Phase.HANDSHAKE, Trigger.RESUME): Phase.OPEN,
         (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
         (Phase.OPEN, Trigger.END): Phase.CLOSED,
         (Phase.CLOSING, Trigger.END): Phase.CLOSED,
@@ -166,11 +168,12 @@ _HANDSHAKE, _OPEN, _CLOSING = Phase.HANDSHAKE, Phase.OPEN, Phase.CLOSING
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 # Module aliases: an Enum member looked up on its class costs ~0.13 us in Python 3.11.
 _REFUSED = Phase.REFUSED
-_ACCEPT, _REFUSE, _SEND_CLOSE, _END = (
+_ACCEPT, _REFUSE, _SEND_CLOSE, _END, _RESUME = (
     Trigger.ACCEPT,
     Trigger.REFUSE,
     Trigger.SEND_CLOSE,
     Trigger.END,
+    Trigger.RESUME,
 )
 _EV_OPENED, _EV_REFUSED = EventKind.OPENED, EventKind.REFUSED
 _EV_CLOSE_REQUEST, _EV_FAILED = EventKind.CLOSE_REQUEST, EventKind.FAILED
@@ -340,6 +343,10 @@ class ServerWire:
         self._pending = bytearray()
         self._pending_need = 0
         self._ws_left = 0  # bytes of a frame websockets has begun that it has not had yet
+        # The bytes websockets has had of that frame: what a successor must be fed again
+        # (`snapshot`), since websockets' parser state cannot move. Kept only while a frame
+        # of the slow path spans reads.
+        self._ws_begun: bytes | bytearray = b""
         self._fragments: list[bytes] = []  # the fragmented message websockets is reading
         # Its bytes so far, kept as a running total: summing the list for every frame made
         # a message of many small fragments quadratic (Autobahn 9.3.1: 65,536 fragments
@@ -382,7 +389,12 @@ class ServerWire:
         if self._ws_left:  # the rest of a frame websockets has begun
             pos = min(self._ws_left, size)
             self._ws_left -= pos
-            self._to_websockets(data[:pos], events)
+            chunk = data[:pos]
+            if self._ws_left:
+                self._ws_begun += chunk
+            else:
+                self._ws_begun = b""
+            self._to_websockets(chunk, events)
         max_message = self.max_message
         while pos < size:
             if self.phase is not _OPEN:
@@ -437,7 +449,10 @@ class ServerWire:
             # else websockets refuses the length (1009) as soon as it reads it.
             taken = min(end, size)
             self._ws_left = end - taken
-            self._to_websockets(data[pos:taken], events)
+            chunk = data[pos:taken]
+            if self._ws_left:
+                self._ws_begun = bytearray(chunk)
+            self._to_websockets(chunk, events)
             pos = taken
         if pos < size and self.phase is _OPEN:
             self._pending = bytearray(data[pos:])
@@ -677,6 +692,42 @@ class ServerWire:
         events.append((_EV_REFUSED, status.value))
 
     # -- bytes out -----------------------------------------------------------------------
+
+    # -- moving to another shard (wsfleet reload) -----------------------------------
+
+    def snapshot(self) -> tuple[bytes, bytes | None, bool]:
+        """What a successor needs to continue this connection: ``(unparsed, fragments,
+        fragments_text)``; see `resume`.
+
+        ``unparsed``: the bytes received that no complete frame took (in the
+        handshake: the start of the request), from a frame boundary on;
+        ``fragments``: the fragmented message being received (None outside
+        one).  Only in HANDSHAKE and OPEN, with nothing left to send (the
+        caller hands off only then).
+        """
+        if self.phase is _HANDSHAKE:
+            return self._partial, None, False
+        if self.phase is not _OPEN or self._out:
+            raise ValueError(f"a connection in phase {self.phase.value} cannot move")
+        unparsed = bytes(self._ws_begun) + bytes(self._pending)
+        fragments = b"".join(self._fragments) if self._fragments else None
+        return unparsed, fragments, self._fragments_text
+
+    def resume(self, subprotocol: str, fragments: bytes | None, fragments_text: bool) -> None:
+        """Continue an open connection another shard had (a fresh wire, in HANDSHAKE).
+
+        Feed it the ``unparsed`` bytes of the `snapshot` next, with
+        `receive_data`: they start at a frame boundary.
+        """
+        self._move(_RESUME)
+        self.subprotocol = subprotocol
+        self._ws = self._new_ws(_WS_OPEN)
+        if fragments is not None:
+            self._fragments = [fragments]
+            self._fragments_size = len(fragments)
+            self._fragments_text = fragments_text
+            # websockets checks continuation frames against its own running size.
+            self._ws.current_size = len(fragments)
 
     def data_to_send(self) -> list[bytes]:
         """What to write, in order, since the last call; ``b""``: the end of the stream."""

@@ -43,10 +43,11 @@ from typing import Any
 import uvloop
 from websockets.exceptions import NegotiationError
 
-from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing
+from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing, control
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.aio import RingReader
 from wsfleet.ipc.config import ShardConfig
+from wsfleet.ipc.handoff import MovedConnection
 from wsfleet.ipc.logconfig import ACCESS_LOGGER
 from wsfleet.ipc.logconfig import apply as apply_logging
 from wsfleet.ipc.proctitle import set_title
@@ -55,6 +56,7 @@ from wsfleet.ipc.stats import PUBLISH_SECONDS, SHARD_FIELDS, ShardStats
 from wsfleet.ipc.tls import TlsError, server_context
 
 from .connection import PeerConnection, frame_header
+from .handoff import hand_off, take_over
 
 log = logging.getLogger("wsfleet.shard")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -112,12 +114,15 @@ class Shard:
         # The next id lives in memory the supervisor keeps across restarts,
         # so a restarted shard does not hand out its predecessor's ids again;
         # the peer counts of every shard live there too (max_peers).
+        # (Its peer count is 0 at the first start and after the supervisor reaped a
+        # predecessor; a successor that takes connections over publishes its own, `adopt`.)
         self._state = state
         self._next_id_word = state.next_id_word(self.index)
-        state.set_peers(self.index, 0)
         self.events = events
         self.commands = commands
         self.peers: dict[int, PeerConnection] = {}
+        #: Every live connection, open or not (what a handoff must move or see gone).
+        self.connections: set[PeerConnection] = set()
         # Events not yet in the ring, in order: those of this loop iteration (pushed
         # together by _flush, one C loop for the batch) and those a full ring did not take.
         self._backlog: list[Record] = []
@@ -255,6 +260,25 @@ class Shard:
                 protocol or "(none)",
             )
         return peer_id
+
+    def adopt(self, conn: PeerConnection) -> None:
+        """Take an open peer over from the previous shard process (no event: it only moved)."""
+        self.peers[conn.peer_id] = conn
+        self._state.set_peers(self.index, len(self.peers))
+
+    @property
+    def has_backlog(self) -> bool:
+        """Events not yet in the ring (a full ring holds them back)."""
+        return bool(self._backlog)
+
+    def peer_left_during_handoff(self, peer_id: int) -> None:
+        """A peer handed over whose socket was gone on arrival: report it gone."""
+        self._state.set_peers(self.index, len(self.peers))
+        self.emit(m.EV_DISCONNECTED, peer_id, 0, b"")
+
+    def flush(self) -> None:
+        """Publish now what this loop iteration queued (events, credits, frames)."""
+        self._flush()
 
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
         if self.peers.get(conn.peer_id) is conn:
@@ -543,8 +567,16 @@ def run(
     state: ShardState,
     supervisor_pid: int,
     stats: ShardStats | None = None,
+    channel: socket.socket | None = None,
+    takeover: tuple[list[MovedConnection], list[int]] | None = None,
 ) -> int:
-    """The shard process's main function (called in the forked child); returns its exit status."""
+    """The shard process's main function; returns its exit status.
+
+    Called in the child the supervisor forked, or (``takeover``: the
+    connections a predecessor handed over) in a fresh interpreter started by
+    ``wsfleet reload`` (`wsfleet.shards.successor`).  ``channel``: the
+    shard's end of its channel to the supervisor, on which `HandOff` comes.
+    """
     _die_with_parent()
     if os.getppid() != supervisor_pid:
         return 1  # the supervisor died before the death signal was armed
@@ -566,9 +598,41 @@ def run(
     shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state, stats)
     reader = RingReader(loop, shard.commands, shard.on_commands)
     stopping = loop.create_future()
-    loop.add_signal_handler(STOP_SIGNAL, lambda: stopping.done() or stopping.set_result(None))
+    handing_off: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        # Once the handoff has begun the successor owns the stop: this process exits
+        # as soon as its connections are sent.
+        if not handing_off and not stopping.done():
+            stopping.set_result(None)
+
+    loop.add_signal_handler(STOP_SIGNAL, stop)
+
+    def on_channel() -> None:
+        assert channel is not None
+        try:
+            received = control.receive(channel)
+        except BlockingIOError:
+            return
+        except (control.ControlError, OSError) as exc:
+            log.error("shard %d: bad message from the supervisor: %s", config.index, exc)
+            return
+        if received is None:  # the supervisor is gone: its death signal ends us
+            loop.remove_reader(channel.fileno())
+            return
+        message, fds = received
+        if isinstance(message, control.HandOff) and not handing_off and not stopping.done():
+            link = socket.socket(fileno=fds[0])
+            handing_off.append(loop.create_task(hand_off(shard, reader, link)))
+        else:
+            for fd in fds:
+                os.close(fd)
+            log.error("shard %d: unexpected message from the supervisor: %r", config.index, message)
 
     async def serve() -> None:
+        if takeover is not None:
+            shard.count("reloads")
+            moved = await take_over(shard, loop, *takeover)
         for listen_sock in listen_socks:
             server = await loop.create_server(
                 lambda: PeerConnection(shard),
@@ -583,6 +647,11 @@ def run(
         shard.start_stats()
         shard.heartbeat()
         reader.start()
+        if channel is not None:
+            channel.setblocking(False)
+            loop.add_reader(channel.fileno(), on_channel)
+            if takeover is not None:
+                control.send(channel, control.TookOver(connections=moved))
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop
         # drops a signal that arrives before (a pending STOP_SIGNAL is handled right here).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, STOP_SIGNAL})

@@ -49,8 +49,10 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +68,7 @@ from wsfleet.shards import worker
 from wsfleet.shards.worker import EXIT_BOOT_FAILED, STOP_SIGNAL
 
 from .ops import Operations
+from .reload import Reload
 
 log = logging.getLogger("wsfleet.supervisor")
 
@@ -92,6 +95,21 @@ class ShardSlot:
     started: float = 0.0  # Unix time the running process started
     #: Killed by us for a stale heartbeat: its death is said to be that, not a crash.
     hung: bool = False
+    #: Our end of the channel to the running process (`HandOff` goes there).
+    channel: socket.socket | None = None
+    #: The rings of the running process: a successor (``wsfleet reload``) takes them over.
+    rings: tuple[SharedRing, SharedRing] | None = None
+
+    def drop_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def drop_rings(self) -> None:
+        if self.rings is not None:
+            for ring in self.rings:
+                ring.close()
+            self.rings = None
 
 
 class Arbiter:
@@ -123,7 +141,10 @@ class Arbiter:
                 listen_socks[0][0].getsockname()[1] if listen_socks else 0,
                 ops.get("control"),
                 ops.get("metrics"),
+                request_reload=self.start_reload,
             )
+        #: The ``wsfleet reload`` under way (`wsfleet.supervisor.reload`), or the last one.
+        self.reload: Reload | None = None
 
     # -- the master loop ------------------------------------------------------------------
 
@@ -168,6 +189,9 @@ class Arbiter:
                 return 0
             if self.ops is not None:
                 self.ops.handle(readable)
+            if self.reload is not None:
+                self.reload.on_readable(readable)
+                self.reload.check()
             self._restart_due()
 
     def _sleep(self) -> set[Any]:
@@ -179,6 +203,8 @@ class Arbiter:
         watched = [self.front_lifeline, self.control, self._wakeup_r]
         if self.ops is not None:
             watched += self.ops.fds()
+        if self.reload is not None:
+            watched += self.reload.fds()
         readable, _, _ = select.select(watched, [], [], timeout)
         return set(readable)
 
@@ -247,8 +273,11 @@ class Arbiter:
         if self.stopping:
             return
         timeout = self.config.shard_timeout
+        moving = self.reload.current.index if self.reload and self.reload.current else None
         for slot in self.slots:
-            if slot.pid and not slot.hung:
+            # A shard being handed over beats again once its successor runs; the reload's
+            # own deadlines bound that.
+            if slot.pid and not slot.hung and slot.index != moving:
                 age = self.state.heartbeat_age(slot.index)
                 if age > timeout:
                     log.error(
@@ -267,6 +296,10 @@ class Arbiter:
         capacity = self.config.ring_capacity
         events = SharedRing.create(capacity)
         commands = SharedRing.create(capacity)
+        slot.drop_rings()
+        slot.drop_channel()
+        slot.rings = (events, commands)
+        slot.channel, shard_channel = control.socketpair()
         slot.restart_at = None
         slot.hung = False
         # Its heartbeat starts now: the shard has its timeout to boot and beat.
@@ -293,11 +326,13 @@ class Arbiter:
                     self.state,
                     supervisor_pid,
                     self.ops.stats.writer(slot.index) if self.ops is not None else None,
+                    channel=shard_channel,
                 )
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(status)
+        shard_channel.close()
         slot.pid = pid
         slot.spawns += 1
         slot.started = time.time()
@@ -312,8 +347,6 @@ class Arbiter:
             )
         except OSError:
             pass  # the front is gone; the loop notices its lifeline
-        events.close()
-        commands.close()
 
     def _become_shard(self, slot: ShardSlot) -> None:
         """In the forked child: drop what belongs to the supervisor."""
@@ -327,9 +360,102 @@ class Arbiter:
         if self.ops is not None:
             self.ops.close_in_child()
         for other in self.slots:
+            other.drop_channel()
             if other is not slot:
+                other.drop_rings()
                 for sock in other.listen_socks:
                     sock.close()
+        if self.reload is not None and self.reload.current is not None:
+            self.reload.current.channel.close()
+            self.reload.current.close_link()
+
+    # -- wsfleet reload (the steps: wsfleet.supervisor.reload) --------------------------------
+
+    def start_reload(self, report: Callable[[dict[str, Any]], None]) -> None:
+        """Replace every shard process in turn (``wsfleet reload``); ``report`` gets the lines."""
+        assert self.config is not None
+
+        def refuse(why: str) -> None:
+            log.error("reload refused: %s", why)
+            report({"reloaded": True, "ok": False, "errors": [why], "replaced": 0})
+
+        if self.reload is not None and not self.reload.done:
+            refuse("a reload is already under way")
+        elif self.stopping:
+            refuse("the server is stopping")
+        elif self.config.tls is not None:
+            refuse(
+                "connections over TLS cannot move to another process (their encryption "
+                "state lives inside it); restart the server instead"
+            )
+        else:
+            log.info("reload: replacing %d shard process(es), one at a time", len(self.slots))
+            self.reload = Reload(self, [slot.index for slot in self.slots], report)
+
+    def running_pid(self, index: int) -> int:
+        slot = self.slots[index]
+        return slot.pid if slot.rings is not None and slot.channel is not None else 0
+
+    def spawn_successor(self, index: int) -> tuple[int, socket.socket, socket.socket]:
+        """Start a fresh interpreter for shard ``index`` and send it the shard (`ShardBoot`)."""
+        assert self.config is not None and self.slots[index].rings is not None
+        slot = self.slots[index]
+        link, successor_link = control.socketpair()
+        channel, successor_channel = control.socketpair()
+        blocked = {signal.SIGTERM, STOP_SIGNAL}  # as in spawn(): the shard unblocks them
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # Only the boot socket crosses exec(); the rest comes over it.
+                os.dup2(successor_link.fileno(), 3)
+                os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+                os.execv(
+                    sys.executable,
+                    [sys.executable, "-m", "wsfleet.shards", "--boot-fd", "3"],
+                )
+            finally:
+                os._exit(127)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        successor_link.close()
+        events, commands = slot.rings
+        fds = [successor_channel.fileno(), self.state.fd, *events.fds, *commands.fds]
+        if self.ops is not None:
+            fds.append(self.ops.stats.fd)
+        fds += [sock.fileno() for sock in slot.listen_socks]
+        boot = control.ShardBoot(
+            config=self.config.for_shard(index, len(self.slots)),
+            supervisor_pid=os.getpid(),
+            listen_count=len(slot.listen_socks),
+            stats=self.ops is not None,
+        )
+        try:
+            control.send(link, boot, fds)
+        except OSError:
+            link.close()
+            channel.close()
+            raise
+        finally:
+            successor_channel.close()
+        if self.ops is not None:
+            self.ops.shard_started(pid)
+        log.info("shard %d: successor started (pid %d)", index, pid)
+        return pid, link, channel
+
+    def succeed(self, index: int, pid: int, channel: socket.socket, link: socket.socket) -> None:
+        slot = self.slots[index]
+        old = slot.channel
+        slot.channel = channel
+        slot.pid = pid
+        slot.started = time.time()
+        assert old is not None
+        try:
+            control.send(old, control.HandOff(), [link.fileno()])
+        finally:
+            old.close()
+
+    def took_over(self, index: int, pid: int) -> None:
+        self._notify(control.ShardMoved(shard=index, pid=pid))
 
     def reap(self) -> None:
         while True:
@@ -339,10 +465,16 @@ class Arbiter:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
+            if self.reload is not None and self.reload.on_reaped(pid, code):
+                continue  # a successor that never ran the shard, or an old one retired
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
                 continue
             slot.pid = 0
+            slot.drop_channel()
+            if self.reload is not None:
+                self.reload.shard_died(slot.index, pid)
             if slot.hung:
                 log.warning("shard %d: the hung shard is dead; its peers are gone", slot.index)
             # Its connections died with it: free their max_peers slots before anyone
@@ -350,7 +482,6 @@ class Arbiter:
             self.state.set_peers(slot.index, 0)
             if self.ops is not None:
                 self.ops.shard_died(slot.index)
-            code = os.waitstatus_to_exitcode(status)
             self._notify(control.ShardDown(shard=slot.index))
             if self.stopping or has_ended(self.front_lifeline):
                 continue  # the stop (ours, or the loop's once it sees the lifeline) is under way
@@ -394,6 +525,8 @@ class Arbiter:
         `STOP_SIGNAL`, not SIGTERM, which shards ignore (see the module docstring).
         """
         self.stopping = True
+        if self.reload is not None and not self.reload.done:
+            self.reload.abort("the server is stopping")
         for slot in self.slots:
             if slot.pid:
                 os.kill(slot.pid, STOP_SIGNAL)

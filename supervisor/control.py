@@ -10,6 +10,11 @@ Requests: ``{"cmd": "status"}`` (the status document), ``{"cmd": "drain",
 "on": true|false}``, ``{"cmd": "stop"}``: answered at once (``{"ok": true,
 "stopping": true}``), then, once every shard has exited, ``{"stopped": true,
 "clean": bool}`` (clean: no shard had to be killed) before the socket closes.
+``{"cmd": "reload"}``: ``{"ok": true, "reloading": true}`` at once, then a
+line per shard (``{"shard", "old_pid", "pid", "connections", "seconds"}``, or
+``{"shard", "error"}``), then ``{"reloaded": true, "ok": bool, "errors": [...],
+"replaced": n}`` before the socket closes (`wsfleet.supervisor.reload`).
+Answers are JSON lines.
 A connection from another uid (``SO_PEERCRED``) is closed unanswered.
 
 Imports the standard library, orjson and `wsfleet.ipc` only.
@@ -44,12 +49,14 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         request_stop: Callable[[], None],
         set_draining: Callable[[bool], None],
+        request_reload: Callable[[Callable[[dict[str, Any]], None]], None] | None = None,
     ) -> None:
         self.sock = sock
         self.path = path
         self._status = status
         self._request_stop = request_stop
         self._set_draining = set_draining
+        self._request_reload = request_reload
         self._waiting_stop: list[socket.socket] = []
         self._file = opsock.file_id(path)  # bound by the front just before we started
         sock.setblocking(False)
@@ -92,10 +99,29 @@ class ControlServer:
             self._waiting_stop.append(conn)
             self._request_stop()
             return
+        elif cmd == "reload" and self._request_reload is not None:
+            conn.sendall(opsock.encode({"ok": True, "reloading": True}))
+            self._request_reload(self._reporter(conn))
+            return
         else:
             answer = {"ok": False, "error": f"unknown command: {cmd!r}"}
         conn.sendall(opsock.encode(answer))
         conn.close()
+
+    @staticmethod
+    def _reporter(conn: socket.socket) -> Callable[[dict[str, Any]], None]:
+        """Where a reload's lines go: to ``conn``, closed after the last (``"reloaded"``)."""
+        conn.settimeout(REQUEST_TIMEOUT)  # a client that stopped reading costs at most this
+
+        def report(line: dict[str, Any]) -> None:
+            try:
+                conn.sendall(opsock.encode(line))
+            except OSError:
+                pass  # the client left; the reload goes on
+            if line.get("reloaded"):
+                conn.close()
+
+        return report
 
     def stopped(self, clean: bool) -> None:
         """Every shard has exited: tell whoever asked for the stop, then let them go."""

@@ -74,6 +74,8 @@ class FleetCollector(Collector):
             ("messages_out", "Messages sent to peers."),
             ("bytes_out", "Bytes of the messages sent to peers."),
             ("restarts", "Times the shard process was restarted."),
+            ("reloads", "Times the shard process was replaced by wsfleet reload."),
+            ("handoff_dropped", "Connections cut at a reload: not settled in time."),
         ):
             yield family(CounterMetricFamily, f"wsfleet_{field}", text, field)
         closes = CounterMetricFamily(

@@ -32,6 +32,7 @@ class Operations:
         port: int,
         control: tuple[socket.socket, str] | None = None,
         metrics: socket.socket | None = None,
+        request_reload: Callable[[Callable[[dict[str, Any]], None]], None] | None = None,
     ) -> None:
         self.stats = stats
         self._views = shard_views
@@ -39,7 +40,14 @@ class Operations:
         self._port = port
         self._started = time.time()
         self.control = (
-            ControlServer(control[0], control[1], self.status, request_stop, self.set_draining)
+            ControlServer(
+                control[0],
+                control[1],
+                self.status,
+                request_stop,
+                self.set_draining,
+                request_reload,
+            )
             if control is not None
             else None
         )

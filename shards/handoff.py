@@ -1,0 +1,150 @@
+"""``wsfleet reload`` inside a shard: hand every connection over, or take them over.
+
+The old shard (`hand_off`, when the supervisor sends `HandOff`) gives its
+successor everything it holds, then exits, so that the successor is the only
+producer of the events ring and the only consumer of the commands ring from
+then on:
+
+1. it stops accepting (the listening sockets stay open in the supervisor; new
+   connections wait in their backlog) and stops taking commands (what the
+   front sends meanwhile waits in the commands ring, for the successor), after
+   finishing a command that arrives in chunks;
+2. it stops reading from every connection: what arrives waits in the kernel,
+   in the socket that moves;
+3. it waits until every event it has is in the ring, every byte it was to send
+   is in the kernel, and every connection that was closing is gone (its
+   departure reported).  What is still not settled after `SETTLE_SECONDS`
+   (a peer that reads nothing, a close handshake the peer does not finish) is
+   cut, counted in ``handoff_dropped`` and logged: its departure is reported
+   like any other;
+4. it sends the connections and their state (`wsfleet.ipc.handoff`) and exits
+   at once, without closing anything: the sockets live on in the successor.
+
+The successor (`take_over`) registers each connection under its peer id (no
+event: for the front and the application the peer never left), feeds it the
+bytes the old shard had read but not yet parsed, and only then starts taking
+commands and accepting.
+
+Imports `wsfleet.ipc` and its siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from wsfleet.ipc import handoff
+from wsfleet.ipc.aio import RingReader
+
+from .connection import PeerConnection
+
+if TYPE_CHECKING:
+    from .worker import Shard
+
+log = logging.getLogger("wsfleet.shard")
+
+#: How long the old shard waits for its connections to settle before it cuts the rest.
+SETTLE_SECONDS = 5.0
+#: How long it waits for the front to finish a command it sends in chunks.
+CHUNKED_COMMAND_SECONDS = 5.0
+#: Exit status of a shard that handed its connections over.
+EXIT_HANDED_OFF = 0
+
+
+async def hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> None:
+    """Hand every connection to the successor on ``link``, then end this process."""
+    started = time.monotonic()
+    for server in shard.servers:
+        server.close()
+    reader.stop()
+    await _finish_chunked_command(shard)
+    for conn in list(shard.connections):
+        conn.stop_reading()
+    unsettled = await _settle(shard, SETTLE_SECONDS)
+    if unsettled:
+        log.warning(
+            "shard %d: %d connection(s) not settled within %g s of the handoff (unsent data "
+            "or an unfinished close): cut",
+            shard.index,
+            len(unsettled),
+            SETTLE_SECONDS,
+        )
+        for conn in unsettled:
+            shard.count("handoff_dropped")
+            conn.abort()
+        await _settle(shard, SETTLE_SECONDS)  # their departures into the ring
+    moving = [conn for conn in shard.connections if conn.movable()]
+    states = [conn.handoff_state() for conn in moving]
+    shard.flush()  # the credits handoff_state released
+    while shard.has_backlog:
+        await asyncio.sleep(0.001)
+        shard.flush()
+    shard.publish_stats()
+    fds = [conn.socket_fd() for conn in moving]
+    link.setblocking(True)
+    handoff.send(link, states, fds)
+    log.info(
+        "shard %d: handed %d connection(s) over in %.0f ms",
+        shard.index,
+        len(states),
+        (time.monotonic() - started) * 1000,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # Nothing more of this process may touch the rings or the sockets: the successor
+    # owns them. No loop teardown, no atexit: the kernel closes our copies of the fds.
+    os._exit(EXIT_HANDED_OFF)
+
+
+async def _finish_chunked_command(shard: Shard) -> None:
+    """A command split in chunks must be taken whole here: the successor starts at a record."""
+    deadline = time.monotonic() + CHUNKED_COMMAND_SECONDS
+    while shard.commands.in_message and time.monotonic() < deadline:
+        records = shard.commands.pop_all()
+        if records:
+            shard.on_commands(records)
+        else:
+            await asyncio.sleep(0.001)
+    if shard.commands.in_message:
+        raise RuntimeError("the front did not finish a chunked command; cannot hand off")
+
+
+async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
+    """Wait until every event is in the ring and every connection movable or gone;
+    returns those that are not by the deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        shard.flush()
+        pending = [conn for conn in shard.connections if not conn.movable()]
+        if not pending and not shard.has_backlog:
+            return []
+        if time.monotonic() >= deadline:
+            return pending
+        await asyncio.sleep(0.005)
+
+
+async def take_over(
+    shard: Shard,
+    loop: asyncio.AbstractEventLoop,
+    moved: list[handoff.MovedConnection],
+    fds: list[int],
+    protocol: Callable[[Shard, handoff.MovedConnection], PeerConnection] = PeerConnection.moved,
+) -> int:
+    """Serve the connections the old shard handed over; returns how many are still open."""
+    for state, fd in zip(moved, fds, strict=True):
+        sock = socket.socket(fileno=fd)
+        try:
+            await loop.connect_accepted_socket(lambda state=state: protocol(shard, state), sock)
+        except OSError as exc:  # the peer left during the handoff: it is gone
+            log.info("shard %d: a moved connection was already gone: %s", shard.index, exc)
+            sock.close()
+            if state.peer_id:
+                shard.peer_left_during_handoff(state.peer_id)
+    shard.flush()
+    return len(shard.connections)
