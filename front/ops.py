@@ -274,6 +274,7 @@ def run_reload(args: argparse.Namespace) -> int:
                 )
             elif line.get("reloaded"):
                 done = line
+                break  # the last line
     except TimeoutError:
         print(f"wsfleet reload: not done within {args.timeout:g} s", file=sys.stderr)
         return EXIT_NOT_CLEAN

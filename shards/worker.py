@@ -651,6 +651,7 @@ def run(
             channel.setblocking(False)
             loop.add_reader(channel.fileno(), on_channel)
             if takeover is not None:
+                shard.publish_stats()  # so that a status right after the reload shows it
                 control.send(channel, control.TookOver(connections=moved))
         # Blocked since the fork; unblocked only now that the loop runs, because uvloop
         # drops a signal that arrives before (a pending STOP_SIGNAL is handled right here).

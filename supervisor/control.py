@@ -58,6 +58,8 @@ class ControlServer:
         self._set_draining = set_draining
         self._request_reload = request_reload
         self._waiting_stop: list[socket.socket] = []
+        #: Clients of a reload under way (they get a line per shard).
+        self._reporting: set[socket.socket] = set()
         self._file = opsock.file_id(path)  # bound by the front just before we started
         sock.setblocking(False)
 
@@ -108,10 +110,10 @@ class ControlServer:
         conn.sendall(opsock.encode(answer))
         conn.close()
 
-    @staticmethod
-    def _reporter(conn: socket.socket) -> Callable[[dict[str, Any]], None]:
+    def _reporter(self, conn: socket.socket) -> Callable[[dict[str, Any]], None]:
         """Where a reload's lines go: to ``conn``, closed after the last (``"reloaded"``)."""
         conn.settimeout(REQUEST_TIMEOUT)  # a client that stopped reading costs at most this
+        self._reporting.add(conn)
 
         def report(line: dict[str, Any]) -> None:
             try:
@@ -119,9 +121,16 @@ class ControlServer:
             except OSError:
                 pass  # the client left; the reload goes on
             if line.get("reloaded"):
+                self._reporting.discard(conn)
                 conn.close()
 
         return report
+
+    def close_in_child(self) -> None:
+        """In a forked shard: drop every socket of ours, so that only we hold a client's."""
+        for conn in [*self._waiting_stop, *self._reporting]:
+            conn.close()
+        self.sock.close()
 
     def stopped(self, clean: bool) -> None:
         """Every shard has exited: tell whoever asked for the stop, then let them go."""

@@ -89,9 +89,12 @@ class Operations:
             self.control.stopped(clean)
 
     def close_in_child(self) -> None:
-        """In a forked shard: drop the sockets (without unlinking the supervisor's path)."""
-        for server in self._servers:
-            server.sock.close()
+        """In a forked shard: drop the sockets (without unlinking the supervisor's path), and
+        the clients' connections too: a client waits for the supervisor to close them."""
+        if self.control is not None:
+            self.control.close_in_child()
+        if self.metrics is not None:
+            self.metrics.sock.close()
 
     def close(self) -> None:
         for server in self._servers:

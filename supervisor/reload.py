@@ -173,7 +173,7 @@ class Reload:
             return True
         current = self.current
         if current is not None and current.phase is Phase.BOOTING and pid == current.pid:
-            self._fail(current, f"its successor exited ({code}) before it was ready")
+            self._fail(current, f"its successor exited ({code}) before it was ready", stop=True)
             return True
         return False
 
@@ -197,7 +197,7 @@ class Reload:
         if current.phase is Phase.BOOTING:
             os.kill(current.pid, signal.SIGKILL)
             self.retiring.add(current.pid)
-            self._fail(current, f"its successor was not ready within {BOOT_SECONDS:g} s")
+            self._fail(current, f"its successor was not ready within {BOOT_SECONDS:g} s", stop=True)
         else:
             log.error(
                 "shard %d: the handoff took over %g s; killing both",
@@ -217,10 +217,9 @@ class Reload:
         if current is not None and current.phase is Phase.BOOTING:
             os.kill(current.pid, signal.SIGKILL)
             self.retiring.add(current.pid)
-            self._fail(current, why, go_on=False)
-        self._queue.clear()
-        if not self.done:
-            self._finish()
+            self._fail(current, why, stop=True)
+        elif not self.done:
+            self._stop_here()
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -235,7 +234,8 @@ class Reload:
                 pid, link, channel = self._shards.spawn_successor(index)
             except OSError as exc:
                 self._error(index, f"its successor could not be started: {exc}")
-                continue
+                self._stop_here()
+                return
             channel.setblocking(False)
             self.current = Succession(index, old_pid, pid, link, channel)
             self.current.deadline = self.current.started + BOOT_SECONDS
@@ -253,14 +253,30 @@ class Reload:
         current.phase = Phase.HANDING
         current.deadline = time.monotonic() + TAKEOVER_SECONDS
 
-    def _fail(self, current: Succession, why: str, *, go_on: bool = True) -> None:
+    def _fail(self, current: Succession, why: str, *, stop: bool = False) -> None:
+        """This shard is not reloaded; the next is, unless ``stop`` (its successor could not
+        boot: the others' would not either, with the same code)."""
         current.close_link()
         if current.phase is Phase.BOOTING:
             current.channel.close()
         self.current = None
         self._error(current.index, why)
-        if go_on:
+        if stop:
+            self._stop_here()
+        else:
             self._next()
+
+    def _stop_here(self) -> None:
+        """End the reload now: the shards not yet reached keep their processes."""
+        if self._queue:
+            rest = ", ".join(map(str, self._queue))
+            text = f"the reload stopped: shard {rest} keeps its process"
+            if len(self._queue) > 1:
+                text = f"the reload stopped: shards {rest} keep their processes"
+            log.error("%s", text)
+            self.errors.append(text)
+            self._queue.clear()
+        self._finish()
 
     def _error(self, index: int, why: str) -> None:
         text = f"shard {index} not reloaded: {why}"
@@ -269,6 +285,8 @@ class Reload:
         self._report({"shard": index, "error": text})
 
     def _finish(self) -> None:
+        if self.done:
+            return
         self.done = True
         self._report(
             {

@@ -8,6 +8,7 @@ is left.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,9 @@ from .conftest import free_port
 class Served:
     """``wsfleet serve --port P --control PATH ...`` for one test (a context manager)."""
 
-    def __init__(self, folder: Path, shards: int = 2, *extra: str) -> None:
+    def __init__(
+        self, folder: Path, shards: int = 2, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         folder.chmod(0o700)
         self.control = str(folder / f"{self.port}.sock")
@@ -33,11 +36,12 @@ class Served:
             sys.executable, "-m", "wsfleet", "serve", "--quiet", "--port", str(self.port),
             "--shards", str(shards), "--control", self.control, *extra,
         ]  # fmt: skip
+        self.env = None if env is None else {**os.environ, **env}
         self.proc: subprocess.Popen | None = None
         self.tree: list[psutil.Process] = []
 
     def __enter__(self) -> Served:
-        self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True, env=self.env)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -54,6 +58,11 @@ class Served:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:  # and what started since (restarted or reloaded shards)
+            root = psutil.Process(self.proc.pid)
+            self.tree += root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
         for process in self.tree:
             try:
                 process.kill()

@@ -17,6 +17,25 @@ import struct
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
+def client_frame(payload: bytes, opcode: int = OP_BINARY, *, fin: bool = True) -> bytes:
+    """One masked client frame (``fin`` False: a fragment that more frames continue)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if size < 126:
+        header = struct.pack("!BB", first, 0x80 | size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", first, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, size)
+    # XOR with the repeated mask as one big integer: fast enough for megabytes.
+    repeated = (mask * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        size, "big"
+    )
+    return header + mask + masked
+
+
 class RawClient:
     """One connection to ``host:port``; ``rcvbuf`` shrinks the receive buffer before connecting."""
 
@@ -44,20 +63,7 @@ class RawClient:
         self.sock.close()
 
     def send(self, payload: bytes, opcode: int = OP_BINARY) -> None:
-        mask = os.urandom(4)
-        size = len(payload)
-        if size < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-        elif size < 1 << 16:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-        # XOR with the repeated mask as one big integer: fast enough for megabytes.
-        repeated = (mask * (size // 4 + 1))[:size]
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-            size, "big"
-        )
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(client_frame(payload, opcode))
 
     def _fill(self) -> None:
         chunk = self.sock.recv(1 << 16)
