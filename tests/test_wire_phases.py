@@ -50,6 +50,7 @@ def test_the_table_holds_the_life_of_a_connection_and_nothing_else() -> None:
     assert dict(TRANSITIONS) == {
         (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
         (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
+        (Phase.HANDSHAKE, Trigger.RESUME): Phase.OPEN,
         (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
         (Phase.OPEN, Trigger.END): Phase.CLOSED,
         (Phase.CLOSING, Trigger.END): Phase.CLOSED,
