@@ -3,12 +3,14 @@
 Owns the channels between the processes: the single-producer
 single-consumer record ring (`ring`), the atomic words it synchronises on
 (`atomic`), the per-shard words that outlive a shard (`shardstate`: next
-peer id, peer count) and process lifelines (`lifeline`).
+peer id, peer count, heartbeat), process lifelines (`lifeline`) and the
+handoff of live connections to a reloaded shard (`handoff`).
 
 And the contracts over them, typed in one place that both sides import:
 the configuration (`config`: `Limits`, `TlsConfig`, `FleetConfig`,
 `ShardConfig`, frozen dataclasses), the control messages and their codec
-(`control`: `ShardUp`, `ShardDown`, `ShardFailed`, `Stop`), the records of
+(`control`: `ShardUp`, `ShardDown`, `ShardFailed`, `Stop`, and those of a
+reload: `ShardBoot`, `HandOff`, `TookOver`, `ShardMoved`), the records of
 the rings (`messages`: the `Event` and `Command` kinds, the `DropReason`s of
 the relay, the payload layouts) and the one TLS loader (`tls`).
 

@@ -14,6 +14,11 @@ Modules:
   wire: transport, deadlines, keepalive, pausing, events to the shard.
 * `worker`: the shard process itself (`worker.Shard`, `worker.run`): rings,
   commands, the multiplayer relay, shutdown.
+* `handoff`: ``wsfleet reload`` inside a shard: the old process hands its
+  connections over (`handoff.hand_off`), the new one takes them
+  (`handoff.take_over`).
+* `successor`: a shard started as a fresh interpreter by a reload
+  (``python -m wsfleet.shards --boot-fd N``): boot, wait, take over.
 
 Imports only `wsfleet.ipc` (and ``websockets``, ``uvloop``).
 """

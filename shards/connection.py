@@ -88,6 +88,7 @@ class PeerConnection(asyncio.Protocol):
         self._mp = shard.mp  # multiplayer mode: messages are relay frames
         #: Set for a connection another shard handed over (`moved`) until it is made.
         self._moved_from: MovedConnection | None = None
+        self._handing_off = False  # this process reads no more from it (`stop_reading`)
 
     @classmethod
     def moved(cls, shard: Shard, state: MovedConnection) -> PeerConnection:
@@ -427,9 +428,12 @@ class PeerConnection(asyncio.Protocol):
     # -- handing over to the next shard process (wsfleet reload) --------------------------
 
     def stop_reading(self) -> None:
-        """Read nothing more (the handoff): what the kernel holds moves with the socket."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()  # type: ignore[attr-defined]
+        """Read nothing more, whatever pauses or resumes later (the handoff): what the kernel
+        holds moves with the socket."""
+        if not self._handing_off:
+            self._handing_off = True
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()  # type: ignore[attr-defined]
 
     def movable(self) -> bool:
         """Whether this connection can be handed over now: in its upgrade or open, with
@@ -445,8 +449,7 @@ class PeerConnection(asyncio.Protocol):
         )
 
     def handoff_state(self) -> MovedConnection:
-        """Its state for the successor (`movable` must hold); credits are released first."""
-        self.release_credits()
+        """Its state for the successor (`movable` must hold, its credits released)."""
         unparsed, fragments, fragments_text = self.wire.snapshot()
         return MovedConnection(
             peer_id=self.peer_id,
@@ -482,7 +485,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _apply_reading(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._handing_off:
             return
         off = self._paused_by_front or self._paused_by_shard
         if off != self._reading_off:

@@ -9,8 +9,9 @@ then on:
    connections wait in their backlog) and stops taking commands (what the
    front sends meanwhile waits in the commands ring, for the successor), after
    finishing a command that arrives in chunks;
-2. it stops reading from every connection: what arrives waits in the kernel,
-   in the socket that moves;
+2. it stops reading from every connection, for good (a full events ring that
+   drains does not resume them): what arrives waits in the kernel, in the
+   socket that moves;
 3. it waits until every event it has is in the ring, every byte it was to send
    is in the kernel, and every connection that was closing is gone (its
    departure reported).  What is still not settled after `SETTLE_SECONDS`
@@ -58,14 +59,28 @@ EXIT_HANDED_OFF = 0
 
 
 async def hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> None:
-    """Hand every connection to the successor on ``link``, then end this process."""
+    """Hand every connection to the successor on ``link``, then end this process.
+
+    Whatever goes wrong ends this process too (status 1): half handed over, it
+    could serve nothing.  The successor then sees the handoff end early and
+    exits, and the supervisor takes that as the shard's death (its peers are
+    gone, it is restarted).
+    """
+    try:
+        await _hand_off(shard, reader, link)
+    except BaseException:
+        log.exception("shard %d: the handoff failed", shard.index)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
+
+
+async def _hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> None:
     started = time.monotonic()
     for server in shard.servers:
         server.close()
     reader.stop()
     await _finish_chunked_command(shard)
-    for conn in list(shard.connections):
-        conn.stop_reading()
     unsettled = await _settle(shard, SETTLE_SECONDS)
     if unsettled:
         log.warning(
@@ -78,15 +93,14 @@ async def hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> Non
         for conn in unsettled:
             shard.count("handoff_dropped")
             conn.abort()
-        await _settle(shard, SETTLE_SECONDS)  # their departures into the ring
-    moving = [conn for conn in shard.connections if conn.movable()]
+        if await _settle(shard, SETTLE_SECONDS):  # their departures into the ring
+            raise RuntimeError("connections cut at the handoff did not go")
+    # From here on nothing awaits: no callback can read, parse or emit between the
+    # snapshots and the end of this process.
+    moving = list(shard.connections)
     states = [conn.handoff_state() for conn in moving]
-    shard.flush()  # the credits handoff_state released
-    while shard.has_backlog:
-        await asyncio.sleep(0.001)
-        shard.flush()
-    shard.publish_stats()
     fds = [conn.socket_fd() for conn in moving]
+    shard.publish_stats()
     link.setblocking(True)
     handoff.send(link, states, fds)
     log.info(
@@ -116,10 +130,14 @@ async def _finish_chunked_command(shard: Shard) -> None:
 
 
 async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
-    """Wait until every event is in the ring and every connection movable or gone;
+    """Stop reading from every connection (again: one accepted meanwhile too), then wait
+    until every event and credit is in the ring and every connection is movable or gone;
     returns those that are not by the deadline."""
     deadline = time.monotonic() + seconds
     while True:
+        for conn in shard.connections:
+            conn.stop_reading()
+            conn.release_credits()
         shard.flush()
         pending = [conn for conn in shard.connections if not conn.movable()]
         if not pending and not shard.has_backlog:

@@ -26,9 +26,13 @@ The front's configuration (`FleetConfig`) and every control message are the
 typed ones of `wsfleet.ipc.control`; each shard gets its `ShardConfig`.
 
 For an operator (`wsfleet.supervisor.ops`), the loop also serves the control
-socket (``wsfleet status|stop|drain``) and ``/metrics`` / ``/healthz`` from the
-counters the shards keep in shared memory (`wsfleet.ipc.stats`), so they
-answer while the application is busy.
+socket (``wsfleet status|stop|drain|reload``) and ``/metrics`` / ``/healthz``
+from the counters the shards keep in shared memory (`wsfleet.ipc.stats`), so
+they answer while the application is busy.  A reload (`wsfleet.supervisor.reload`)
+is the one time a shard is started as a fresh interpreter (`spawn_successor`,
+fork and exec) rather than forked: it takes over its predecessor's rings,
+channel and connections, so the supervisor keeps each shard's rings and the
+other end of its channel (`ShardSlot.rings`, ``.channel``).
 
 Stopping is the front's to drive.  ``systemctl stop`` (``KillMode=control-group``)
 or ``kill -TERM -PGID`` sends SIGTERM to every process of the tree at once; if the
