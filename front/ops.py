@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -203,36 +203,39 @@ def format_status(doc: dict[str, Any], since: tuple[float, dict[str, Any]] | Non
     return "\n".join(lines) + "\n"
 
 
-def run_stop(args: argparse.Namespace) -> int:
-    """Ask the server to stop; wait for its supervisor to say every shard has exited."""
+def _final_answer(
+    prog: str,
+    args: argparse.Namespace,
+    request: dict[str, Any],
+    last: str,
+    on_line: Callable[[dict[str, Any]], None] | None = None,
+    late: str = "",
+) -> dict[str, Any] | int:
+    """Send ``request``; give every answer line to ``on_line`` until the one with key
+    ``last``, which is returned; or an exit status (said on stderr) when none comes in
+    ``args.timeout`` (``late`` is added to that message)."""
     path = socket_path(args)
     deadline = time.monotonic() + args.timeout
     try:
-        sock = opsock.send_request(path, {"cmd": "stop"}, max(0.1, args.timeout))
+        sock = opsock.send_request(path, request, max(0.1, args.timeout))
     except OSError as exc:
-        return _fail("stop", path, exc)
+        return _fail(prog, path, exc)
     try:
-        done = next((a for a in _read_lines(sock, deadline) if a.get("stopped")), None)
+        for line in _read_lines(sock, deadline):
+            if line.get(last):
+                return line
+            if on_line is not None:
+                on_line(line)
     except TimeoutError:
-        print(
-            f"wsfleet stop: the server did not stop within {args.timeout:g} s "
-            "(does the application handle stop_requested?)",
-            file=sys.stderr,
-        )
+        print(f"wsfleet {prog}: not done within {args.timeout:g} s{late}", file=sys.stderr)
         return EXIT_NOT_CLEAN
     except OSError as exc:
-        print(f"wsfleet stop: lost the server: {exc}", file=sys.stderr)
+        print(f"wsfleet {prog}: lost the server: {exc}", file=sys.stderr)
         return EXIT_NOT_CLEAN
     finally:
         sock.close()
-    if done is None:
-        print("wsfleet stop: the server went away before it said it stopped", file=sys.stderr)
-        return EXIT_NOT_CLEAN
-    if not done.get("clean"):
-        print("wsfleet stop: stopped, but a shard had to be killed", file=sys.stderr)
-        return EXIT_NOT_CLEAN
-    print("wsfleet stop: stopped")
-    return 0
+    print(f"wsfleet {prog}: the server went away before it was done", file=sys.stderr)
+    return EXIT_NOT_CLEAN
 
 
 def _read_lines(sock: socket.socket, deadline: float) -> Iterator[dict[str, Any]]:
@@ -253,39 +256,35 @@ def _read_lines(sock: socket.socket, deadline: float) -> Iterator[dict[str, Any]
                 yield orjson.loads(line)
 
 
+def run_stop(args: argparse.Namespace) -> int:
+    """Ask the server to stop; wait for its supervisor to say every shard has exited."""
+    late = " (does the application handle stop_requested?)"
+    done = _final_answer("stop", args, {"cmd": "stop"}, "stopped", late=late)
+    if isinstance(done, int):
+        return done
+    if not done.get("clean"):
+        print("wsfleet stop: stopped, but a shard had to be killed", file=sys.stderr)
+        return EXIT_NOT_CLEAN
+    print("wsfleet stop: stopped")
+    return 0
+
+
 def run_reload(args: argparse.Namespace) -> int:
     """Replace every shard process; print a line per shard; 0 only if all were replaced."""
-    path = socket_path(args)
-    deadline = time.monotonic() + args.timeout
-    try:
-        sock = opsock.send_request(path, {"cmd": "reload"}, max(0.1, args.timeout))
-    except OSError as exc:
-        return _fail("reload", path, exc)
-    done: dict[str, Any] | None = None
-    try:
-        for line in _read_lines(sock, deadline):
-            if "error" in line and "shard" in line:
-                print(f"wsfleet reload: {line['error']}", file=sys.stderr)
-            elif "shard" in line:
-                print(
-                    f"wsfleet reload: shard {line['shard']}: pid {line['old_pid']} -> "
-                    f"{line['pid']}, {line['connections']} connection(s) moved in "
-                    f"{line['seconds']:.2f} s"
-                )
-            elif line.get("reloaded"):
-                done = line
-                break  # the last line
-    except TimeoutError:
-        print(f"wsfleet reload: not done within {args.timeout:g} s", file=sys.stderr)
-        return EXIT_NOT_CLEAN
-    except OSError as exc:
-        print(f"wsfleet reload: lost the server: {exc}", file=sys.stderr)
-        return EXIT_NOT_CLEAN
-    finally:
-        sock.close()
-    if done is None:
-        print("wsfleet reload: the server went away before the reload ended", file=sys.stderr)
-        return EXIT_NOT_CLEAN
+
+    def on_line(line: dict[str, Any]) -> None:
+        if "error" in line and "shard" in line:
+            print(f"wsfleet reload: {line['error']}", file=sys.stderr)
+        elif "shard" in line:
+            print(
+                f"wsfleet reload: shard {line['shard']}: pid {line['old_pid']} -> "
+                f"{line['pid']}, {line['connections']} connection(s) moved in "
+                f"{line['seconds']:.2f} s"
+            )
+
+    done = _final_answer("reload", args, {"cmd": "reload"}, "reloaded", on_line)
+    if isinstance(done, int):
+        return done
     if not done.get("ok"):
         for error in done.get("errors", []):
             if not error.startswith("shard "):  # those were printed as they came

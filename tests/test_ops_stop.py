@@ -68,7 +68,7 @@ def test_a_library_application_gets_stop_requested(tmp_path: Path) -> None:
         while command.is_alive():
             server.poll(0.05)
         assert asked == [True]
-        assert results[0].returncode == 1 and "did not stop within" in results[0].stderr
+        assert results[0].returncode == 1 and "stop: not done within" in results[0].stderr
         # Now it does: the stop is clean.
         command = threading.Thread(
             target=lambda: results.append(wsfleet("stop", "--control", path, "--timeout", "10"))
