@@ -13,6 +13,9 @@ Its parts, each a module with one job:
   messages, the shards' rings, dispatch of events and command batching;
 * `relay`: Godot's multiplayer relay (``gd_mp_api``), peer 1 of the
   MultiplayerAPI;
+* `multiplayer`, `rpcmode`: Godot's RPCs and rsets on the server's side
+  (``server.multiplayer``), and the ``remote``/``master``/``puppet``...
+  decorators;
 * `binding`: ``bind_ip`` -> addresses -> listening sockets, and ``format_url``;
 * `signals`, `errors`, `variant`, `aio`: Godot's signals, ``Error``, Variant
   encoding, and polling from asyncio; `cli`: the ``wsfleet`` command.
@@ -35,11 +38,21 @@ _PUBLIC = {
     "Error": ".errors",
     "WebSocketPeer": ".peer",
     "WebSocketServer": ".server",
+    "MultiplayerAPI": ".multiplayer",
+    "RPCMode": ".rpcmode",
+    "remote": ".rpcmode",
+    "remotesync": ".rpcmode",
+    "master": ".rpcmode",
+    "puppet": ".rpcmode",
+    "mastersync": ".rpcmode",
+    "puppetsync": ".rpcmode",
 }
 
 if TYPE_CHECKING:
     from .errors import Error
+    from .multiplayer import MultiplayerAPI
     from .peer import WebSocketPeer
+    from .rpcmode import RPCMode, master, mastersync, puppet, puppetsync, remote, remotesync
     from .server import WebSocketServer
 
 WRITE_MODE_TEXT = 0
@@ -57,6 +70,14 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Error",
+    "MultiplayerAPI",
+    "RPCMode",
+    "master",
+    "mastersync",
+    "puppet",
+    "puppetsync",
+    "remote",
+    "remotesync",
     "WebSocketPeer",
     "WebSocketServer",
     "WRITE_MODE_BINARY",

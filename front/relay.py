@@ -10,9 +10,11 @@ relay frames between two of their own peers themselves; see
 ``wsfleet.shards.worker``.
 
 It reaches the shards through the `Fleet` (its links and peer channels) and
-emits ``peer_packet`` through the callable it is given; next to it, later,
-Godot's RPC layer.  Imports `wsfleet.ipc.messages`, `.channel`, `.errors`
-and `.fleet` only.
+emits ``peer_packet`` through the callable it is given.  Packets for the
+server that are RPC traffic go to Godot's RPC layer instead
+(`wsfleet.multiplayer.MultiplayerAPI`, ``server.multiplayer``), once a node
+is registered there; RAW packets (``send_bytes``) go to both.  Imports
+`wsfleet.ipc.messages`, `.channel`, `.errors`, `.fleet` and `.multiplayer` only.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from wsfleet.ipc import messages as m
 from .channel import PeerChannel
 from .errors import Error
 from .fleet import Fleet, ShardLink
+from .multiplayer import RAW, MultiplayerAPI
 
 log = logging.getLogger("wsfleet")
+_RAW_BYTE = bytes([RAW])
 
 
 class MultiplayerRelay:
@@ -43,6 +47,8 @@ class MultiplayerRelay:
         self._drops = [0] * len(m.DropReason)
         self._target = 0
         self._packet_error = Error.OK
+        #: Godot's RPC layer on the server's side (``server.multiplayer``).
+        self.api = MultiplayerAPI(self)
 
     # -- life with one listen ----------------------------------------------------------------
 
@@ -58,6 +64,7 @@ class MultiplayerRelay:
         self._fleet = None
         self._inbox.clear()
         self._ids.clear()
+        self.api.clear()
 
     # -- peers -------------------------------------------------------------------------------
 
@@ -67,12 +74,18 @@ class MultiplayerRelay:
         channel.command(m.CMD_MP_WELCOME, 0, m.encode_ids(self._ids))
         bisect.insort(self._ids, peer_id)
         self._sys_all(m.SYS_ADD, peer_id)
+        self.api.peer_connected(peer_id)
 
     def peer_left(self, peer_id: int) -> None:
         index = bisect.bisect_left(self._ids, peer_id)
         if index < len(self._ids) and self._ids[index] == peer_id:
             del self._ids[index]
         self._sys_all(m.SYS_DEL, peer_id)
+        self.api.peer_left(peer_id)
+
+    def peer_ids(self) -> list[int]:
+        """Every welcomed peer, ascending."""
+        return self._ids
 
     def _sys_all(self, kind: int, subject: int) -> None:
         # One record per shard: the shard writes the message to each of its peers.
@@ -98,8 +111,14 @@ class MultiplayerRelay:
             fleet.command_each(m.CMD_MP_FORWARD, sender, 0, frame, skip=source)
         if to == -1:
             return  # "everyone but the server" (Godot 3.2 delivers it to itself too: a bug)
-        self._inbox.append((sender, frame[m.MP_HEADER_SIZE :]))
+        payload = frame[m.MP_HEADER_SIZE :]
+        if self.api.takes(payload):
+            self.api.process(sender, payload)
+            return
+        self._inbox.append((sender, payload))
         self._emit("peer_packet", sender)
+        if payload[:1] == _RAW_BYTE:
+            self.api.raw(sender, payload)
 
     def drops(self, counts: tuple[int, ...]) -> None:
         for reason, count in zip(m.DropReason, counts, strict=True):
@@ -152,5 +171,6 @@ class MultiplayerRelay:
         self._packet_error = error
 
     def stats(self) -> dict[str, int]:
-        """Client frames dropped, by reason: short, type, from, target."""
-        return {reason.label: self._drops[reason] for reason in m.DropReason}
+        """Client frames dropped, by reason: short, type, from, target; then the RPC layer's
+        packets for the server dropped, by reason (``rpc_*``)."""
+        return {reason.label: self._drops[reason] for reason in m.DropReason} | self.api.stats()

@@ -38,6 +38,7 @@ from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
+from .multiplayer import MultiplayerAPI
 from .ops import bind_ops_sockets
 from .peer import WebSocketPeer, check_close
 from .relay import MultiplayerRelay
@@ -698,8 +699,16 @@ class WebSocketServer(SignalEmitter):
         return self._outbound_limit(max_message) - m.MP_HEADER_SIZE
 
     def get_mp_stats(self) -> dict[str, int]:
-        """Client frames the relay dropped, by reason: short, type, from, target."""
+        """Client frames the relay dropped, by reason: short, type, from, target; and packets
+        for the server that `multiplayer` dropped, by reason (``rpc_*``,
+        `wsfleet.multiplayer.DROP_REASONS`)."""
         return self._relay.stats()
+
+    @property
+    def multiplayer(self) -> MultiplayerAPI:
+        """Godot's high-level multiplayer API on the server's side (``gd_mp_api`` mode):
+        nodes, RPCs, rsets (`wsfleet.multiplayer`)."""
+        return self._relay.api
 
     def __del__(self) -> None:
         # An abandoned server still ends its processes (the lifeline would too, at exit).

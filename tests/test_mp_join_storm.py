@@ -81,7 +81,8 @@ def test_a_join_storm_loses_no_message_and_every_peer_learns_every_other() -> No
 
     try:
         result = run_with(server, body, timeout=110)
-        assert server.get_mp_stats() == dict.fromkeys(m.DROP_REASONS, 0)
+        assert set(server.get_mp_stats().values()) == {0}, server.get_mp_stats()
+        assert set(m.DROP_REASONS) <= set(server.get_mp_stats())
     finally:
         server.stop()
     # The talker's frames, relayed during the storm, all arrived, once, in order.
