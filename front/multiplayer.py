@@ -437,7 +437,9 @@ class MultiplayerAPI(SignalEmitter):
 
     def _send(self, to: int, payload: bytes) -> None:
         self._peer.set_target_peer(to)
-        self._peer.put_packet(payload)
+        error = self._peer.put_packet(payload)
+        if error:  # Error.OK is 0; the relay logged why (not listening, no such peer...)
+            log.error("multiplayer: a packet to %d was not sent: %s", to, error)
 
 
 def _cstring(payload: bytes, start: int) -> str:
