@@ -132,8 +132,14 @@ async def _finish_chunked_command(shard: Shard) -> None:
 async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
     """Stop reading from every connection (again: one accepted meanwhile too), then wait
     until every event and credit is in the ring and every connection is movable or gone;
-    returns those that are not by the deadline."""
+    returns the connections still not movable after ``seconds``.
+
+    Events are never given up: a front that does not take them (an application that
+    stopped polling) is waited for, bounded only by the supervisor's handoff deadline
+    (past it the shard is killed: its peers are gone, as after a crash).
+    """
     deadline = time.monotonic() + seconds
+    warned = False
     while True:
         for conn in shard.connections:
             conn.stop_reading()
@@ -143,7 +149,15 @@ async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
         if not pending and not shard.has_backlog:
             return []
         if time.monotonic() >= deadline:
-            return pending
+            if pending:
+                return pending
+            if not warned:
+                warned = True
+                log.warning(
+                    "shard %d: the handoff waits for the front to take its events "
+                    "(is the application polling?)",
+                    shard.index,
+                )
         await asyncio.sleep(0.005)
 
 

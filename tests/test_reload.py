@@ -305,3 +305,65 @@ def test_a_successor_that_cannot_boot_stops_the_reload_and_the_old_shards_serve_
         assert "the reload stopped: shard 1 keeps its process" in result.stderr
         assert [row["pid"] for row in served.status()["shards"]] == before
         assert asyncio.run(echo()) == "still here"
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_while_the_application_does_not_poll_loses_no_event(tmp_path: Path) -> None:
+    """A library server whose events ring is full (its application stops polling for
+    longer than the handoff's settle time): the old shard waits for the ring, hands over
+    once the application polls again, and every message arrives, in order."""
+    import threading
+
+    from wsfleet import WebSocketServer
+
+    from .conftest import free_port
+
+    folder = tmp_path / "sock"
+    folder.mkdir(mode=0o700)
+    control = str(folder / "control.sock")
+    server = WebSocketServer(shards=1, ring_capacity=4096, control=control)
+    port = free_port()
+    assert server.listen(port) == 0
+    received: dict[int, list[bytes]] = {}
+
+    def on_data(peer_id: int) -> None:
+        peer = server.get_peer(peer_id)
+        while peer.get_available_packet_count():
+            received.setdefault(peer_id, []).append(peer.get_packet())
+
+    server.connect("data_received", on_data)
+    count = 2000
+    clients = [RawClient("127.0.0.1", port) for _ in range(2)]
+    senders = [
+        threading.Thread(
+            target=lambda c=c, i=i: [c.send(f"{i}:{n:05}".encode() * 8) for n in range(count)]
+        )
+        for i, c in enumerate(clients)
+    ]
+    try:
+        for sender in senders:
+            sender.start()
+        time.sleep(0.5)  # the 4 KiB ring is full long before this
+        reload = psutil.Popen(
+            [sys.executable, "-m", "wsfleet", "reload", "--control", control],
+            stdout=-1,
+            stderr=-1,
+            text=True,
+        )
+        time.sleep(7)  # no poll: past the 5 s the old shard gives its connections to settle
+        deadline = time.monotonic() + 40
+        while reload.poll() is None or sum(map(len, received.values())) < 2 * count:
+            assert time.monotonic() < deadline, (reload.poll(), sum(map(len, received.values())))
+            server.poll(0.01)
+        out, err = reload.communicate()
+        assert reload.returncode == 0, out + err
+        for sender in senders:
+            sender.join(10)
+        by_client = sorted(received.values(), key=lambda packets: packets[0])
+        for i, packets in enumerate(by_client):
+            assert packets == [f"{i}:{n:05}".encode() * 8 for n in range(count)]
+        assert server.get_stats()["totals"]["reloads"] == 1
+    finally:
+        for client in clients:
+            client.close_socket()
+        server.stop()
