@@ -78,6 +78,10 @@ class PacketPeer(Protocol):
 
     def peer_ids(self) -> list[int]: ...
 
+    def peer_count(self) -> int: ...
+
+    def has_peer(self, peer_id: int) -> bool: ...
+
 
 def wire_path(path: str) -> str:
     """``/root/Lobby`` -> ``Lobby`` (how Godot 3.2 sends a node path); relative paths as is."""
@@ -108,10 +112,26 @@ class _Node:
 
 @dataclass
 class _PathTo:
-    """One path the server sends on: its id and which peers have it (True: confirmed)."""
+    """One path the server sends on: its id and which peers have it (True: confirmed),
+    with the count of those that confirmed (the common case, everyone, costs no loop)."""
 
     id: int
     peers: dict[int, bool] = field(default_factory=dict)
+    confirmed: int = 0
+
+    def confirm(self, peer_id: int) -> bool:
+        """``peer_id`` confirmed; False if the path was never sent to it."""
+        state = self.peers.get(peer_id)
+        if state is None:
+            return False
+        if not state:
+            self.peers[peer_id] = True
+            self.confirmed += 1
+        return True
+
+    def forget(self, peer_id: int) -> None:
+        if self.peers.pop(peer_id, False):
+            self.confirmed -= 1
 
 
 class _Dropped(Exception):
@@ -216,7 +236,7 @@ class MultiplayerAPI(SignalEmitter):
     def peer_left(self, peer_id: int) -> None:
         self._paths_from.pop(peer_id, None)
         for sent in self._paths_to.values():
-            sent.peers.pop(peer_id, None)
+            sent.forget(peer_id)
         self.emit_signal("network_peer_disconnected", peer_id)
 
     def takes(self, payload: bytes) -> bool:
@@ -254,9 +274,8 @@ class MultiplayerAPI(SignalEmitter):
         if len(payload) < 2:
             raise _Dropped("rpc_malformed", "CONFIRM_PATH shorter than 2 bytes")
         sent = self._paths_to.get(_cstring(payload, 1))
-        if sent is None or sender not in sent.peers:
+        if sent is None or not sent.confirm(sender):
             raise _Dropped("rpc_cache", "CONFIRM_PATH of a path not sent to this peer")
-        sent.peers[sender] = True
 
     def _remote(self, sender: int, payload: bytes, is_set: bool) -> None:
         if len(payload) < 6:
@@ -413,20 +432,25 @@ class MultiplayerAPI(SignalEmitter):
         if sent is None:
             sent = self._paths_to[path] = _PathTo(self._next_path_id)
             self._next_path_id += 1
-        targets = [p for p in self._peer.peer_ids() if to == 0 or p == to or (to < 0 and p != -to)]
-        if to > 1 and not targets:
-            log.error("multiplayer: an RPC to peer %d, which is not connected", to)
+        by_id = bytes([command]) + _U32.pack(sent.id) + body
+        if to > 1:
+            if not self._peer.has_peer(to):
+                log.error("multiplayer: an RPC to peer %d, which is not connected", to)
+                return
+            targets = [to]
+        elif to == 0 and sent.confirmed == self._peer.peer_count():
+            self._send(0, by_id)  # every peer has the id: one frame (the usual case)
             return
+        else:
+            targets = [p for p in self._peer.peer_ids() if to == 0 or p != -to]
         everyone_confirmed = True
         for peer_id in targets:
             if peer_id not in sent.peers:
-                self._send(
-                    peer_id, bytes([SIMPLIFY_PATH]) + _U32.pack(sent.id) + path.encode() + b"\0"
-                )
+                simplify = bytes([SIMPLIFY_PATH]) + _U32.pack(sent.id) + path.encode() + b"\0"
+                self._send(peer_id, simplify)
                 sent.peers[peer_id] = False
             if not sent.peers[peer_id]:
                 everyone_confirmed = False
-        by_id = bytes([command]) + _U32.pack(sent.id) + body
         if everyone_confirmed:
             self._send(to, by_id)
             return

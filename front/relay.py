@@ -87,6 +87,13 @@ class MultiplayerRelay:
         """Every welcomed peer, ascending."""
         return self._ids
 
+    def peer_count(self) -> int:
+        return len(self._ids)
+
+    def has_peer(self, peer_id: int) -> bool:
+        index = bisect.bisect_left(self._ids, peer_id)
+        return index < len(self._ids) and self._ids[index] == peer_id
+
     def _sys_all(self, kind: int, subject: int) -> None:
         # One record per shard: the shard writes the message to each of its peers.
         if self._fleet is not None:
