@@ -88,7 +88,10 @@ class PeerConnection(asyncio.Protocol):
         self._mp = shard.mp  # multiplayer mode: messages are relay frames
         #: Set for a connection another shard handed over (`moved`) until it is made.
         self._moved_from: MovedConnection | None = None
-        self._handing_off = False  # this process reads no more from it (`stop_reading`)
+        # Reading is held by a handoff: in the old process for good (`stop_reading`), in the
+        # new one until every moved connection is registered (`start_after_move`).
+        self._reading_held = False
+        self._unparsed = b""  # a moved connection's bytes to replay once it starts
 
     @classmethod
     def moved(cls, shard: Shard, state: MovedConnection) -> PeerConnection:
@@ -202,11 +205,22 @@ class PeerConnection(asyncio.Protocol):
         else:  # still in its upgrade: a fresh deadline
             self._set_deadline(shard.handshake_timeout)
         self._paused_by_front = state.paused_by_front
-        self._paused_by_shard = shard.reading_paused
-        self._apply_reading()
-        if state.unparsed:
-            shard.bytes_in -= len(state.unparsed)  # counted when the old shard read them
-            self.data_received(state.unparsed)
+        self._unparsed = state.unparsed
+        # Nothing is read before every moved connection is registered: a frame relayed to
+        # a peer not yet taken over would be lost (`wsfleet.shards.handoff.take_over`).
+        self._reading_held = True
+
+    def start_after_move(self, received: bytes) -> None:
+        """Every moved connection is registered: replay this one's unparsed bytes, then
+        what arrived meanwhile (``received``), then read."""
+        self._reading_held = False
+        self._paused_by_shard = self.shard.reading_paused
+        unparsed, self._unparsed = self._unparsed, b""
+        if unparsed:
+            self.shard.bytes_in -= len(unparsed)  # counted when the old shard read them
+        if unparsed or received:
+            self.data_received(unparsed + received)
+        self._apply_reading()  # resumes it (the holding protocol paused it) unless paused
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.shard.connections.discard(self)
@@ -430,8 +444,8 @@ class PeerConnection(asyncio.Protocol):
     def stop_reading(self) -> None:
         """Read nothing more, whatever pauses or resumes later (the handoff): what the kernel
         holds moves with the socket."""
-        if not self._handing_off:
-            self._handing_off = True
+        if not self._reading_held:
+            self._reading_held = True
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.pause_reading()  # type: ignore[attr-defined]
 
@@ -485,7 +499,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _apply_reading(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing() or self._handing_off:
+        if transport is None or transport.is_closing() or self._reading_held:
             return
         off = self._paused_by_front or self._paused_by_shard
         if off != self._reading_off:

@@ -37,7 +37,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wsfleet.ipc import handoff
@@ -161,22 +160,62 @@ async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
         await asyncio.sleep(0.005)
 
 
+class _Holding(asyncio.Protocol):
+    """A moved connection's protocol until every moved connection is registered: it keeps
+    what arrives (uvloop starts reading an attached socket whatever its protocol asks)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received: list[bytes] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+        assert self.transport is not None
+        self.transport.pause_reading()  # one read kept is enough: the rest waits in the kernel
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 async def take_over(
     shard: Shard,
     loop: asyncio.AbstractEventLoop,
     moved: list[handoff.MovedConnection],
     fds: list[int],
-    protocol: Callable[[Shard, handoff.MovedConnection], PeerConnection] = PeerConnection.moved,
 ) -> int:
-    """Serve the connections the old shard handed over; returns how many are still open."""
+    """Serve the connections the old shard handed over; returns how many are still open.
+
+    Three steps, so that nothing is read before every connection is registered (a
+    frame one of them relays must find every other): attach each socket to a
+    `_Holding` protocol; give each transport its `PeerConnection` (registered under
+    its peer id, no event); then let each replay its bytes and read.
+    """
+    held: list[tuple[handoff.MovedConnection, _Holding]] = []
     for state, fd in zip(moved, fds, strict=True):
         sock = socket.socket(fileno=fd)
+        holding = _Holding()
         try:
-            await loop.connect_accepted_socket(lambda state=state: protocol(shard, state), sock)
-        except OSError as exc:  # the peer left during the handoff: it is gone
+            await loop.connect_accepted_socket(lambda holding=holding: holding, sock)
+        except OSError as exc:
             log.info("shard %d: a moved connection was already gone: %s", shard.index, exc)
             sock.close()
-            if state.peer_id:
+            holding.lost = True
+        held.append((state, holding))
+    started: list[tuple[PeerConnection, bytes]] = []
+    for state, holding in held:
+        if holding.lost or holding.transport is None:
+            if state.peer_id:  # it left during the handoff: it is gone
                 shard.peer_left_during_handoff(state.peer_id)
+            continue
+        conn = PeerConnection.moved(shard, state)
+        holding.transport.set_protocol(conn)
+        conn.connection_made(holding.transport)
+        started.append((conn, b"".join(holding.received)))
+    for conn, received in started:
+        conn.start_after_move(received)
     shard.flush()
     return len(shard.connections)

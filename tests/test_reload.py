@@ -367,3 +367,71 @@ def test_a_reload_while_the_application_does_not_poll_loses_no_event(tmp_path: P
         for client in clients:
             client.close_socket()
         server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_in_multiplayer_mode_keeps_the_relay_and_tells_nobody(tmp_path: Path) -> None:
+    """``--gd-mp-api``: clients relaying to each other through 2 shards go on through a
+    reload in order, and nobody gets a SYS_DEL or SYS_ADD for a peer that merely moved."""
+    import struct
+
+    header = struct.Struct("<Bii")
+    with Served(tmp_path, 2, "--gd-mp-api") as served:
+
+        async def body() -> tuple[dict, object]:
+            clients = [await connect(served.url(), ping_interval=None) for _ in range(6)]
+            ids = []
+            for ws in clients:
+                first = await ws.recv()
+                ids.append(struct.unpack_from("<i", first, 9)[0])
+            # Every one has heard of every other (SYS_ADD), then the traffic starts.
+            await asyncio.sleep(0.5)
+            system: dict[int, list[bytes]] = {i: [] for i in ids}
+            data: dict[int, list[bytes]] = {i: [] for i in ids}
+
+            async def read(me: int, ws: ClientConnection) -> None:
+                try:
+                    async for frame in ws:
+                        (system if frame[0] else data)[me].append(frame)
+                except ConnectionClosed:
+                    pass
+
+            for ws in clients:
+                while True:  # the SYS_ADDs of the join, before the measured part
+                    try:
+                        await asyncio.wait_for(ws.recv(), 0.2)
+                    except TimeoutError:
+                        break
+            pairs = list(zip(ids, clients, strict=True))
+            readers = [asyncio.create_task(read(me, ws)) for me, ws in pairs]
+            sent = 60
+
+            async def send(me: int, ws: ClientConnection) -> None:
+                for n in range(sent):
+                    await ws.send(header.pack(0, me, 0) + f"{me}:{n}".encode())
+                    await asyncio.sleep(0.02)
+
+            senders = asyncio.gather(*(send(me, ws) for me, ws in pairs))
+            await asyncio.sleep(0.3)
+            result = await asyncio.to_thread(
+                wsfleet, "reload", "--control", served.control, timeout=60
+            )
+            await senders
+            await asyncio.sleep(1.0)
+            for ws in clients:
+                await ws.close()
+            await asyncio.gather(*readers)
+            return {"ids": ids, "system": system, "data": data, "sent": sent}, result
+
+        got, result = asyncio.run(body())
+        assert result.returncode == 0, result.stdout + result.stderr
+        ids, sent = got["ids"], got["sent"]
+        for me in ids:
+            # Until the closes at the end: no peer left or joined for anyone.
+            frames = got["system"][me]
+            assert not frames or all(f[0] == 2 for f in frames[-(len(ids) - 1) :]), frames
+            payloads = [f[9:].decode() for f in got["data"][me]]
+            for other in ids:
+                if other != me:
+                    mine = [p for p in payloads if p.startswith(f"{other}:")]
+                    assert mine == [f"{other}:{n}" for n in range(sent)], (me, other)
