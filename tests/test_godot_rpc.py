@@ -7,16 +7,17 @@ String, Vector2, Array and Dictionary arguments, twice; the server answers each 
 allowed property (``score``, remote) and a refused one (``secret``, puppet, the server
 being the master), asks for the server's ``state``, says ``client_ready``; once all are
 ready the server ``rset``s every client's ``puppet var hp``, ``rset_id``s each one's
-``tag`` and ``rpc``s ``broadcast`` to everyone.
+``tag``, ``rpc``s ``board`` on ``/root/Lobby/Board`` (a path it never used, which only
+the clients have a function on) and ``broadcast`` to everyone.
 
 The server is either wsfleet with 2 shards (`PyLobby` at ``/root/Lobby``, in this
 process) or, as the reference, Godot's own ``WebSocketServer`` running
 ``tests/godot/rpc_server.gd``, the same logic in GDScript. The same client checks
 (`check_clients`) pass against both. One client of each run connects through a
 recording proxy (`wsproxy.RecordingProxy`), and its multiplayer frames both ways show
-the path cache on the wire: the first call on ``Lobby`` after a ``SIMPLIFY_PATH`` and
-in the full-path form, every later one by the id after ``CONFIRM_PATH``, the same
-sequence of commands and targets as Godot's server gives.
+the path cache on the wire: the first call on a path after a ``SIMPLIFY_PATH`` and
+in the full-path form, every later one by the id after ``CONFIRM_PATH``, both ways, the
+same sequence of commands and targets as Godot's server gives, and the same bytes.
 
 Each run happens once per module (a module-scoped fixture) and is checked by the tests
 that need it.
@@ -174,6 +175,7 @@ class PyLobby:
         self.mp.rset(LOBBY, "hp", 77)
         for peer_id in self.ready:
             self.mp.rset_id(peer_id, LOBBY, "tag", peer_id)
+        self.mp.rpc(LOBBY + "/Board", "board", len(self.ready))  # a path only clients have
         self.mp.rpc(LOBBY, "broadcast", len(self.ready), "to everyone")
 
 
@@ -260,6 +262,8 @@ def check_clients(run: Run) -> None:
         (end,) = client.events("exit")
         assert (end["status"], end["failures"], client.proc.returncode) == (0, [], 0), out
         me = end["id"]
+        # No engine or script error: a bad path id or an undecodable packet would print one.
+        assert client.count_lines("ERROR") == 0, out
         # rpc_id answers arrive as remote func calls from the server (sender 1), the
         # values exactly as sent, with the sender id the server's handler saw.
         replies = client.events("reply")
@@ -272,6 +276,8 @@ def check_clients(run: Run) -> None:
         (broadcast,) = client.events("broadcast")
         assert broadcast["from"] == 1 and broadcast["n"] == len(run.clients), out
         assert (broadcast["text"], broadcast["hp"], broadcast["tag"]) == ("to everyone", 77, me)
+        # The server's first rpc() on a new path reached each client once, before broadcast.
+        assert broadcast["board"] == end["board"] == [[1, len(run.clients)]], out
     assert len(set(run.ids())) == len(run.clients), everything
 
 
@@ -358,6 +364,7 @@ EXPECTED_EXCHANGE = {
         ("me", 1, "REMOTE_SET", "id", 1, "", "secret"),
         ("me", 1, "REMOTE_CALL", "id", 1, "", "query"),
         ("me", 1, "REMOTE_CALL", "id", 1, "", "client_ready"),
+        ("me", 1, "CONFIRM_PATH", "", 0, "Lobby/Board", ""),
     ],
     TO_CLIENT: [
         (1, "me", "CONFIRM_PATH", "", 0, "Lobby", ""),
@@ -367,6 +374,10 @@ EXPECTED_EXCHANGE = {
         (1, "me", "REMOTE_CALL", "id", 1, "", "state"),
         (1, 0, "REMOTE_SET", "id", 1, "", "hp"),
         (1, "me", "REMOTE_SET", "id", 1, "", "tag"),
+        # rpc() to everyone on a path no client confirmed yet: one SIMPLIFY_PATH and one
+        # full-path call per client, each sent to that client alone.
+        (1, "me", "SIMPLIFY_PATH", "id", 2, "Lobby/Board", ""),
+        (1, "me", "REMOTE_CALL", "path", 0, "Lobby/Board", "board"),
         (1, 0, "REMOTE_CALL", "id", 1, "", "broadcast"),
     ],
 }

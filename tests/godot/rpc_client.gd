@@ -17,8 +17,10 @@
 #   4. state(score, secret): what the server holds (score = me, secret untouched), then
 #      Lobby.rpc_id(1, "client_ready").
 #   5. The server, once every client is ready: rset("hp", 77), rset_id(me, "tag", me),
-#      rpc("broadcast", clients, "to everyone"). On broadcast: hp and tag are reported.
-#      The client waits a little for any duplicate, then closes (1000, "done").
+#      Lobby/Board.rpc("board", clients) (a path the server never used: SIMPLIFY_PATH and
+#      the full path to each client), rpc("broadcast", clients, "to everyone"). On
+#      broadcast: hp, tag and the board calls so far are reported. The client waits a
+#      little for any duplicate, then closes (1000, "done").
 # Every call received reports its sender (get_rpc_sender_id(), 1 for the server).
 #
 # Every observation goes to stdout as one line "RESULT {json}". The exit status is 0 when
@@ -45,8 +47,16 @@ class Lobby extends Node:
 		sink.on_broadcast(get_tree().get_rpc_sender_id(), n, text)
 
 
+class Board extends Node:
+	var calls := []  # [sender, n] for every board call
+
+	remote func board(n):
+		calls.append([get_tree().get_rpc_sender_id(), n])
+
+
 var client := WebSocketClient.new()
 var lobby: Lobby
+var board: Board
 var phase := "connecting"
 var finished_run := false
 var deadline_ms := 0
@@ -84,7 +94,7 @@ func end_run(status: int) -> void:
 	finished_run = true
 	report({
 		"event": "exit", "status": status, "phase": phase, "id": me, "failures": failures,
-		"broadcasts": broadcasts, "replies": replies,
+		"broadcasts": broadcasts, "replies": replies, "board": board.calls if board else [],
 	})
 	quit(status)
 
@@ -106,6 +116,9 @@ func _initialize() -> void:
 	lobby.name = "Lobby"
 	lobby.sink = self
 	get_root().add_child(lobby)
+	board = Board.new()
+	board.name = "Board"
+	lobby.add_child(board)
 	connect("connected_to_server", self, "_on_connected_to_server")
 	connect("connection_failed", self, "_on_connection_failed")
 	connect("server_disconnected", self, "_on_server_disconnected")
@@ -176,7 +189,7 @@ func on_broadcast(sender: int, n, text) -> void:
 	broadcasts += 1
 	report({
 		"event": "broadcast", "from": sender, "n": n, "text": text, "hp": lobby.hp,
-		"tag": lobby.tag, "count": broadcasts, "phase": phase,
+		"tag": lobby.tag, "count": broadcasts, "phase": phase, "board": board.calls,
 	})
 	if phase == "ready":
 		phase = "lingering"

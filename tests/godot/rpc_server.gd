@@ -12,6 +12,7 @@
 #                                               that sender set, secret)
 #   remote func client_ready()                  once N clients are ready: rset("hp", 77),
 #                                               rset_id(peer, "tag", peer) for each,
+#                                               Lobby/Board.rpc("board", N),
 #                                               rpc("broadcast", N, "to everyone")
 #   remote var score (setget: noted per sender)  rset by clients: allowed
 #   puppet var secret                           rset by clients: refused by the engine
@@ -91,6 +92,9 @@ func _initialize() -> void:
 	lobby.name = "Lobby"
 	lobby.sink = self
 	get_root().add_child(lobby)
+	var board := Node.new()  # only a path here: the clients' Board has the remote func
+	board.name = "Board"
+	lobby.add_child(board)
 	var err: int = server.listen(port, PoolStringArray(), true)
 	if err != OK:
 		report({"event": "listen_failed", "error": err, "port": port})
@@ -131,6 +135,7 @@ func on_client_ready(sender: int) -> void:
 	lobby.rset("hp", 77)
 	for peer in ready:
 		lobby.rset_id(peer, "tag", peer)
+	lobby.get_node("Board").rpc("board", expected_clients)
 	lobby.rpc("broadcast", expected_clients, "to everyone")
 
 
