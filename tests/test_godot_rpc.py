@@ -8,7 +8,9 @@ allowed property (``score``, remote) and a refused one (``secret``, puppet, the 
 being the master), asks for the server's ``state``, says ``client_ready``; once all are
 ready the server ``rset``s every client's ``puppet var hp``, ``rset_id``s each one's
 ``tag``, ``rpc``s ``board`` on ``/root/Lobby/Board`` (a path it never used, which only
-the clients have a function on) and ``broadcast`` to everyone.
+the clients have a function on) and ``broadcast`` to everyone; then each client
+``rpc``s ``say`` on ``/root/Lobby/Chat`` to everyone: the other clients get it through
+the relay, the server's node through the API, once each.
 
 The server is either wsfleet with 2 shards (`PyLobby` at ``/root/Lobby``, in this
 process) or, as the reference, Godot's own ``WebSocketServer`` running
@@ -88,6 +90,7 @@ class Run:
     proxied: GodotProcess
     frames: list[MpFrame]
     proxy_errors: list[str]
+    masks: set[tuple[str, bool]]  # (direction, masked) of every message the proxy saw
     server: dict[str, Any] = field(default_factory=dict)  # the server side's observations
 
     def ids(self) -> list[int]:
@@ -117,6 +120,7 @@ def reference_run(tmp_path: Path) -> Run:
             for p in everyone:
                 p.finish_reading()
             frames = mp_frames(proxy.recorded())
+            masks = {(msg.direction, msg.masked) for msg in proxy.recorded()}
             errors = list(proxy.errors)
     (end,) = server.events("exit")
     return Run(
@@ -124,6 +128,7 @@ def reference_run(tmp_path: Path) -> Run:
         clients[0],
         frames,
         errors,
+        masks,
         {
             "process": server,
             "exit": end,
@@ -179,11 +184,25 @@ class PyLobby:
         self.mp.rpc(LOBBY, "broadcast", len(self.ready), "to everyone")
 
 
+class PyChat:
+    """rpc_server.gd's Lobby/Chat: every client rpc()s ``say`` to everyone, the server too."""
+
+    def __init__(self, mp: MultiplayerAPI) -> None:
+        self.mp = mp
+        self.calls: list[list[int]] = []  # [sender, n]
+
+    @wsfleet.remote
+    def say(self, n: int) -> None:
+        self.calls.append([self.mp.get_rpc_sender_id(), n])
+
+
 def wsfleet_run(tmp_path: Path) -> Run:
     server = WebSocketServer(shards=2)
     mp = server.multiplayer
     lobby = PyLobby(mp)
     mp.register_node(LOBBY, lobby)
+    chat = PyChat(mp)
+    mp.register_node(LOBBY + "/Chat", chat)
     connected: list[int] = []
     disconnected: list[int] = []
     mp.connect("network_peer_connected", connected.append)
@@ -223,14 +242,17 @@ def wsfleet_run(tmp_path: Path) -> Run:
             for client in clients:
                 client.finish_reading()
             frames = mp_frames(proxy.recorded())
+            masks = {(msg.direction, msg.masked) for msg in proxy.recorded()}
             errors = list(proxy.errors)
         return Run(
             clients,
             clients[0],
             frames,
             errors,
+            masks,
             {
                 "lobby": lobby,
+                "chat": chat,
                 "stats": server.get_mp_stats(),
                 "shards": shards,
                 "connected": connected,
@@ -278,7 +300,15 @@ def check_clients(run: Run) -> None:
         assert (broadcast["text"], broadcast["hp"], broadcast["tag"]) == ("to everyone", 77, me)
         # The server's first rpc() on a new path reached each client once, before broadcast.
         assert broadcast["board"] == end["board"] == [[1, len(run.clients)]], out
+        # Every other client's rpc() to everyone came in once, through the relay.
+        others = [i for i in run.ids() if i != me]
+        assert sorted(end["chat"]) == sorted([i, i] for i in others), out
     assert len(set(run.ids())) == len(run.clients), everything
+
+
+def said_once_each(calls: list[list[int]], ids: list[int]) -> bool:
+    """Each client's rpc("say", me) to everyone reached the server's Chat once."""
+    return sorted(calls) == sorted([i, i] for i in ids)
 
 
 def echo_texts(client: GodotProcess) -> dict[int, str]:
@@ -296,6 +326,7 @@ def test_godot_clients_against_the_reference_godot_server(reference: Run) -> Non
     ids = reference.ids()
     assert sorted(end["ready"]) == sorted(ids) and sorted(end["left"]) == sorted(ids)
     assert end["scores"] == {str(i): i for i in ids} and end["secret"] == -1, server.output()
+    assert said_once_each(end["chat"], ids), server.output()
     echoes = {(sender, round_no): text for sender, round_no, text in end["echoes"]}
     assert len(echoes) == 2 * len(ids) == len(end["echoes"]), server.output()
     for client, me in zip(reference.clients, ids, strict=True):
@@ -326,6 +357,9 @@ def test_godot_clients_rpc_and_rset_a_python_node_across_two_shards(fleet: Run) 
     assert lobby.scores == {i: i for i in ids}, everything
     assert lobby.secret == -1
     assert sorted(lobby.ready) == sorted(ids)
+    # Each client's rpc() to everyone: the other clients had it through the relay
+    # (check_clients), the Python node through the API, once each.
+    assert said_once_each(fleet.server["chat"].calls, ids), everything
     stats = fleet.server["stats"]
     assert {k: stats[k] for k in DROP_REASONS} == {
         k: (len(ids) if k == "rpc_mode" else 0) for k in DROP_REASONS
@@ -335,20 +369,31 @@ def test_godot_clients_rpc_and_rset_a_python_node_across_two_shards(fleet: Run) 
 # -- the path cache on the wire ---------------------------------------------------------------
 
 
-def exchange(run: Run) -> dict[str, list[tuple[Any, ...]]]:
-    """The proxied client's MultiplayerAPI frames, each way, with its own id written "me"."""
+def proxied_id(run: Run) -> int:
     (connected,) = run.proxied.events("connected_to_server")
-    me = connected["id"]
+    return connected["id"]
+
+
+def server_leg(run: Run, direction: str) -> list[MpFrame]:
+    """The proxied client's MultiplayerAPI frames to the server (to = 1), or from it."""
+    if direction == TO_SERVER:
+        return [f for f in run.frames if f.type == 0 and f.direction == TO_SERVER and f.to == 1]
+    return [f for f in run.frames if f.type == 0 and f.direction == TO_CLIENT and f.sender == 1]
+
+
+def row(f: MpFrame, me: int) -> tuple[Any, ...]:
+    """(sender, to, command, target, path id, path, name), the client's own id as "me"."""
 
     def peer(n: int) -> Any:
         return "me" if n == me else n
 
-    out: dict[str, list[tuple[Any, ...]]] = {TO_SERVER: [], TO_CLIENT: []}
-    for f in run.frames:
-        if f.type == 0:
-            row = (peer(f.sender), peer(f.to), f.command, f.target, f.path_id, f.path, f.name)
-            out[f.direction].append(row)
-    return out
+    return (peer(f.sender), peer(f.to), f.command, f.target, f.path_id, f.path, f.name)
+
+
+def exchange(run: Run) -> dict[str, list[tuple[Any, ...]]]:
+    """The proxied client's MultiplayerAPI frames with the server, each way."""
+    me = proxied_id(run)
+    return {d: [row(f, me) for f in server_leg(run, d)] for d in (TO_SERVER, TO_CLIENT)}
 
 
 # What rpc_client.gd's run puts on its socket, each way (sender, to, command, target, path
@@ -365,6 +410,9 @@ EXPECTED_EXCHANGE = {
         ("me", 1, "REMOTE_CALL", "id", 1, "", "query"),
         ("me", 1, "REMOTE_CALL", "id", 1, "", "client_ready"),
         ("me", 1, "CONFIRM_PATH", "", 0, "Lobby/Board", ""),
+        # rpc() to everyone from a client: the server gets its own SIMPLIFY_PATH and call.
+        ("me", 1, "SIMPLIFY_PATH", "id", 2, "Lobby/Chat", ""),
+        ("me", 1, "REMOTE_CALL", "path", 0, "Lobby/Chat", "say"),
     ],
     TO_CLIENT: [
         (1, "me", "CONFIRM_PATH", "", 0, "Lobby", ""),
@@ -379,6 +427,7 @@ EXPECTED_EXCHANGE = {
         (1, "me", "SIMPLIFY_PATH", "id", 2, "Lobby/Board", ""),
         (1, "me", "REMOTE_CALL", "path", 0, "Lobby/Board", "board"),
         (1, 0, "REMOTE_CALL", "id", 1, "", "broadcast"),
+        (1, "me", "CONFIRM_PATH", "", 0, "Lobby/Chat", ""),
     ],
 }
 
@@ -386,12 +435,33 @@ EXPECTED_EXCHANGE = {
 def check_wire(run: Run) -> dict[str, list[tuple[Any, ...]]]:
     assert run.proxy_errors == []
     assert run.frames, "the proxy recorded nothing"
-    seen = exchange(run)
-    # Client frames are masked, the server's never (RFC 6455); only binary frames carry
-    # multiplayer traffic; system frames come from the server to everyone.
+    # Client frames are masked, the server's never (RFC 6455); system frames come from
+    # the server to everyone.
+    assert run.masks == {(TO_SERVER, True), (TO_CLIENT, False)}, run.masks
     system = [(f.direction, f.sender, f.to) for f in run.frames if f.type != 0]
     assert system and set(system) == {(TO_CLIENT, 1, 0)}, system
-    return seen
+    # With each other client, through the relay: this client's SIMPLIFY_PATH, its call in
+    # the full-path form and its CONFIRM_PATH of the other's path, each sent to that client
+    # alone; and the same three from it, their header (from, to) unchanged.
+    me = proxied_id(run)
+    others = [i for i in run.ids() if i != me]
+    for other in others:
+        sent = [row(f, me) for f in run.frames if f.direction == TO_SERVER and f.to == other]
+        got = [row(f, me) for f in run.frames if f.direction == TO_CLIENT and f.sender == other]
+        for frames, (frm, to) in ((sent, ("me", other)), (got, (other, "me"))):
+            assert sorted(frames) == sorted(
+                [
+                    (frm, to, "SIMPLIFY_PATH", "id", 2, "Lobby/Chat", ""),
+                    (frm, to, "REMOTE_CALL", "path", 0, "Lobby/Chat", "say"),
+                    (frm, to, "CONFIRM_PATH", "", 0, "Lobby/Chat", ""),
+                ]
+            ), (other, frames)
+            commands = [f[2] for f in frames]
+            assert commands.index("SIMPLIFY_PATH") < commands.index("REMOTE_CALL"), frames
+    everyone = {1, *others}
+    assert {f.to for f in run.frames if f.direction == TO_SERVER} == everyone
+    assert {f.sender for f in run.frames if f.direction == TO_CLIENT} == everyone
+    return exchange(run)
 
 
 @pytest.mark.timeout(TEST_TIMEOUT)
@@ -411,7 +481,7 @@ def test_the_same_exchange_is_the_same_bytes_as_with_godots_server(
     Variant encoding of the echoed values included), the proxied client's id aside."""
 
     def bodies(run: Run, direction: str) -> list[bytes]:
-        return [f.body for f in run.frames if f.type == 0 and f.direction == direction]
+        return [f.body for f in server_leg(run, direction)]
 
     def as_int(peer_id: int) -> bytes:  # the client's id as a Variant INT argument
         return struct.pack("<Ii", 2, peer_id)

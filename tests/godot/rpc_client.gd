@@ -19,8 +19,12 @@
 #   5. The server, once every client is ready: rset("hp", 77), rset_id(me, "tag", me),
 #      Lobby/Board.rpc("board", clients) (a path the server never used: SIMPLIFY_PATH and
 #      the full path to each client), rpc("broadcast", clients, "to everyone"). On
-#      broadcast: hp, tag and the board calls so far are reported. The client waits a
-#      little for any duplicate, then closes (1000, "done").
+#      broadcast: hp, tag and the board calls so far are reported.
+#   6. Once network_peer_connected fired for every client the broadcast counts:
+#      Lobby/Chat.rpc("say", me), to everyone: the other clients through the relay, the
+#      server's node too (each gets SIMPLIFY_PATH and a full-path call from this client).
+#      Once every other client's "say" came in, the client waits a little for any
+#      duplicate, then closes (1000, "done").
 # Every call received reports its sender (get_rpc_sender_id(), 1 for the server).
 #
 # Every observation goes to stdout as one line "RESULT {json}". The exit status is 0 when
@@ -47,6 +51,13 @@ class Lobby extends Node:
 		sink.on_broadcast(get_tree().get_rpc_sender_id(), n, text)
 
 
+class Chat extends Node:
+	var calls := []  # [sender, n] for every say
+
+	remote func say(n):
+		calls.append([get_tree().get_rpc_sender_id(), n])
+
+
 class Board extends Node:
 	var calls := []  # [sender, n] for every board call
 
@@ -57,6 +68,9 @@ class Board extends Node:
 var client := WebSocketClient.new()
 var lobby: Lobby
 var board: Board
+var chat: Chat
+var clients := 0  # how many the broadcast counts
+var known := {}  # peer id -> true, from network_peer_connected
 var phase := "connecting"
 var finished_run := false
 var deadline_ms := 0
@@ -95,6 +109,7 @@ func end_run(status: int) -> void:
 	report({
 		"event": "exit", "status": status, "phase": phase, "id": me, "failures": failures,
 		"broadcasts": broadcasts, "replies": replies, "board": board.calls if board else [],
+		"chat": chat.calls if chat else [],
 	})
 	quit(status)
 
@@ -119,6 +134,10 @@ func _initialize() -> void:
 	board = Board.new()
 	board.name = "Board"
 	lobby.add_child(board)
+	chat = Chat.new()
+	chat.name = "Chat"
+	lobby.add_child(chat)
+	connect("network_peer_connected", self, "_on_peer_connected")
 	connect("connected_to_server", self, "_on_connected_to_server")
 	connect("connection_failed", self, "_on_connection_failed")
 	connect("server_disconnected", self, "_on_server_disconnected")
@@ -138,7 +157,14 @@ func _idle(_delta: float) -> bool:
 		report({"event": "timeout", "phase": phase})
 		end_run(2)
 		return false
-	if phase == "lingering" and OS.get_ticks_msec() > linger_until:
+	if phase == "chat_wait" and known.size() >= clients:  # the server and the others
+		phase = "chatting"
+		report({"event": "say", "known": known.keys()})
+		chat.rpc("say", me)
+	elif phase == "chatting" and chat.calls.size() >= clients - 1:
+		phase = "lingering"
+		linger_until = OS.get_ticks_msec() + LINGER_MS
+	elif phase == "lingering" and OS.get_ticks_msec() > linger_until:
 		phase = "closing"
 		report({"event": "close"})
 		client.disconnect_from_host(1000, "done")
@@ -192,10 +218,14 @@ func on_broadcast(sender: int, n, text) -> void:
 		"tag": lobby.tag, "count": broadcasts, "phase": phase, "board": board.calls,
 	})
 	if phase == "ready":
-		phase = "lingering"
-		linger_until = OS.get_ticks_msec() + LINGER_MS
+		phase = "chat_wait"
+		clients = int(n)
 	else:
 		fail("broadcast %d in phase %s" % [broadcasts, phase])
+
+
+func _on_peer_connected(id: int) -> void:
+	known[id] = true
 
 
 func _on_connected_to_server() -> void:

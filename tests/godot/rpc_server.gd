@@ -14,6 +14,8 @@
 #                                               rset_id(peer, "tag", peer) for each,
 #                                               Lobby/Board.rpc("board", N),
 #                                               rpc("broadcast", N, "to everyone")
+#   /root/Lobby/Chat: remote func say(n)        noted per sender (each client rpc()s it
+#                                               to everyone, this server included)
 #   remote var score (setget: noted per sender)  rset by clients: allowed
 #   puppet var secret                           rset by clients: refused by the engine
 # Once every ready client has left it prints the summary ("exit") and exits 0; 2 on the
@@ -21,6 +23,13 @@
 extends SceneTree
 
 const Common = preload("common.gd")
+
+
+class Chat extends Node:
+	var calls := []  # [sender, n] for every say
+
+	remote func say(n):
+		calls.append([get_tree().get_rpc_sender_id(), n])
 
 
 class Lobby extends Node:
@@ -46,6 +55,7 @@ class Lobby extends Node:
 
 var server := WebSocketServer.new()
 var lobby: Lobby
+var chat: Chat
 var expected_clients := 0
 var deadline_ms := 0
 var start_ms := 0
@@ -69,6 +79,7 @@ func end_run(status: int) -> void:
 	report({
 		"event": "exit", "status": status, "echoes": echoes, "scores": scores,
 		"secret": lobby.secret if lobby else null, "ready": ready, "left": left,
+		"chat": chat.calls if chat else [],
 	})
 	server.stop()
 	quit(status)
@@ -95,6 +106,9 @@ func _initialize() -> void:
 	var board := Node.new()  # only a path here: the clients' Board has the remote func
 	board.name = "Board"
 	lobby.add_child(board)
+	chat = Chat.new()
+	chat.name = "Chat"
+	lobby.add_child(chat)
 	var err: int = server.listen(port, PoolStringArray(), true)
 	if err != OK:
 		report({"event": "listen_failed", "error": err, "port": port})
