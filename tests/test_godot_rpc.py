@@ -60,7 +60,20 @@ GODOT_DEADLINE = 20  # seconds; the scripts give up after this
 WAIT = 25  # seconds for one run
 TEST_TIMEOUT = 90  # seconds for each test, the module's runs it triggers included
 LOBBY = "/root/Lobby"
-REFUSED_BY_GODOT = "RSET 'secret' is not allowed on node /root/Lobby"
+# The engine's error line for each call rpc_client.gd makes that Godot refuses.
+REFUSED_BY_GODOT = {
+    "rset secret": "RSET 'secret' is not allowed on node /root/Lobby from: ",
+    "echo, 1 argument": "RPC - 'Node::echo': Method expected 7 arguments, but called with 1.",
+    "not_remote": "RPC 'not_remote' is not allowed on node /root/Lobby from: ",
+    "no_such_method": "RPC 'no_such_method' is not allowed on node /root/Lobby from: ",
+}
+# The same calls refused by wsfleet: the reason each is counted under.
+REFUSED_BY_WSFLEET = {
+    "rset secret": "rpc_mode",
+    "echo, 1 argument": "rpc_arguments",
+    "not_remote": "rpc_member",
+    "no_such_method": "rpc_member",
+}
 
 # What rpc_client.gd sends in echo rounds 1 and 2, as wsfleet.variant decodes it.
 ECHO_ARGS = {
@@ -132,7 +145,7 @@ def reference_run(tmp_path: Path) -> Run:
         {
             "process": server,
             "exit": end,
-            "refused": server.count_lines(REFUSED_BY_GODOT),
+            "refused": {k: server.count_lines(v) for k, v in REFUSED_BY_GODOT.items()},
         },
     )
 
@@ -150,7 +163,11 @@ class PyLobby:
         self.echoes: list[tuple[int, int, list[Any]]] = []  # (sender, round, values)
         self.scores: dict[int, Any] = {}  # sender -> the score it set
         self.ready: list[int] = []
+        self.not_remote_calls = 0
         self._score = -1
+
+    def not_remote(self) -> None:  # not marked: clients may not call it
+        self.not_remote_calls += 1
 
     def _get_score(self) -> Any:
         return self._score
@@ -332,8 +349,10 @@ def test_godot_clients_against_the_reference_godot_server(reference: Run) -> Non
     for client, me in zip(reference.clients, ids, strict=True):
         for round_no, text in echo_texts(client).items():
             assert echoes[(me, round_no)] == text, server.output()
-    # The engine refuses each client's rset of the puppet var, with an error line.
-    assert reference.server["refused"] == len(ids), server.output()
+    # The engine refuses each client's rset of the puppet var and its three bad calls, with
+    # an error line each, and goes on (every client got its state answer after them).
+    assert reference.server["refused"] == dict.fromkeys(REFUSED_BY_GODOT, len(ids))
+    assert server.events("not_remote_called") == [], server.output()
 
 
 @pytest.mark.timeout(TEST_TIMEOUT)
@@ -353,7 +372,8 @@ def test_godot_clients_rpc_and_rset_a_python_node_across_two_shards(fleet: Run) 
     for sender, round_no, values in lobby.echoes:
         assert repr(values) == repr(ECHO_ARGS[round_no]), (sender, round_no, values)
     # The allowed rset ran the property's setter with the right sender; the refused one
-    # left the attribute alone and was counted under its reason, nothing else was.
+    # left the attribute alone; it and the three bad calls were counted by reason, and
+    # nothing else was.
     assert lobby.scores == {i: i for i in ids}, everything
     assert lobby.secret == -1
     assert sorted(lobby.ready) == sorted(ids)
@@ -361,9 +381,11 @@ def test_godot_clients_rpc_and_rset_a_python_node_across_two_shards(fleet: Run) 
     # (check_clients), the Python node through the API, once each.
     assert said_once_each(fleet.server["chat"].calls, ids), everything
     stats = fleet.server["stats"]
+    refused = Counter(REFUSED_BY_WSFLEET.values())
     assert {k: stats[k] for k in DROP_REASONS} == {
-        k: (len(ids) if k == "rpc_mode" else 0) for k in DROP_REASONS
+        k: refused[k] * len(ids) for k in DROP_REASONS
     }, stats
+    assert lobby.not_remote_calls == 0
 
 
 # -- the path cache on the wire ---------------------------------------------------------------
@@ -407,6 +429,9 @@ EXPECTED_EXCHANGE = {
         ("me", 1, "REMOTE_CALL", "id", 1, "", "echo"),
         ("me", 1, "REMOTE_SET", "id", 1, "", "score"),
         ("me", 1, "REMOTE_SET", "id", 1, "", "secret"),
+        ("me", 1, "REMOTE_CALL", "id", 1, "", "echo"),
+        ("me", 1, "REMOTE_CALL", "id", 1, "", "not_remote"),
+        ("me", 1, "REMOTE_CALL", "id", 1, "", "no_such_method"),
         ("me", 1, "REMOTE_CALL", "id", 1, "", "query"),
         ("me", 1, "REMOTE_CALL", "id", 1, "", "client_ready"),
         ("me", 1, "CONFIRM_PATH", "", 0, "Lobby/Board", ""),
@@ -478,21 +503,23 @@ def test_the_same_exchange_is_the_same_bytes_as_with_godots_server(
     reference: Run, fleet: Run
 ) -> None:
     """Byte for byte, each way: what wsfleet sends equals what Godot's server sends (its
-    Variant encoding of the echoed values included), the proxied client's id aside."""
+    Variant encoding of the echoed values included), the proxied client's id and the
+    number of clients (more join wsfleet's run while all sit on one shard) aside."""
 
-    def bodies(run: Run, direction: str) -> list[bytes]:
-        return [f.body for f in server_leg(run, direction)]
-
-    def as_int(peer_id: int) -> bytes:  # the client's id as a Variant INT argument
-        return struct.pack("<Ii", 2, peer_id)
+    def as_int(value: int) -> bytes:  # a Variant INT
+        return struct.pack("<Ii", 2, value)
 
     godot_id, fleet_id = reference.ids()[0], fleet.ids()[0]
+    godot_n, fleet_n = as_int(len(reference.clients)), as_int(len(fleet.clients))
     for direction in (TO_SERVER, TO_CLIENT):
-        # Godot's ids are random 31-bit numbers: its INT form is found only where it is.
-        godot = [
-            b.replace(as_int(godot_id), as_int(fleet_id)) for b in bodies(reference, direction)
-        ]
-        ours = bodies(fleet, direction)
+        godot = []
+        for f in server_leg(reference, direction):
+            # Godot's ids are random 31-bit numbers: its INT form is found only where it is.
+            body = f.body.replace(as_int(godot_id), as_int(fleet_id))
+            if f.name in ("board", "broadcast"):  # their first argument is the count
+                body = body.replace(godot_n, fleet_n, 1)
+            godot.append(body)
+        ours = [f.body for f in server_leg(fleet, direction)]
         assert len(ours) == len(godot) == len(EXPECTED_EXCHANGE[direction])
         for i, (want, got) in enumerate(zip(godot, ours, strict=True)):
             assert got == want, (direction, i, want.hex(), got.hex())

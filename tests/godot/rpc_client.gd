@@ -13,7 +13,8 @@
 #      was sent (var2str), then Lobby.rpc_id(1, "echo", 2, <six other values>) (by path id).
 #   3. server_reply(2, ...): Lobby.rset_id(1, "score", me) (a remote var on the server:
 #      allowed), Lobby.rset_id(1, "secret", me) (a puppet var there, and the server is the
-#      master: refused), Lobby.rpc_id(1, "query").
+#      master: refused), three calls the server refuses (echo with one argument,
+#      not_remote: a method not marked remote, no_such_method), Lobby.rpc_id(1, "query").
 #   4. state(score, secret): what the server holds (score = me, secret untouched), then
 #      Lobby.rpc_id(1, "client_ready").
 #   5. The server, once every client is ready: rset("hp", 77), rset_id(me, "tag", me),
@@ -198,6 +199,9 @@ func on_reply(sender: int, round_no: int, values: Array, seen: int) -> void:
 		phase = "query"
 		lobby.rset_id(1, "score", me)
 		lobby.rset_id(1, "secret", me)
+		lobby.rpc_id(1, "echo", 3)
+		lobby.rpc_id(1, "not_remote")
+		lobby.rpc_id(1, "no_such_method")
 		lobby.rpc_id(1, "query")
 	else:
 		fail("reply %d in phase %s" % [round_no, phase])

@@ -18,6 +18,7 @@
 #                                               to everyone, this server included)
 #   remote var score (setget: noted per sender)  rset by clients: allowed
 #   puppet var secret                           rset by clients: refused by the engine
+#   func not_remote()                           not callable by clients (noted if called)
 # Once every ready client has left it prints the summary ("exit") and exits 0; 2 on the
 # deadline, 3 when listen failed, 4 for bad arguments. Observations: "RESULT {json}" lines.
 extends SceneTree
@@ -45,6 +46,9 @@ class Lobby extends Node:
 
 	remote func echo(round_no, i, f, s, v, a, d):
 		sink.on_echo(get_tree().get_rpc_sender_id(), round_no, [i, f, s, v, a, d])
+
+	func not_remote():
+		sink.on_not_remote(get_tree().get_rpc_sender_id())
 
 	remote func query():
 		sink.on_query(get_tree().get_rpc_sender_id())
@@ -131,6 +135,10 @@ func on_echo(sender: int, round_no: int, values: Array) -> void:
 	echoes.append([sender, round_no, var2str(values)])
 	var args := [sender, "server_reply", round_no] + values + [sender]
 	lobby.callv("rpc_id", args)
+
+
+func on_not_remote(sender: int) -> void:
+	report({"event": "not_remote_called", "from": sender})
 
 
 func on_score(sender: int, value) -> void:
