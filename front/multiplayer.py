@@ -261,6 +261,9 @@ class MultiplayerAPI(SignalEmitter):
         except _Dropped as dropped:
             self._drops[dropped.reason] += 1
             log.debug("multiplayer: dropped a packet from peer %d: %s", sender, dropped)
+        except Exception:  # a bug here must cost that packet only, never poll()
+            self._drops["rpc_malformed"] += 1
+            log.exception("multiplayer: a packet from peer %d could not be processed", sender)
 
     def _simplify_path(self, sender: int, payload: bytes) -> None:
         if len(payload) < 5:
@@ -294,6 +297,8 @@ class MultiplayerAPI(SignalEmitter):
         if not can_call(mode, node.master == m.SERVER_ID, sender, node.master):
             raise _Dropped("rpc_mode", f"{node.path}: {name!r} ({mode.name}) from peer {sender}")
         if is_set:
+            if not hasattr(node.obj, name):  # a mode from rset_config, but no such attribute
+                raise _Dropped("rpc_member", f"{node.path} has no attribute {name!r}")
             value, _ = self._decode(payload, offset)
             self._run(node, name, sender, lambda: setattr(node.obj, name, value))
             return
@@ -303,7 +308,9 @@ class MultiplayerAPI(SignalEmitter):
         for _ in range(argc):
             value, offset = self._decode(payload, offset)
             args.append(value)
-        method = getattr(node.obj, name)
+        method = getattr(node.obj, name, None)
+        if not callable(method):  # a mode from rpc_config, but no such method
+            raise _Dropped("rpc_member", f"{node.path} has no method {name!r}")
         self._check_arity(node, name, method, argc)
         self._run(node, name, sender, lambda: method(*args))
 

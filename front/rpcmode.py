@@ -91,9 +91,23 @@ class RsetProperty:
 
 
 class _MarkedProperty(property):
-    """A ``property`` with an RPC mode (its setter runs for ``rset``)."""
+    """A ``property`` with an RPC mode (its setter runs for ``rset``); the mode stays when
+    ``@name.setter`` (or ``getter``/``deleter``) makes the property anew."""
 
-    mode: RPCMode
+    mode: RPCMode = RPCMode.DISABLED
+
+    def _same_mode(self, other: property) -> property:
+        other.mode = self.mode  # type: ignore[attr-defined]
+        return other
+
+    def getter(self, fget: Callable[[Any], Any]) -> property:
+        return self._same_mode(super().getter(fget))
+
+    def setter(self, fset: Callable[[Any, Any], None]) -> property:
+        return self._same_mode(super().setter(fset))
+
+    def deleter(self, fdel: Callable[[Any], None]) -> property:
+        return self._same_mode(super().deleter(fdel))
 
 
 def _marker(mode: RPCMode) -> Callable[[Any], Any]:
