@@ -149,6 +149,24 @@ class ServerView:
         return out
 
 
+def arrivals(client: MPClient) -> list[tuple[str, Any, Any]]:
+    """System messages ("sys", type, id) and the server's calls ("call", method, first
+    argument), in the order they arrived."""
+    paths: dict[int, str] = {}
+    out: list[tuple[str, Any, Any]] = []
+    for frame in client.frames:
+        kind, sender, _ = HEADER.unpack_from(frame)
+        payload = frame[HEADER_SIZE:]
+        if kind != SYS_NONE:
+            out.append(("sys", kind, struct.unpack_from("<i", payload)[0]))
+        elif sender == SERVER and payload[0] == SIMPLIFY_PATH:
+            paths[U32.unpack_from(payload, 1)[0]] = payload[5:-1].decode()
+        elif sender == SERVER and payload[0] == REMOTE_CALL:
+            _, method, args, _ = read_call(payload, paths)
+            out.append(("call", method, args[0] if args else None))
+    return out
+
+
 # -- the server's nodes ---------------------------------------------------------------------
 
 
@@ -731,4 +749,32 @@ def test_raw_packets_and_the_network_peer_signals(rpc_server) -> None:
     assert sorted(mp.get_network_connected_peers()) == sorted(i for i in ids if i != b.id)
     with pytest.raises(ValueError):
         mp.send_bytes(b"")
+    log.check()
+
+
+@pytest.mark.timeout(60)
+def test_rpcs_from_network_peer_connected_arrive_after_the_join_messages(rpc_server) -> None:
+    """A game greets a newcomer from ``network_peer_connected``: its ``rpc_id`` must reach
+    the newcomer after its SYS_ID, and an ``rpc`` about it must reach every other peer
+    after that peer's SYS_ADD of it (a Godot client would not know the peer yet)."""
+    server, log, _, _ = rpc_server()
+    mp = server.multiplayer
+    mp.connect("network_peer_connected", lambda i: mp.rpc_id(i, "/root/Lobby", "welcome", i))
+    mp.connect("network_peer_connected", lambda i: mp.rpc("/root/Lobby", "joined", i))
+
+    async def body() -> list[MPClient]:
+        clients = await spread(server, log, per_shard=2)
+        await settle(server, log, clients)
+        return clients
+
+    clients = run_mp(server, body)
+    ids = [c.id for c in clients]
+    for n, c in enumerate(clients):
+        order = arrivals(c)
+        assert order[:2] == [("sys", 3, c.id), ("sys", 1, SERVER)], c.id
+        calls = [entry for entry in order if entry[0] == "call"]
+        assert calls == [("call", "welcome", c.id)] + [("call", "joined", i) for i in ids[n:]]
+        for _, method, peer in calls:
+            if method == "joined" and peer != c.id:
+                assert order.index(("sys", 1, peer)) < order.index(("call", "joined", peer))
     log.check()
