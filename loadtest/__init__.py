@@ -18,6 +18,11 @@ One framework, in layers (each module's docstring says what it may import):
 * what is measured: ``scenario`` (the `Scenario` base class and `ProcessScenario`),
   one module per scenario: ``echo_bench``, ``broadcast``, ``connect``, ``idle``,
   ``relay_bench`` (mp-relay), and ``scenarios`` (the registry, `SCENARIOS`);
+* ``rpc_bench``: RPC calls per second into the Python server
+  (``server.multiplayer``), with the relay and RAW figures of the same server beside
+  them (its own rows and table over `bench.one_run`; its server is ``wsfleet serve
+  --app wsfleet.loadtest.rpc_bench:setup``), and ``rpc_api_bench`` (the RPC layer
+  alone, in-process, by the number of peers);
 * the front ends: ``bench`` (a benchmark's rounds over servers it starts, the
   command lines of ``echo_bench``, ``relay_bench`` and ``scenarios``), ``catalog``
   (the servers it compares), ``report`` (medians, table, JSON), ``cli``
