@@ -433,10 +433,12 @@ class Fleet:
                 self._read_control()
                 self._drain_events()
             self._flush_commands()
-            if self._select_mode:
-                self._arm_all()
         finally:
             self._defer_commands(False)
+            # Even when a handler raised out of poll(): a select()ing caller
+            # (wsfleet.aio.polling) is woken only by armed doorbells.
+            if self._select_mode and self.running and self._epoll is not None:
+                self._arm_all()
 
     def _yield_for_events(self) -> bool:
         """Let the shards run a moment before sleeping; True if events came meanwhile.

@@ -58,7 +58,7 @@ _FULL_PATH = 0x8000_0000
 _U32 = struct.Struct("<I")
 #: The reasons a packet for the server is dropped (keys of `MultiplayerAPI.stats`).
 DROP_REASONS = (
-    "rpc_malformed",  # too short, a name without its NUL, a bad path offset, an unknown command
+    "rpc_malformed",  # too short, a name without its NUL, a bad path offset
     "rpc_cache",  # a path id the sender never simplified, or a path we never sent (confirm)
     "rpc_node",  # no node registered at that path
     "rpc_member",  # no such method or attribute, or not marked for rpc/rset
@@ -423,15 +423,22 @@ class MultiplayerAPI(SignalEmitter):
             self._send_call(to, wire_path(path), REMOTE_SET, body)
 
     def _local(self, to: int, path: str, mode_of: Callable[[_Node], RPCMode]) -> tuple[bool, bool]:
-        """Godot's ``rpcp``: (call here too, do not send) for a call towards ``to``."""
-        if to == m.SERVER_ID:
-            raise ValueError("an RPC to the server itself: call the method")
-        if to != 0 and (to > 0 or to == -m.SERVER_ID):
+        """Godot's ``rpcp``: (call here too, do not send) for a call towards ``to``.
+
+        Towards the server itself (1), as Godot: only the local call, if the mode has
+        one (``remotesync``...); else nothing, with an error.
+        """
+        if to > m.SERVER_ID or to == -m.SERVER_ID:
             return False, False  # one peer, or "all but the server": never local
         node = self._nodes.get(wire_path(path))
-        if node is None:
-            return False, False  # a path only the clients have
-        return calls_local(mode_of(node), node.master == m.SERVER_ID)
+        local = (False, False)  # a path only the clients have
+        if node is not None:
+            local = calls_local(mode_of(node), node.master == m.SERVER_ID)
+        if to != m.SERVER_ID:
+            return local
+        if not local[0]:
+            log.error("multiplayer: an RPC/rset on the server itself, not allowed by its mode")
+        return local[0], True
 
     def _send_call(self, to: int, path: str, command: int, body: bytes) -> None:
         """A REMOTE_CALL/SET by path id where every target confirmed it, else per peer."""

@@ -44,6 +44,12 @@ class NullPeer:
     def peer_ids(self) -> list[int]:
         return self.ids
 
+    def peer_count(self) -> int:
+        return len(self.ids)
+
+    def has_peer(self, peer_id: int) -> bool:
+        return CALLER <= peer_id < CALLER + len(self.ids)
+
 
 def ping(seq: int) -> bytes:
     """``ping(seq, 0)`` by path id 1, as `rpc_bench` clients send it."""

@@ -444,9 +444,6 @@ def test_every_malformed_rpc_is_counted_by_reason_and_disturbs_nobody(rpc_server
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True, reason="multiplayer._remote: getattr(node.obj, name) raises into poll()"
-)
 def test_rpc_config_of_a_method_the_object_lacks_is_dropped_not_raised(rpc_server) -> None:
     """``rpc_config`` may name a method the object does not have (Godot allows it and
     refuses the call with an error); a call to it must be dropped as ``rpc_member``.
