@@ -366,6 +366,13 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
         help="comma-separated Origin values accepted, others get 403 (default: any)",
     )
     group.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="comma-separated addresses or networks (or *) of proxies whose X-Forwarded-For "
+        "/ Forwarded give the client's address (default: none)",
+    )
+    group.add_argument(
         "--require-origin",
         action="store_true",
         help="with --allowed-origins: refuse requests without Origin too (default: allow them)",
@@ -484,6 +491,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         metrics=args.metrics,
         shard_timeout=args.shard_timeout,
         log_config=log_config_from_args(args),
+        forwarded_allow_ips=args.forwarded_allow_ips,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

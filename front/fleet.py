@@ -68,8 +68,9 @@ class FleetListener:
     neither side calls into the other's private members.
     """
 
-    #: A peer opened: ``(channel, ip, port, protocol)``; its channel is in ``channels``.
-    peer_connected: Callable[[PeerChannel, str, int, str], None]
+    #: A peer opened: ``(channel, ip, port, protocol, request_head)``; its channel is in
+    #: ``channels``.
+    peer_connected: Callable[[PeerChannel, str, int, str, bytes], None]
     #: A peer is gone: ``(channel, was_clean_close)``; its channel is closed already.
     peer_left: Callable[[PeerChannel, bool], None]
     #: A peer sent a close frame: ``(peer_id, code, reason)``.
@@ -530,11 +531,11 @@ class Fleet:
         if kind == m.EV_CONNECTED:
             if not self.running:
                 return  # stop() from a handler of this batch: the peer is being closed
-            ip, port, protocol = m.decode_connected(payload)
+            ip, port, protocol, head = m.decode_connected(payload)
             channel = PeerChannel(peer_id, link, self.limits, self.budget)
             self.channels[peer_id] = channel
             link.peers.add(peer_id)
-            self.listener.peer_connected(channel, ip, port, protocol)
+            self.listener.peer_connected(channel, ip, port, protocol, head)
         elif kind == m.EV_CLOSE_REQUEST:
             if peer_id in self.channels:
                 code, reason = m.decode_close(payload)

@@ -24,6 +24,7 @@ from wsfleet.ipc import messages as m
 
 from .channel import PeerChannel
 from .errors import Error
+from .request import HandshakeRequest
 from .variant import MAX_ENCODED_SIZE, VariantError, decode_variant, encode_variant
 
 log = logging.getLogger("wsfleet")
@@ -60,12 +61,26 @@ class WebSocketPeer:
         "_write_mode",
         "_last_was_string",
         "_packet_error",
+        "_head",
+        "_request",
+        "_proxy",
     )
 
-    def __init__(self, channel: PeerChannel, ip: str, port: int, protocol: str) -> None:
+    def __init__(
+        self,
+        channel: PeerChannel,
+        ip: str,
+        port: int,
+        protocol: str,
+        request_head: bytes = b"",
+        proxy: str = "",
+    ) -> None:
         self._channel = channel
         self._ip = ip
         self._port = port
+        self._head = request_head
+        self._request: HandshakeRequest | None = None
+        self._proxy = proxy
         #: The subprotocol agreed in the handshake ("" if none).
         self.protocol = protocol
         self._write_mode = self.WRITE_MODE_BINARY
@@ -173,7 +188,19 @@ class WebSocketPeer:
         self._channel.close(code, check_close(code, reason))
 
     def get_connected_host(self) -> str:
+        """The client's address: behind a trusted proxy (``forwarded_allow_ips``) the one
+        it forwarded, else the TCP peer's."""
         return self._ip
+
+    def get_proxy_address(self) -> str:
+        """The trusted proxy's address when the client's came forwarded; "" otherwise."""
+        return self._proxy
+
+    def get_request(self) -> HandshakeRequest:
+        """The upgrade request: path, query, headers, cookies (parsed on first call)."""
+        if self._request is None:
+            self._request = HandshakeRequest(self._head)
+        return self._request
 
     def get_connected_port(self) -> int:
         return self._port

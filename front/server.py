@@ -42,6 +42,7 @@ from .multiplayer import MultiplayerAPI
 from .ops import bind_ops_sockets
 from .peer import WebSocketPeer, check_close
 from .relay import MultiplayerRelay
+from .request import ForwardedPolicy, HandshakeRequest
 from .signals import SignalEmitter
 
 log = logging.getLogger("wsfleet")
@@ -169,6 +170,17 @@ class WebSocketServer(SignalEmitter):
     ``log_config`` (None: INFO, text, no access log)
         A `wsfleet.ipc.logconfig.LogConfig`: how the supervisor and the
         shards log (the application's own process is the application's).
+
+    The handshake:
+
+    ``forwarded_allow_ips`` (None: nobody; addresses or networks, a list or a
+    comma-separated string; ``"*"``: every one)
+        Connections from these addresses (a proxy, a load balancer) may say
+        who their client is (``X-Forwarded-For``, else ``Forwarded``):
+        `get_peer_address` is then the client's and
+        ``get_peer(id).get_proxy_address()`` the proxy's.  Never trusted by
+        default.  Every peer's upgrade request is ``get_peer(id).get_request()``
+        (path, query, headers, cookies; `wsfleet.request`).
     """
 
     SIGNALS = (
@@ -209,6 +221,7 @@ class WebSocketServer(SignalEmitter):
         metrics: tuple[str, int] | None = None,
         shard_timeout: float = DEFAULT_SHARD_TIMEOUT,
         log_config: LogConfig | None = None,
+        forwarded_allow_ips: Iterable[str] | str | None = None,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -235,6 +248,7 @@ class WebSocketServer(SignalEmitter):
         self.shard_timeout = shard_timeout
         #: How the supervisor and the shards log (None: INFO, text, no access log).
         self.log_config = log_config
+        self.forwarded_allow_ips = forwarded_allow_ips
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -273,6 +287,19 @@ class WebSocketServer(SignalEmitter):
         if self._listening:
             raise RuntimeError("bind_ip cannot change while the server is listening")
         self._bind_ip = binding.check_bind_ip(value)
+
+    @property
+    def forwarded_allow_ips(self) -> list[str]:
+        """Proxies trusted to say who their client is (see the class docstring)."""
+        return list(self._forwarded_allow_ips)
+
+    @forwarded_allow_ips.setter
+    def forwarded_allow_ips(self, value: Iterable[str] | str | None) -> None:
+        if isinstance(value, str):
+            value = value.split(",")
+        entries = [entry.strip() for entry in value or () if entry.strip()]
+        self._forwarded = ForwardedPolicy(entries)  # ValueError for a bad entry
+        self._forwarded_allow_ips = entries
 
     @property
     def port(self) -> int:
@@ -607,9 +634,16 @@ class WebSocketServer(SignalEmitter):
 
     # -- the fleet's reports (handed to it as a FleetListener) ----------------------------------
 
-    def _on_peer_connected(self, channel: PeerChannel, ip: str, port: int, protocol: str) -> None:
+    def _on_peer_connected(
+        self, channel: PeerChannel, ip: str, port: int, protocol: str, head: bytes
+    ) -> None:
         peer_id = channel.id
-        self._peers[peer_id] = WebSocketPeer(channel, ip, port, protocol)
+        proxy = ""
+        if self._forwarded:  # only then is the request parsed here
+            client = self._forwarded.client(ip, HandshakeRequest(head))
+            if client:
+                ip, proxy = client, ip
+        self._peers[peer_id] = WebSocketPeer(channel, ip, port, protocol, head, proxy)
         if self._gd_mp_api:
             self._relay.welcome(channel)
             self.emit_signal("peer_connected", peer_id)

@@ -156,15 +156,18 @@ _CREDIT = struct.Struct("<iII")  # peer, packets, bytes
 _COUNT = struct.Struct("<I")
 
 
-def encode_connected(ip: str, port: int, protocol: str) -> bytes:
-    return _CONNECTED.pack(port) + ip.encode() + b"\0" + protocol.encode()
+def encode_connected(ip: str, port: int, protocol: str, request_head: bytes = b"") -> bytes:
+    """The peer's address, its subprotocol and the head of its upgrade request (request
+    line and header lines, CRLF-separated; it holds no NUL: the shard refused any)."""
+    return _CONNECTED.pack(port) + ip.encode() + b"\0" + protocol.encode() + b"\0" + request_head
 
 
-def decode_connected(payload: bytes) -> tuple[str, int, str]:
-    """``(ip, port, protocol)``."""
+def decode_connected(payload: bytes) -> tuple[str, int, str, bytes]:
+    """``(ip, port, protocol, request_head)``."""
     (port,) = _CONNECTED.unpack_from(payload)
-    ip, _, protocol = payload[_CONNECTED.size :].partition(b"\0")
-    return ip.decode(), port, protocol.decode()
+    ip, _, rest = payload[_CONNECTED.size :].partition(b"\0")
+    protocol, _, head = rest.partition(b"\0")
+    return ip.decode(), port, protocol.decode(), head
 
 
 def encode_close(code: int, reason: str | bytes) -> bytes:

@@ -329,6 +329,9 @@ class ServerWire:
         self._admit = admit
         self.phase = _HANDSHAKE
         self.subprotocol = ""
+        #: The accepted upgrade request's head (request line and headers, without the blank
+        #: line), for the application (`take_request_head`); b"" before and after.
+        self.request_head = b""
         #: The peer sent the first close frame (Godot's "clean close" for the server).
         self.peer_closed_first = False
         #: Whether `data_to_send` has something (a cheap check for the caller).
@@ -588,6 +591,7 @@ class ServerWire:
         self._out.append(_response_101(key, protocol))
         self.wants_write = True
         self._ws = self._new_ws(_WS_OPEN)
+        self.request_head = request[:end]
         self._opened(protocol, events)
         rest = request[end + 4 :]
         if rest:
@@ -657,6 +661,7 @@ class ServerWire:
             ws.send_response(response)
             if response.status_code == 101:
                 self._take_output(events)
+                self.request_head = request[:end]
                 self._opened(response.headers.get("Sec-WebSocket-Protocol", ""), events)
                 rest = request[end + 4 :]
                 if rest:
@@ -728,6 +733,11 @@ class ServerWire:
             self._fragments_text = fragments_text
             # websockets checks continuation frames against its own running size.
             self._ws.current_size = len(fragments)
+
+    def take_request_head(self) -> bytes:
+        """The accepted request's head, once (the wire keeps no copy after)."""
+        head, self.request_head = self.request_head, b""
+        return head
 
     def data_to_send(self) -> list[bytes]:
         """What to write, in order, since the last call; ``b""``: the end of the stream."""

@@ -250,7 +250,12 @@ class Shard:
     def peer_connected(self, conn: PeerConnection, protocol: str) -> int:
         peer_id = self._allocate_id()
         self.peers[peer_id] = conn
-        self.emit(m.EV_CONNECTED, peer_id, 0, m.encode_connected(conn.ip, conn.port, protocol))
+        self.emit(
+            m.EV_CONNECTED,
+            peer_id,
+            0,
+            m.encode_connected(conn.ip, conn.port, protocol, conn.wire.take_request_head()),
+        )
         if self.access:
             access_log.info(
                 "peer %d connected from %s:%d, subprotocol %s",
