@@ -279,6 +279,15 @@ def log_format(text: str) -> str:
     return value
 
 
+def health_path(text: str) -> str | None:
+    """``off``, or a path from the root (``/healthz``)."""
+    if text == "off":
+        return None
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"a path starting with '/', or off: {text!r}")
+    return text
+
+
 def shard_timeout(text: str) -> float:
     value = _number(text, float)
     if value < MIN_SHARD_TIMEOUT:
@@ -364,6 +373,14 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
         default=None,
         metavar="ORIGINS",
         help="comma-separated Origin values accepted, others get 403 (default: any)",
+    )
+    group.add_argument(
+        "--health-path",
+        type=health_path,
+        default="/healthz",
+        metavar="PATH",
+        help="a plain GET of PATH on the WebSocket port gets 200 from its shard (503 while "
+        "draining), any other plain request 426 (default /healthz; off: none)",
     )
     group.add_argument(
         "--forwarded-allow-ips",
@@ -492,6 +509,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         shard_timeout=args.shard_timeout,
         log_config=log_config_from_args(args),
         forwarded_allow_ips=args.forwarded_allow_ips,
+        health_path=args.health_path,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

@@ -52,6 +52,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
 DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
+DEFAULT_HEALTH_PATH = "/healthz"
 #: The server-wide cap on outbound bytes not yet handed to the kernel: 256 MiB holds
 #: 4,096 peers with a full default (64 KiB) buffer, or 16 peers with a 16 MiB message
 #: each, and stays a small part of a server's memory however many peers connect.
@@ -181,6 +182,13 @@ class WebSocketServer(SignalEmitter):
         ``get_peer(id).get_proxy_address()`` the proxy's.  Never trusted by
         default.  Every peer's upgrade request is ``get_peer(id).get_request()``
         (path, query, headers, cookies; `wsfleet.request`).
+    ``health_path`` ("/healthz"; None: off)
+        A plain ``GET`` of this path on the WebSocket port (no ``Upgrade``)
+        is answered by the shard that accepted it: ``200 ok``, or ``503``
+        while draining or stopping, with ``X-Wsfleet-Shard: N``: the
+        per-port probe of a load balancer (the metrics port's ``/healthz`` is
+        the fleet-wide one).  Any other plain request gets ``426 Upgrade
+        Required``.
     """
 
     SIGNALS = (
@@ -222,6 +230,7 @@ class WebSocketServer(SignalEmitter):
         shard_timeout: float = DEFAULT_SHARD_TIMEOUT,
         log_config: LogConfig | None = None,
         forwarded_allow_ips: Iterable[str] | str | None = None,
+        health_path: str | None = DEFAULT_HEALTH_PATH,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -249,6 +258,7 @@ class WebSocketServer(SignalEmitter):
         #: How the supervisor and the shards log (None: INFO, text, no access log).
         self.log_config = log_config
         self.forwarded_allow_ips = forwarded_allow_ips
+        self.health_path = health_path
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -462,6 +472,7 @@ class WebSocketServer(SignalEmitter):
             require_origin=bool(self.require_origin),
             ping_interval=float(self.ping_interval) if self.ping_interval else None,
             ping_timeout=float(self.ping_timeout) if self.ping_timeout else None,
+            health_path=self.health_path or None,
         )
         peer_limits = PeerLimits(
             in_packets=self._in_packets_limit,

@@ -48,6 +48,9 @@ class Limits:
     require_origin: bool
     ping_interval: float | None
     ping_timeout: float | None
+    #: A plain GET of this path (no Upgrade) is the shard's health check: 200, or 503
+    #: while draining or stopping.  None: every plain request gets 426.
+    health_path: str | None = "/healthz"
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout > 0:
@@ -66,6 +69,8 @@ class Limits:
             isinstance(origin, str) for origin in self.allowed_origins
         ):
             raise ValueError("allowed_origins must be strings")
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ValueError(f"health_path must start with '/': {self.health_path!r}")
         for name in ("ping_interval", "ping_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -61,6 +61,7 @@ SHARD_FIELDS: tuple[str, ...] = (
     "closes_other",
     "reloads",
     "handoff_dropped",
+    "health_checks",
     "ring_fill",
     "ring_capacity",
     "paused_sockets",

@@ -49,6 +49,7 @@ _OPEN, _REFUSED, _HANDSHAKE = Phase.OPEN, Phase.REFUSED, Phase.HANDSHAKE
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
 _REFUSED_EVENT, _FAILED = EventKind.REFUSED, EventKind.FAILED
+_ANSWERED = EventKind.ANSWERED
 #: Close codes of an orderly departure (the others are logged as abnormal).
 _NORMAL_CLOSES = (1000, 1001)
 _EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
@@ -66,6 +67,7 @@ class PeerConnection(asyncio.Protocol):
             max_request_bytes=shard.max_request_bytes,
             select_subprotocol=shard.choose_subprotocol,
             admit=self._admission,
+            answer_http=shard.answer_http if shard.health_path else None,
         )
         self.ip = ""
         self.port = 0
@@ -168,6 +170,8 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("handshakes_accepted")
             self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
+        elif kind is _ANSWERED:
+            self.shard.count("health_checks")
         elif kind is _REFUSED_EVENT:
             self.shard.count(refuse_field(value))  # type: ignore[arg-type]
             if self.shard.conn_log_level is not None:

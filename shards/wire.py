@@ -153,11 +153,16 @@ class EventKind(enum.IntEnum):
     CLOSE_REQUEST = 5
     #: The connection failed (RFC 6455 7.1.7); value: the ``Close`` sent (1006: none).
     FAILED = 6
+    #: A plain HTTP request (no ``Upgrade``) the caller's ``answer_http`` answered (a health
+    #: check); value: the HTTP status sent.  The stream ends after it, as after a refusal.
+    ANSWERED = 8
     #: A pong came; value: its payload.
     PONG = 7
 
 
 Event = tuple[EventKind, Any]
+#: An answer to a plain HTTP request: status, body text, extra headers.
+HttpAnswer = tuple[int, str, list[tuple[str, str]]]
 
 DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_REQUEST_BYTES = 8192
@@ -175,7 +180,7 @@ _ACCEPT, _REFUSE, _SEND_CLOSE, _END, _RESUME = (
     Trigger.END,
     Trigger.RESUME,
 )
-_EV_OPENED, _EV_REFUSED = EventKind.OPENED, EventKind.REFUSED
+_EV_OPENED, _EV_REFUSED, _EV_ANSWERED = EventKind.OPENED, EventKind.REFUSED, EventKind.ANSWERED
 _EV_CLOSE_REQUEST, _EV_FAILED = EventKind.CLOSE_REQUEST, EventKind.FAILED
 _OP_TEXT, _OP_BINARY, _OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OP_CLOSE, _OP_PONG = Opcode.CLOSE, Opcode.PONG
@@ -313,6 +318,10 @@ class ServerWire:
       values, just before it is accepted: None accepts (the caller must then open
       the connection: `EventKind.OPENED` follows at once), ``(status, text)``
       refuses it with that HTTP answer.
+    * ``answer_http(path)``: called for a well-formed HTTP request without an
+      ``Upgrade`` header, with its path (no query): ``(status, text, headers)``
+      is answered (`EventKind.ANSWERED`), None leaves it to websockets' ``426
+      Upgrade Required``.
     """
 
     def __init__(
@@ -322,11 +331,13 @@ class ServerWire:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         select_subprotocol: Callable[[Sequence[str]], str | None] = _no_subprotocol,
         admit: Callable[[Sequence[str]], tuple[HTTPStatus, str] | None] = _accept_all,
+        answer_http: Callable[[str], HttpAnswer | None] | None = None,
     ) -> None:
         self.max_message = max_message
         self.max_request_bytes = max_request_bytes
         self._select_subprotocol = select_subprotocol
         self._admit = admit
+        self._answer_http = answer_http
         self.phase = _HANDSHAKE
         self.subprotocol = ""
         #: The accepted upgrade request's head (request line and headers, without the blank
@@ -653,6 +664,20 @@ class ServerWire:
         parsed = ws.events_received()
         if parsed and isinstance(parsed[0], Request):
             request_event = parsed[0]
+            answer = None
+            if self._answer_http is not None and "Upgrade" not in request_event.headers:
+                answer = self._answer_http(request_event.path.partition("?")[0])
+            if answer is not None:
+                status, text, headers = answer
+                response = ws.reject(status, text)
+                for name, value in headers:
+                    response.headers[name] = value
+                ws.send_response(response)
+                self._out += ws.data_to_send()
+                self.wants_write = True
+                self._move(_REFUSE)  # the stream ends after the answer, as after a refusal
+                events.append((_EV_ANSWERED, int(status)))
+                return
             response = ws.accept(request_event)
             if response.status_code == 101:
                 refusal = self._admit(request_event.headers.get_all("Origin"))

@@ -102,6 +102,9 @@ class Shard:
         self.ping_interval: float | None = limits.ping_interval
         self.ping_timeout: float | None = limits.ping_timeout
         self.mp: bool = config.gd_mp_api
+        self.health_path: str | None = limits.health_path
+        self.health_header = [("X-Wsfleet-Shard", str(self.index))]
+        self.stopping = False
         self.refusing = False
         #: Per-connection lines: connects and departures (the access log), and the level of
         #: refusals and abnormal closes (None: not logged). Decided once: a handshake pays
@@ -186,6 +189,15 @@ class Shard:
     def draining(self) -> bool:
         """``wsfleet drain``: new upgrades are refused with 503 (read once per handshake)."""
         return self.stats is not None and self.stats.draining
+
+    def answer_http(self, path: str) -> tuple[int, str, list[tuple[str, str]]] | None:
+        """A plain HTTP request (no Upgrade): the health check at ``health_path`` (this
+        shard's: its header names it), else None (websockets answers 426)."""
+        if path != self.health_path:
+            return None
+        if self.stopping or self.draining:
+            return 503, "draining\n" if self.draining else "stopping\n", self.health_header
+        return 200, "ok\n", self.health_header
 
     def admit(self) -> bool:
         """Take a ``max_peers`` slot for a connection about to open; False when the server is full.
@@ -537,6 +549,7 @@ class Shard:
         comes, but a bound costs nothing (``time.monotonic``: uvloop's ``loop.time()``
         stands still inside a callback).
         """
+        self.stopping = True
         for server in self.servers:
             server.close()
         drain_until = time.monotonic() + GRACEFUL_CLOSE_SECONDS / 2

@@ -76,6 +76,7 @@ class FleetCollector(Collector):
             ("restarts", "Times the shard process was restarted."),
             ("reloads", "Times the shard process was replaced by wsfleet reload."),
             ("handoff_dropped", "Connections cut at a reload: not settled in time."),
+            ("health_checks", "Plain GETs of the health path answered on the WebSocket port."),
         ):
             yield family(CounterMetricFamily, f"wsfleet_{field}", text, field)
         closes = CounterMetricFamily(

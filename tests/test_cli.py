@@ -149,6 +149,11 @@ BAD_VALUES: dict[str, list[list[str]]] = {
     "--gd-mp-api": [["--gd-mp-api=yes"]],
     "--quiet": [["--quiet=1"]],
     "--max-peers": [["--max-peers", "-1"], ["--max-peers", "many"], ["--max-peers", "1.5"]],
+    "--health-path": [["--health-path", "healthz"], ["--health-path", ""]],
+    "--forwarded-allow-ips": [
+        ["--forwarded-allow-ips", "proxy.example"],
+        ["--forwarded-allow-ips", "10.0.0.0/33"],
+    ],
     "--max-message-size": [
         ["--max-message-size", "0"],
         ["--max-message-size", "-1"],
