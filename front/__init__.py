@@ -16,6 +16,8 @@ Its parts, each a module with one job:
 * `multiplayer`, `rpcmode`: Godot's RPCs and rsets on the server's side
   (``server.multiplayer``), and the ``remote``/``master``/``puppet``...
   decorators;
+* `request`: a peer's upgrade request (``get_request``) and the client's address
+  behind a trusted proxy (``forwarded_allow_ips``);
 * `binding`: ``bind_ip`` -> addresses -> listening sockets, and ``format_url``;
 * `signals`, `errors`, `variant`, `aio`: Godot's signals, ``Error``, Variant
   encoding, and polling from asyncio; `cli`: the ``wsfleet`` command.
