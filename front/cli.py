@@ -117,6 +117,14 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return convert
 
 
+def rate(text: str) -> float:
+    """Messages a second: more than 0."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 messages a second: {text}")
+    return value
+
+
 def message_size(text: str) -> int:
     value = int(_number(text, int))
     if not 1 <= value <= MAX_MESSAGE_SIZE:
@@ -375,6 +383,21 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
         help="comma-separated Origin values accepted, others get 403 (default: any)",
     )
     group.add_argument(
+        "--max-message-rate",
+        type=rate,
+        default=None,
+        metavar="N",
+        help="messages a second per peer, on average; a peer over it is closed with 1008 "
+        "(default: no limit)",
+    )
+    group.add_argument(
+        "--message-burst",
+        type=at_least(1),
+        default=0,
+        metavar="N",
+        help="messages a peer may send at once under --max-message-rate (default: a second's)",
+    )
+    group.add_argument(
         "--health-path",
         type=health_path,
         default="/healthz",
@@ -510,6 +533,8 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         log_config=log_config_from_args(args),
         forwarded_allow_ips=args.forwarded_allow_ips,
         health_path=args.health_path,
+        max_message_rate=args.max_message_rate,
+        message_burst=args.message_burst,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

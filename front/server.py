@@ -132,6 +132,10 @@ class WebSocketServer(SignalEmitter):
         handshake the server starts that the peer does not finish within
         ``ping_timeout`` ends with the connection cut, too.  One timer per
         shard sweeps its connections.
+    ``max_message_rate`` (None: off) and ``message_burst`` (0: one second's worth)
+        A token bucket per peer: messages a second on average, and at once.  A
+        peer over it is closed with 1008 (the messages of that read are
+        dropped), counted as ``rate_limited``.  Checked once per socket read.
     ``slow_consumer_close_code`` (None: off; 1008 or 1013)
         By default `WebSocketPeer.put_packet` returns ``ERR_OUT_OF_MEMORY``
         while a peer's outbound buffer (`set_buffers`) is full and the peer
@@ -231,6 +235,8 @@ class WebSocketServer(SignalEmitter):
         log_config: LogConfig | None = None,
         forwarded_allow_ips: Iterable[str] | str | None = None,
         health_path: str | None = DEFAULT_HEALTH_PATH,
+        max_message_rate: float | None = None,
+        message_burst: int = 0,
     ) -> None:
         super().__init__()
         if shards is None:
@@ -259,6 +265,8 @@ class WebSocketServer(SignalEmitter):
         self.log_config = log_config
         self.forwarded_allow_ips = forwarded_allow_ips
         self.health_path = health_path
+        self.max_message_rate = max_message_rate
+        self.message_burst = message_burst
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -473,6 +481,8 @@ class WebSocketServer(SignalEmitter):
             ping_interval=float(self.ping_interval) if self.ping_interval else None,
             ping_timeout=float(self.ping_timeout) if self.ping_timeout else None,
             health_path=self.health_path or None,
+            max_message_rate=float(self.max_message_rate) if self.max_message_rate else None,
+            message_burst=int(self.message_burst or 0),
         )
         peer_limits = PeerLimits(
             in_packets=self._in_packets_limit,

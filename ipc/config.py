@@ -51,6 +51,10 @@ class Limits:
     #: A plain GET of this path (no Upgrade) is the shard's health check: 200, or 503
     #: while draining or stopping.  None: every plain request gets 426.
     health_path: str | None = "/healthz"
+    #: A token bucket per peer: at most this many messages a second on average (None:
+    #: off), ``message_burst`` at once (0: one second's worth); over it: close 1008.
+    max_message_rate: float | None = None
+    message_burst: int = 0
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout > 0:
@@ -69,6 +73,10 @@ class Limits:
             isinstance(origin, str) for origin in self.allowed_origins
         ):
             raise ValueError("allowed_origins must be strings")
+        if self.max_message_rate is not None and not self.max_message_rate > 0:
+            raise ValueError(f"max_message_rate must be None or positive: {self.max_message_rate}")
+        if self.message_burst < 0:
+            raise ValueError(f"message_burst must be 0 or positive: {self.message_burst}")
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise ValueError(f"health_path must start with '/': {self.health_path!r}")
         for name in ("ping_interval", "ping_timeout"):

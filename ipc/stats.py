@@ -62,6 +62,7 @@ SHARD_FIELDS: tuple[str, ...] = (
     "reloads",
     "handoff_dropped",
     "health_checks",
+    "rate_limited",
     "ring_fill",
     "ring_capacity",
     "paused_sockets",

@@ -93,6 +93,9 @@ class PeerConnection(asyncio.Protocol):
         # Reading is held by a handoff: in the old process for good (`stop_reading`), in the
         # new one until every moved connection is registered (`start_after_move`).
         self._reading_held = False
+        # The message-rate token bucket, [tokens, loop time of the last refill] (None: no
+        # limit, or not open yet): one attribute check per read when off.
+        self._bucket: list[float] | None = None
         self._unparsed = b""  # a moved connection's bytes to replay once it starts
 
     @classmethod
@@ -138,6 +141,8 @@ class PeerConnection(asyncio.Protocol):
         shard.bytes_in += len(data)  # counters: per read, not per message (see _event)
         if events:
             shard.messages_in += len(events)
+            if self._bucket is not None and not self._take_tokens(len(events)):
+                return
             if self._mp:
                 self._events_mp(events)
             else:
@@ -150,6 +155,32 @@ class PeerConnection(asyncio.Protocol):
                         self._event(kind, value)
         if wire.wants_write:
             self._write_wire_output()
+
+    def _take_tokens(self, count: int) -> bool:
+        """Spend ``count`` messages from the token bucket; over it: close 1008 (False)."""
+        bucket = self._bucket
+        assert bucket is not None
+        shard = self.shard
+        now = shard.loop.time()
+        tokens = min(shard.message_burst, bucket[0] + (now - bucket[1]) * shard.message_rate)
+        bucket[0], bucket[1] = tokens - count, now
+        if bucket[0] >= 0:
+            return True
+        shard.messages_in -= count  # not delivered
+        shard.count("rate_limited")
+        if shard.conn_log_level is not None:
+            shard.log_connection(
+                shard.conn_log_level,
+                "peer %d from %s:%d: over %g messages/s, closed (1008); %d message(s) dropped",
+                self.peer_id,
+                self.ip,
+                self.port,
+                shard.message_rate,
+                count,
+            )
+        self._bucket = None
+        self.fail(1008, "message rate limit exceeded")
+        return False
 
     def _events_mp(self, events: list) -> None:
         """Multiplayer mode: every message is a relay frame (`Shard.mp_frame`)."""
@@ -170,6 +201,8 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("handshakes_accepted")
             self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
+            if self.shard.message_rate:
+                self._bucket = [self.shard.message_burst, self.shard.loop.time()]
         elif kind is _ANSWERED:
             self.shard.count("health_checks")
         elif kind is _REFUSED_EVENT:
@@ -206,6 +239,8 @@ class PeerConnection(asyncio.Protocol):
             self.peer_id = state.peer_id
             shard.adopt(self)
             self._next_ping = shard.first_ping_time()
+            if shard.message_rate:  # a fresh bucket: the old process's is not carried
+                self._bucket = [shard.message_burst, shard.loop.time()]
         else:  # still in its upgrade: a fresh deadline
             self._set_deadline(shard.handshake_timeout)
         self._paused_by_front = state.paused_by_front
@@ -301,20 +336,26 @@ class PeerConnection(asyncio.Protocol):
         return None
 
     def _linger(self) -> None:
-        """End a refused handshake without resetting a client that is still sending.
+        """End the stream without resetting a client that is still sending.
 
         Closing a socket with unread bytes makes the kernel answer with a
-        reset, which can destroy the HTTP answer at the client before it is
-        read (a 431 goes out while the client still sends its request).  So:
-        half-close (the answer, then FIN), discard what comes (the wire does)
+        reset, which can destroy what was sent last at the client before it
+        is read: a 431 while the client still sends its request, a close
+        frame (1008, 1009) while it still sends messages.  So: half-close
+        (the last bytes, then FIN), read and discard what comes (the wire
+        discards in these phases, so reading resumes even if it was paused)
         until the client closes, and cut it after `CLOSE_GRACE_SECONDS` if it
         does not.
         """
         self._set_deadline(CLOSE_GRACE_SECONDS)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            self.transport.close()  # TLS cannot half-close
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()  # TLS cannot half-close
+            return
+        transport.write_eof()
+        if self._reading_off and not self._reading_held:
+            self._paused_by_front = self._paused_by_shard = False
+            self._apply_reading()
 
     def _set_deadline(self, seconds: float) -> None:
         """Cut the TCP connection in ``seconds`` unless it is gone or the deadline cleared."""
@@ -344,12 +385,8 @@ class PeerConnection(asyncio.Protocol):
         for chunk in self.wire.data_to_send():
             if chunk:
                 transport.write(chunk)
-            elif self.wire.phase is _REFUSED:  # the end of stream of a refused handshake
+            else:  # the end of stream: a refused handshake, a close handshake, a failure
                 self._linger()
-            else:  # the end of stream after the close handshake or a failure
-                transport.close()
-                if transport.get_write_buffer_size():
-                    self._set_deadline(CLOSE_GRACE_SECONDS)  # a peer that does not read
 
     def queue_message(self, payload: bytes, text: bool) -> bool:
         """Queue one data frame for this batch; False if the connection no longer sends."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import os
 import random
 import signal
@@ -103,6 +104,10 @@ class Shard:
         self.ping_timeout: float | None = limits.ping_timeout
         self.mp: bool = config.gd_mp_api
         self.health_path: str | None = limits.health_path
+        self.message_rate: float | None = limits.max_message_rate
+        self.message_burst: float = float(
+            limits.message_burst or max(1, math.ceil(limits.max_message_rate or 0))
+        )
         self.health_header = [("X-Wsfleet-Shard", str(self.index))]
         self.stopping = False
         self.refusing = False

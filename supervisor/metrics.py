@@ -77,6 +77,7 @@ class FleetCollector(Collector):
             ("reloads", "Times the shard process was replaced by wsfleet reload."),
             ("handoff_dropped", "Connections cut at a reload: not settled in time."),
             ("health_checks", "Plain GETs of the health path answered on the WebSocket port."),
+            ("rate_limited", "Peers closed (1008) for sending over max_message_rate."),
         ):
             yield family(CounterMetricFamily, f"wsfleet_{field}", text, field)
         closes = CounterMetricFamily(

@@ -150,6 +150,8 @@ BAD_VALUES: dict[str, list[list[str]]] = {
     "--quiet": [["--quiet=1"]],
     "--max-peers": [["--max-peers", "-1"], ["--max-peers", "many"], ["--max-peers", "1.5"]],
     "--health-path": [["--health-path", "healthz"], ["--health-path", ""]],
+    "--max-message-rate": [["--max-message-rate", "0"], ["--max-message-rate", "fast"]],
+    "--message-burst": [["--message-burst", "0"], ["--message-burst", "-3"]],
     "--forwarded-allow-ips": [
         ["--forwarded-allow-ips", "proxy.example"],
         ["--forwarded-allow-ips", "10.0.0.0/33"],

@@ -267,7 +267,7 @@ def test_every_shard_serves_every_address_of_a_name() -> None:
     assert [len(socks) for socks in sockets] == [len(hosts)] * 2
     connected: list[tuple[int, str]] = []  # (shard, peer address) of every peer
     listener = FleetListener(
-        peer_connected=lambda channel, ip, _p, _s: connected.append((channel.link.index, ip)),
+        peer_connected=lambda channel, ip, _p, _s, _h: connected.append((channel.link.index, ip)),
         peer_left=lambda channel, clean: None,
         close_requested=lambda peer_id, code, reason: None,
         shard_failed=lambda index, reason: None,
