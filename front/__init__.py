@@ -17,7 +17,8 @@ Its parts, each a module with one job:
   (``server.multiplayer``), and the ``remote``/``master``/``puppet``...
   decorators;
 * `request`: a peer's upgrade request (``get_request``) and the client's address
-  behind a trusted proxy (``forwarded_allow_ips``);
+  behind a trusted proxy (``forwarded_allow_ips``); `handshake`: the application's
+  verdict on an upgrade before its 101 (``set_handshake_handler``);
 * `binding`: ``bind_ip`` -> addresses -> listening sockets, and ``format_url``;
 * `signals`, `errors`, `variant`, `aio`: Godot's signals, ``Error``, Variant
   encoding, and polling from asyncio; `cli`: the ``wsfleet`` command.
@@ -41,6 +42,9 @@ _PUBLIC = {
     "WebSocketPeer": ".peer",
     "WebSocketServer": ".server",
     "MultiplayerAPI": ".multiplayer",
+    "Accept": ".handshake",
+    "Refuse": ".handshake",
+    "PendingHandshake": ".handshake",
     "RPCMode": ".rpcmode",
     "remote": ".rpcmode",
     "remotesync": ".rpcmode",
@@ -52,6 +56,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from .errors import Error
+    from .handshake import Accept, PendingHandshake, Refuse
     from .multiplayer import MultiplayerAPI
     from .peer import WebSocketPeer
     from .rpcmode import RPCMode, master, mastersync, puppet, puppetsync, remote, remotesync
@@ -71,7 +76,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Accept",
     "Error",
+    "PendingHandshake",
+    "Refuse",
     "MultiplayerAPI",
     "RPCMode",
     "master",

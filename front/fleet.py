@@ -79,6 +79,11 @@ class FleetListener:
     shard_failed: Callable[[int, str], None]
     #: An operator asked to stop (``wsfleet stop``): ``()``.
     stop_requested: Callable[[], None] = lambda: None
+    #: An upgrade waits for the application (a handshake handler is set):
+    #: ``(link, token, ip, port, protocol, offered, request_head)``.
+    handshake: Callable[..., None] = lambda *args: None
+    #: A waiting upgrade ended without a verdict: ``(token)``.
+    handshake_ended: Callable[[int], None] = lambda token: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +541,11 @@ class Fleet:
             self.channels[peer_id] = channel
             link.peers.add(peer_id)
             self.listener.peer_connected(channel, ip, port, protocol, head)
+        elif kind == m.EV_HANDSHAKE:
+            if self.running:
+                self.listener.handshake(link, peer_id, *m.decode_handshake(payload))
+        elif kind == m.EV_HANDSHAKE_ENDED:
+            self.listener.handshake_ended(peer_id)
         elif kind == m.EV_CLOSE_REQUEST:
             if peer_id in self.channels:
                 code, reason = m.decode_close(payload)

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from wsfleet.ipc import messages as m
@@ -38,6 +38,7 @@ from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
+from .handshake import Accept, PendingHandshake, Refuse
 from .multiplayer import MultiplayerAPI
 from .ops import bind_ops_sockets
 from .peer import WebSocketPeer, check_close
@@ -263,6 +264,11 @@ class WebSocketServer(SignalEmitter):
         self.shard_timeout = shard_timeout
         #: How the supervisor and the shards log (None: INFO, text, no access log).
         self.log_config = log_config
+        self._handshake_handler: Callable[[PendingHandshake], Accept | Refuse | None] | None = None
+        #: Upgrades waiting for a verdict (token -> shard link, the request's head), and
+        #: those accepted whose arrival has not come yet (token -> head).
+        self._waiting: dict[int, tuple[Any, bytes]] = {}
+        self._accepted: dict[int, bytes] = {}
         self.forwarded_allow_ips = forwarded_allow_ips
         self.health_path = health_path
         self.max_message_rate = max_message_rate
@@ -408,6 +414,8 @@ class WebSocketServer(SignalEmitter):
         self._budget = OutboundBudget(budget_limit)
         listener = FleetListener(
             peer_connected=self._on_peer_connected,
+            handshake=self._on_handshake,
+            handshake_ended=self._on_handshake_ended,
             peer_left=self._on_peer_left,
             close_requested=self._on_close_requested,
             shard_failed=self._on_shard_failed,
@@ -483,6 +491,7 @@ class WebSocketServer(SignalEmitter):
             health_path=self.health_path or None,
             max_message_rate=float(self.max_message_rate) if self.max_message_rate else None,
             message_burst=int(self.message_burst or 0),
+            hold_upgrades=self._handshake_handler is not None,
         )
         peer_limits = PeerLimits(
             in_packets=self._in_packets_limit,
@@ -655,10 +664,102 @@ class WebSocketServer(SignalEmitter):
 
     # -- the fleet's reports (handed to it as a FleetListener) ----------------------------------
 
+    # -- the application's verdict on upgrades (wsfleet.handshake) -----------------------------
+
+    def set_handshake_handler(
+        self, handler: Callable[[PendingHandshake], Accept | Refuse | None] | None
+    ) -> Error:
+        """Decide each upgrade before its 101 (before `listen`; None: no handler).
+
+        ``handler(pending)`` gets a `wsfleet.handshake.PendingHandshake`
+        (``token``, ``request``, ``address``, ``offered``, ``subprotocol``) inside
+        `poll` and returns ``wsfleet.Accept(...)``, ``wsfleet.Refuse(status,
+        reason, headers)``, or None to answer later with `accept_handshake` /
+        `refuse_handshake`, within ``handshake_timeout`` (else the connection
+        is dropped).  A handler that raises refuses with 500 (logged).
+        """
+        if self._listening:
+            log.error("set_handshake_handler: before listen() only")
+            return Error.ERR_ALREADY_IN_USE
+        self._handshake_handler = handler
+        return Error.OK
+
+    def accept_handshake(
+        self,
+        token: int,
+        subprotocol: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Error:
+        """Let a waiting upgrade in (its id will be ``token``); ERR_DOES_NOT_EXIST when it
+        is not waiting (decided already, or dropped at its deadline).  A verdict that
+        crosses the deadline (the drop not yet polled) returns OK and does nothing."""
+        return self._verdict(token, Accept(subprotocol, tuple(headers)))
+
+    def refuse_handshake(
+        self,
+        token: int,
+        status: int = 403,
+        reason: str = "",
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Error:
+        """Refuse a waiting upgrade with that HTTP answer; ERR_DOES_NOT_EXIST as above."""
+        return self._verdict(token, Refuse(status, reason, tuple(headers)))
+
+    def _verdict(self, token: int, verdict: Accept | Refuse) -> Error:
+        waiting = self._waiting.pop(token, None)
+        if waiting is None:
+            log.error("handshake verdict for %d, which is not waiting (late?)", token)
+            return Error.ERR_DOES_NOT_EXIST
+        link, head = waiting
+        if isinstance(verdict, Accept):
+            self._accepted[token] = head
+            payload = m.encode_verdict(0, verdict.subprotocol, "", verdict.headers)
+            link.command(m.CMD_VERDICT, token, 1, payload)
+        else:
+            payload = m.encode_verdict(verdict.status, None, verdict.reason, verdict.headers)
+            link.command(m.CMD_VERDICT, token, 0, payload)
+        return Error.OK
+
+    def _on_handshake(
+        self,
+        link: Any,
+        token: int,
+        ip: str,
+        port: int,
+        protocol: str,
+        offered: list[str],
+        head: bytes,
+    ) -> None:
+        request = HandshakeRequest(head)
+        proxy = ""
+        if self._forwarded:
+            client = self._forwarded.client(ip, request)
+            if client:
+                ip, proxy = client, ip
+        self._waiting[token] = (link, head)
+        pending = PendingHandshake(token, request, ip, port, offered, protocol, proxy)
+        handler = self._handshake_handler
+        try:
+            verdict = handler(pending) if handler is not None else Accept()
+        except Exception:
+            log.exception("the handshake handler raised: refusing with 500")
+            verdict = Refuse(500, "Internal Server Error\n")
+        if verdict is not None and token in self._waiting:
+            if not isinstance(verdict, (Accept, Refuse)):
+                log.error("the handshake handler returned %r: refusing with 500", verdict)
+                verdict = Refuse(500, "Internal Server Error\n")
+            self._verdict(token, verdict)
+
+    def _on_handshake_ended(self, token: int) -> None:
+        self._waiting.pop(token, None)
+        self._accepted.pop(token, None)
+
     def _on_peer_connected(
         self, channel: PeerChannel, ip: str, port: int, protocol: str, head: bytes
     ) -> None:
         peer_id = channel.id
+        if not head and self._accepted:
+            head = self._accepted.pop(peer_id, b"")  # it came with its wait
         proxy = ""
         if self._forwarded:  # only then is the request parsed here
             client = self._forwarded.client(ip, HandshakeRequest(head))

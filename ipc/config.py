@@ -55,6 +55,8 @@ class Limits:
     #: off), ``message_burst`` at once (0: one second's worth); over it: close 1008.
     max_message_rate: float | None = None
     message_burst: int = 0
+    #: A handshake handler is set: valid upgrades wait for the front's verdict.
+    hold_upgrades: bool = False
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout > 0:

@@ -37,6 +37,12 @@ class Event(IntEnum):
     MP_FRAME = 7
     #: Multiplayer mode: client frames the shard dropped since its last report: `encode_drops`.
     MP_DROPS = 8
+    #: An upgrade request waits for the application's verdict (a handshake handler is set):
+    #: peer = the id it will have, payload `encode_handshake`. `Command.VERDICT` answers.
+    HANDSHAKE = 9
+    #: A waiting upgrade ended without a verdict (its deadline passed, the client left):
+    #: peer = that id; a later verdict for it is ignored.
+    HANDSHAKE_ENDED = 10
 
 
 # -- commands: front -> shard ------------------------------------------------------
@@ -69,6 +75,9 @@ class Command(IntEnum):
     #: Multiplayer mode: deliver a frame (payload, header included) to this shard's welcomed
     #: peers by its ``to`` field, never to its ``from`` (= ``peer``).
     MP_FORWARD = 11
+    #: The application's verdict on a waiting upgrade (`Event.HANDSHAKE`): flags = 1 accept,
+    #: 0 refuse; payload `encode_verdict`.
+    VERDICT = 12
 
 
 # The same kinds as plain ints, for the per-message loops on both sides: comparing an int
@@ -81,6 +90,8 @@ EV_DISCONNECTED: Final = Event.DISCONNECTED.value
 EV_CREDITS: Final = Event.CREDITS.value
 EV_MP_FRAME: Final = Event.MP_FRAME.value
 EV_MP_DROPS: Final = Event.MP_DROPS.value
+EV_HANDSHAKE: Final = Event.HANDSHAKE.value
+EV_HANDSHAKE_ENDED: Final = Event.HANDSHAKE_ENDED.value
 
 CMD_SEND_TEXT: Final = Command.SEND_TEXT.value
 CMD_SEND_BINARY: Final = Command.SEND_BINARY.value
@@ -93,6 +104,7 @@ CMD_REFUSE: Final = Command.REFUSE.value
 CMD_MP_WELCOME: Final = Command.MP_WELCOME.value
 CMD_MP_SYS_ALL: Final = Command.MP_SYS_ALL.value
 CMD_MP_FORWARD: Final = Command.MP_FORWARD.value
+CMD_VERDICT: Final = Command.VERDICT.value
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
@@ -168,6 +180,40 @@ def decode_connected(payload: bytes) -> tuple[str, int, str, bytes]:
     ip, _, rest = payload[_CONNECTED.size :].partition(b"\0")
     protocol, _, head = rest.partition(b"\0")
     return ip.decode(), port, protocol.decode(), head
+
+
+def encode_handshake(
+    ip: str, port: int, protocol: str, offered: Iterable[str], request_head: bytes
+) -> bytes:
+    """A waiting upgrade: as `encode_connected`, with the offered subprotocols (the
+    protocol is the server's own choice, which the application may override)."""
+    return encode_connected(ip, port, protocol, ",".join(offered).encode() + b"\0" + request_head)
+
+
+def decode_handshake(payload: bytes) -> tuple[str, int, str, list[str], bytes]:
+    """``(ip, port, protocol, offered, request_head)``."""
+    ip, port, protocol, rest = decode_connected(payload)
+    offered, _, head = rest.partition(b"\0")
+    return ip, port, protocol, [p for p in offered.decode().split(",") if p], head
+
+
+_VERDICT = struct.Struct("<HB")  # status (refusal) or 0; 1 if a subprotocol follows
+
+
+def encode_verdict(
+    status: int, protocol: str | None, text: str, headers: Iterable[tuple[str, str]]
+) -> bytes:
+    """A verdict: the refusal's status and text, or the accepted subprotocol (None: the
+    server's choice), and extra response headers. Fields are NUL-separated."""
+    fields = [protocol or "", text, *(f"{name}:{value}" for name, value in headers)]
+    return _VERDICT.pack(status, protocol is not None) + "\0".join(fields).encode()
+
+
+def decode_verdict(payload: bytes) -> tuple[int, str | None, str, list[tuple[str, str]]]:
+    status, has_protocol = _VERDICT.unpack_from(payload)
+    protocol, text, *lines = payload[_VERDICT.size :].decode().split("\0")
+    headers = [tuple(line.split(":", 1)) for line in lines if ":" in line]
+    return status, protocol if has_protocol else None, text, headers  # type: ignore[return-value]
 
 
 def encode_close(code: int, reason: str | bytes) -> bytes:

@@ -49,7 +49,8 @@ _OPEN, _REFUSED, _HANDSHAKE = Phase.OPEN, Phase.REFUSED, Phase.HANDSHAKE
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
 _REFUSED_EVENT, _FAILED = EventKind.REFUSED, EventKind.FAILED
-_ANSWERED = EventKind.ANSWERED
+_ANSWERED, _PENDING_EVENT = EventKind.ANSWERED, EventKind.PENDING
+_PENDING = Phase.PENDING
 #: Close codes of an orderly departure (the others are logged as abnormal).
 _NORMAL_CLOSES = (1000, 1001)
 _EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
@@ -68,7 +69,9 @@ class PeerConnection(asyncio.Protocol):
             select_subprotocol=shard.choose_subprotocol,
             admit=self._admission,
             answer_http=shard.answer_http if shard.health_path else None,
+            hold_upgrades=shard.hold_upgrades,
         )
+        self._token = 0  # while its upgrade waits for the application: the id it will have
         self.ip = ""
         self.port = 0
         # The one timer a connection may have: the handshake's deadline, later the
@@ -182,6 +185,31 @@ class PeerConnection(asyncio.Protocol):
         self.fail(1008, "message rate limit exceeded")
         return False
 
+    def accept_pending(self, protocol: str | None, headers: list[tuple[str, str]]) -> None:
+        """The application accepted this waiting upgrade: 101, then it opens."""
+        self._deliver(self.wire.accept_pending(protocol, headers))
+
+    def refuse_pending(self, status: int, text: str, headers: list[tuple[str, str]]) -> None:
+        """The application refused it: its HTTP answer, then the connection ends."""
+        self._token = 0  # no HANDSHAKE_ENDED: the verdict ended it
+        self._deliver(self.wire.refuse_pending(status, text, headers))
+
+    def _deliver(self, events: list) -> None:
+        """Events that came from a verdict rather than a read (as `data_received` does)."""
+        shard = self.shard
+        for kind, value in events:
+            if kind is _BINARY or kind is _TEXT:
+                shard.messages_in += 1
+                if self._mp:
+                    self.shard.mp_frame(self, value)
+                else:
+                    shard.emit(_EV_BINARY if kind is _BINARY else _EV_TEXT, self.peer_id, 0, value)
+            else:
+                self._event(kind, value)
+                shard.messages_in += 1  # _event takes one off: it counts per read
+        if self.wire.wants_write:
+            self._write_wire_output()
+
     def _events_mp(self, events: list) -> None:
         """Multiplayer mode: every message is a relay frame (`Shard.mp_frame`)."""
         for kind, value in events:
@@ -199,12 +227,16 @@ class PeerConnection(asyncio.Protocol):
         elif kind is _OPENED:
             self._clear_deadline()
             self.shard.count("handshakes_accepted")
-            self.peer_id = self.shard.peer_connected(self, value)  # type: ignore[arg-type]
+            token, self._token = self._token, 0
+            self.peer_id = self.shard.peer_connected(self, value, token)  # type: ignore[arg-type]
             self._next_ping = self.shard.first_ping_time()
             if self.shard.message_rate:
                 self._bucket = [self.shard.message_burst, self.shard.loop.time()]
         elif kind is _ANSWERED:
             self.shard.count("health_checks")
+        elif kind is _PENDING_EVENT:
+            protocol, offered = value  # type: ignore[misc]
+            self._token = self.shard.hold(self, protocol, offered)
         elif kind is _REFUSED_EVENT:
             self.shard.count(refuse_field(value))  # type: ignore[arg-type]
             if self.shard.conn_log_level is not None:
@@ -264,6 +296,9 @@ class PeerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.shard.connections.discard(self)
         self._clear_deadline()
+        if self._token:  # it left while its upgrade waited
+            self.shard.end_pending(self._token)
+            self._token = 0
         if self._reading_off:
             self._reading_off = False
             self.shard.paused_sockets -= 1
@@ -369,7 +404,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
-        if self.wire.phase is _HANDSHAKE:
+        if self.wire.phase is _HANDSHAKE or self.wire.phase is _PENDING:
             self.shard.count("refused_timeout")
             if not self.peer_id and self.shard.conn_log_level is not None:
                 self._log_refusal(self.transport, "handshake timeout")

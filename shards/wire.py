@@ -93,6 +93,9 @@ class Phase(enum.Enum):
 
     #: Reading the upgrade request.
     HANDSHAKE = "handshake"
+    #: A valid upgrade request waits for the application's verdict (``hold_upgrades``):
+    #: what comes meanwhile is kept for after the 101.
+    PENDING = "pending"
     #: Open: data frames flow both ways; the fast path cuts and delivers frames.
     OPEN = "open"
     #: The server sent a close frame and waits for the peer's; ``websockets`` owns the
@@ -116,6 +119,7 @@ class Trigger(enum.Enum):
     SEND_CLOSE = "send_close"  # the server starts the close handshake
     END = "end"  # the server's end of stream is queued: close echoed, or connection failed
     RESUME = "resume"  # an open connection moved here from another shard (wsfleet reload)
+    HOLD = "hold"  # a valid upgrade request waits for the application (hold_upgrades)
 
 
 #: Every phase change there is; `ServerWire._move` applies this table and nothing else.
@@ -124,6 +128,9 @@ TRANSITIONS: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
         (Phase.HANDSHAKE, Trigger.ACCEPT): Phase.OPEN,
         (Phase.HANDSHAKE, Trigger.REFUSE): Phase.REFUSED,
         (Phase.HANDSHAKE, Trigger.RESUME): Phase.OPEN,
+        (Phase.HANDSHAKE, Trigger.HOLD): Phase.PENDING,
+        (Phase.PENDING, Trigger.ACCEPT): Phase.OPEN,
+        (Phase.PENDING, Trigger.REFUSE): Phase.REFUSED,
         (Phase.OPEN, Trigger.SEND_CLOSE): Phase.CLOSING,
         (Phase.OPEN, Trigger.END): Phase.CLOSED,
         (Phase.CLOSING, Trigger.END): Phase.CLOSED,
@@ -158,6 +165,9 @@ class EventKind(enum.IntEnum):
     ANSWERED = 8
     #: A pong came; value: its payload.
     PONG = 7
+    #: A valid upgrade request waits for `ServerWire.accept_pending` or `refuse_pending`
+    #: (``hold_upgrades``); value: ``(subprotocol the server's rule chose, offered ones)``.
+    PENDING = 9
 
 
 Event = tuple[EventKind, Any]
@@ -170,17 +180,21 @@ DEFAULT_MAX_REQUEST_BYTES = 8192
 PING_FRAME = b"\x89\x00"
 
 _HANDSHAKE, _OPEN, _CLOSING = Phase.HANDSHAKE, Phase.OPEN, Phase.CLOSING
+_PENDING = Phase.PENDING
+_STATUSES = frozenset(status.value for status in HTTPStatus)
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 # Module aliases: an Enum member looked up on its class costs ~0.13 us in Python 3.11.
 _REFUSED = Phase.REFUSED
-_ACCEPT, _REFUSE, _SEND_CLOSE, _END, _RESUME = (
+_ACCEPT, _REFUSE, _SEND_CLOSE, _END, _RESUME, _HOLD = (
     Trigger.ACCEPT,
     Trigger.REFUSE,
     Trigger.SEND_CLOSE,
     Trigger.END,
     Trigger.RESUME,
+    Trigger.HOLD,
 )
 _EV_OPENED, _EV_REFUSED, _EV_ANSWERED = EventKind.OPENED, EventKind.REFUSED, EventKind.ANSWERED
+_EV_PENDING = EventKind.PENDING
 _EV_CLOSE_REQUEST, _EV_FAILED = EventKind.CLOSE_REQUEST, EventKind.FAILED
 _OP_TEXT, _OP_BINARY, _OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OP_CLOSE, _OP_PONG = Opcode.CLOSE, Opcode.PONG
@@ -279,6 +293,16 @@ def _header_violation(first: int, length: int) -> str | None:
     return None
 
 
+def _offered(head: bytes) -> list[str]:
+    """The subprotocols a request head offers, in order (every Sec-WebSocket-Protocol line)."""
+    offered: list[str] = []
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-protocol":
+            offered += [p.strip().decode("latin-1") for p in value.split(b",") if p.strip()]
+    return offered
+
+
 def _accept_all(_origins: Sequence[str]) -> tuple[HTTPStatus, str] | None:
     return None
 
@@ -322,6 +346,10 @@ class ServerWire:
       ``Upgrade`` header, with its path (no query): ``(status, text, headers)``
       is answered (`EventKind.ANSWERED`), None leaves it to websockets' ``426
       Upgrade Required``.
+    * ``hold_upgrades``: a valid, admitted upgrade request is not answered at
+      once: the wire waits in `Phase.PENDING` (`EventKind.PENDING`) for
+      `accept_pending` (101, then `EventKind.OPENED`) or `refuse_pending` (an
+      HTTP refusal); bytes that come meanwhile are kept for after the 101.
     """
 
     def __init__(
@@ -332,12 +360,17 @@ class ServerWire:
         select_subprotocol: Callable[[Sequence[str]], str | None] = _no_subprotocol,
         admit: Callable[[Sequence[str]], tuple[HTTPStatus, str] | None] = _accept_all,
         answer_http: Callable[[str], HttpAnswer | None] | None = None,
+        hold_upgrades: bool = False,
     ) -> None:
         self.max_message = max_message
         self.max_request_bytes = max_request_bytes
         self._select_subprotocol = select_subprotocol
         self._admit = admit
         self._answer_http = answer_http
+        self._hold = hold_upgrades
+        # While PENDING: how to answer (a 101 of ours: the key; websockets': its response),
+        # and the subprotocol the server's rule chose.
+        self._held: tuple[bytes | None, Any, str] | None = None
         self.phase = _HANDSHAKE
         self.subprotocol = ""
         #: The accepted upgrade request's head (request line and headers, without the blank
@@ -388,6 +421,8 @@ class ServerWire:
         if self.phase is not _OPEN:
             if self.phase is _HANDSHAKE:
                 self._handshake(data, events)
+            elif self.phase is _PENDING:
+                self._partial += data  # frames sent before the 101: read after it
             elif self.phase is _CLOSING:
                 self._to_websockets(data, events)
             # CLOSED, REFUSED: discarded, as websockets does.
@@ -599,6 +634,13 @@ class ServerWire:
         refusal = self._admit(origins)
         if refusal is not None:
             return self._refuse(*refusal, events)
+        if self._hold:
+            self.request_head = request[:end]
+            self._partial = request[end + 4 :]
+            self._held = (key, None, protocol)
+            self._move(_HOLD)
+            events.append((_EV_PENDING, (protocol, _offered(request[:end]))))
+            return
         self._out.append(_response_101(key, protocol))
         self.wants_write = True
         self._ws = self._new_ws(_WS_OPEN)
@@ -683,6 +725,14 @@ class ServerWire:
                 refusal = self._admit(request_event.headers.get_all("Origin"))
                 if refusal is not None:
                     response = ws.reject(*refusal)
+            if response.status_code == 101 and self._hold:
+                self.request_head = request[:end]
+                self._partial = request[end + 4 :]
+                protocol = response.headers.get("Sec-WebSocket-Protocol", "")
+                self._held = (None, response, protocol)
+                self._move(_HOLD)
+                events.append((_EV_PENDING, (protocol, _offered(request[:end]))))
+                return
             ws.send_response(response)
             if response.status_code == 101:
                 self._take_output(events)
@@ -758,6 +808,63 @@ class ServerWire:
             self._fragments_text = fragments_text
             # websockets checks continuation frames against its own running size.
             self._ws.current_size = len(fragments)
+
+    def accept_pending(
+        self, protocol: str | None = None, headers: Sequence[tuple[str, str]] = ()
+    ) -> list[Event]:
+        """The application accepts a PENDING upgrade: 101 (with ``protocol`` instead of the
+        server's choice when given, and ``headers``); returns OPENED and the events of the
+        bytes that came meanwhile (nothing unless PENDING)."""
+        if self.phase is not _PENDING or self._held is None:
+            return []
+        key, response, rule_chose = self._held
+        self._held = None
+        events: list[Event] = []
+        if response is None:  # our own 101
+            chosen = protocol if protocol is not None else rule_chose
+            head = _response_101(key, chosen)
+            if headers:
+                extra = "".join(f"{name}: {value}\r\n" for name, value in headers).encode()
+                head = head[:-2] + extra + b"\r\n"
+            self._out.append(head)
+            self.wants_write = True
+            self._ws = self._new_ws(_WS_OPEN)
+        else:  # websockets' 101
+            if protocol is not None:
+                if "Sec-WebSocket-Protocol" in response.headers:
+                    del response.headers["Sec-WebSocket-Protocol"]
+                if protocol:
+                    response.headers["Sec-WebSocket-Protocol"] = protocol
+            for name, value in headers:
+                response.headers[name] = value
+            chosen = response.headers.get("Sec-WebSocket-Protocol", "")
+            assert self._ws is not None
+            self._ws.send_response(response)
+            self._take_output(events)
+        self._opened(chosen, events)
+        rest, self._partial = self._partial, b""
+        if rest:
+            events += self.receive_data(rest)
+        return events
+
+    def refuse_pending(
+        self, status: int, text: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> list[Event]:
+        """The application refuses a PENDING upgrade with an HTTP answer; REFUSED."""
+        if self.phase is not _PENDING:
+            return []
+        self._held = None
+        self._partial = b""
+        self.request_head = b""
+        body = text.encode()
+        phrase = HTTPStatus(status).phrase if status in _STATUSES else "Refused"
+        lines = [f"HTTP/1.1 {status} {phrase}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
+        self._out += [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, b""]
+        self.wants_write = True
+        self._move(_REFUSE)
+        return [(_EV_REFUSED, status)]
 
     def take_request_head(self) -> bytes:
         """The accepted request's head, once (the wire keeps no copy after)."""

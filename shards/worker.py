@@ -104,6 +104,9 @@ class Shard:
         self.ping_timeout: float | None = limits.ping_timeout
         self.mp: bool = config.gd_mp_api
         self.health_path: str | None = limits.health_path
+        self.hold_upgrades: bool = limits.hold_upgrades
+        #: Upgrades waiting for the application's verdict, by the id each will have.
+        self.pending: dict[int, PeerConnection] = {}
         self.message_rate: float | None = limits.max_message_rate
         self.message_burst: float = float(
             limits.message_burst or max(1, math.ceil(limits.max_message_rate or 0))
@@ -210,7 +213,39 @@ class Shard:
         On True the caller opens the connection at once (`peer_connected`),
         which is what makes ``len(self.peers)`` match the published count.
         """
-        return self._state.admit(self.index, len(self.peers), self.max_peers)
+        return self._state.admit(self.index, self._held(), self.max_peers)
+
+    def _held(self) -> int:
+        """Peers and waiting upgrades: the ``max_peers`` slots this shard holds."""
+        return len(self.peers) + len(self.pending)
+
+    # -- upgrades waiting for the application (a handshake handler) ----------------------
+
+    def hold(self, conn: PeerConnection, protocol: str, offered: list[str]) -> int:
+        """A valid upgrade waits for the front's verdict: its future id, told to the front."""
+        token = self._allocate_id()
+        self.pending[token] = conn
+        head = conn.wire.take_request_head()
+        payload = m.encode_handshake(conn.ip, conn.port, protocol, offered, head)
+        self.emit(m.EV_HANDSHAKE, token, 0, payload)
+        return token
+
+    def end_pending(self, token: int) -> None:
+        """A waiting upgrade ended without a verdict (deadline, the client left)."""
+        if self.pending.pop(token, None) is not None:
+            self._state.set_peers(self.index, self._held())
+            self.emit(m.EV_HANDSHAKE_ENDED, token, 0, b"")
+
+    def _verdict(self, token: int, accept: bool, payload: bytes) -> None:
+        conn = self.pending.pop(token, None)
+        if conn is None:
+            return  # ended meanwhile: the front heard HANDSHAKE_ENDED
+        status, protocol, text, headers = m.decode_verdict(payload)
+        if accept:
+            conn.accept_pending(protocol, headers)
+        else:
+            conn.refuse_pending(status, text, headers)
+        self._state.set_peers(self.index, self._held())
 
     def log_connection(self, level: int, text: str, *args: object) -> None:
         """One per-connection line (callers check ``access`` / ``conn_log_level`` first)."""
@@ -259,13 +294,15 @@ class Shard:
         for _ in range(self._id_span):
             peer_id = self._id_base + offset
             offset = (offset + 1) % self._id_span
-            if peer_id not in self.peers:
+            if peer_id not in self.peers and peer_id not in self.pending:
                 word[0] = offset
                 return peer_id
         raise RuntimeError("every peer id of this shard is in use")
 
-    def peer_connected(self, conn: PeerConnection, protocol: str) -> int:
-        peer_id = self._allocate_id()
+    def peer_connected(self, conn: PeerConnection, protocol: str, peer_id: int = 0) -> int:
+        """A peer opened (with ``peer_id``: the id its wait was known by); its id."""
+        if not peer_id:
+            peer_id = self._allocate_id()
         self.peers[peer_id] = conn
         self.emit(
             m.EV_CONNECTED,
@@ -286,7 +323,7 @@ class Shard:
     def adopt(self, conn: PeerConnection) -> None:
         """Take an open peer over from the previous shard process (no event: it only moved)."""
         self.peers[conn.peer_id] = conn
-        self._state.set_peers(self.index, len(self.peers))
+        self._state.set_peers(self.index, self._held())
 
     @property
     def has_backlog(self) -> bool:
@@ -295,7 +332,7 @@ class Shard:
 
     def peer_left_during_handoff(self, peer_id: int) -> None:
         """A peer handed over whose socket was gone on arrival: report it gone."""
-        self._state.set_peers(self.index, len(self.peers))
+        self._state.set_peers(self.index, self._held())
         self.emit(m.EV_DISCONNECTED, peer_id, 0, b"")
 
     def flush(self) -> None:
@@ -305,7 +342,7 @@ class Shard:
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
         if self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
-        self._state.set_peers(self.index, len(self.peers))  # the slot is free again
+        self._state.set_peers(self.index, self._held())  # the slot is free again
         self._credits.pop(conn.peer_id, None)
         self.emit(m.EV_DISCONNECTED, conn.peer_id, m.FLAG_CLEAN if clean else 0, b"")
 
@@ -484,6 +521,8 @@ class Shard:
                 self._mp_welcome(peer_id, payload)
             elif kind == m.CMD_REFUSE:
                 self.refusing = bool(flags)
+            elif kind == m.CMD_VERDICT:
+                self._verdict(peer_id, bool(flags), payload)
             elif kind == m.CMD_BROADCAST:
                 excluded, message = m.decode_broadcast(payload)
                 first = 0x81 if flags & m.FLAG_TEXT else 0x82
