@@ -94,3 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def accept_everyone(server: Any) -> None:
+    """``wsfleet serve --app wsfleet.loadtest.wsfleet_apps:accept_everyone``: a synchronous
+    handshake handler that lets every upgrade in (what a handler costs a handshake: the
+    request's round trip through the front)."""
+    from wsfleet import Accept
+
+    server.set_handshake_handler(lambda pending: Accept())
