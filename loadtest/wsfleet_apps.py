@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import Any
 
 from wsfleet import Error, WebSocketServer
 
