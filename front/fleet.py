@@ -367,6 +367,19 @@ class Fleet:
                 body = m.encode_broadcast(payload, by_shard.get(link.index, ()))
                 link.command(m.CMD_BROADCAST, 0, flags, body)
 
+    def broadcast_group(
+        self, group: bytes, payload: bytes, flags: int, exclude: list[int], shards: list[int]
+    ) -> None:
+        """One message to the members of ``group``: one record to each shard in ``shards``."""
+        by_shard: dict[int, list[int]] = {}
+        for peer_id in exclude:
+            by_shard.setdefault(m.owner_of(peer_id, self._id_span), []).append(peer_id)
+        for index in shards:
+            link = self.links[index] if 0 <= index < len(self.links) else None
+            if link is not None:
+                body = m.encode_group_broadcast(group, payload, by_shard.get(index, ()))
+                link.command(m.CMD_BROADCAST, 0, flags | m.FLAG_GROUP, body)
+
     def set_refusing(self, refusing: bool) -> None:
         self.refusing = refusing
         for link in self.links:

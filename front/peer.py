@@ -192,6 +192,14 @@ class WebSocketPeer:
         it forwarded, else the TCP peer's."""
         return self._ip
 
+    def shard_index(self) -> int:
+        """The shard that holds this peer."""
+        return self._channel.link.index
+
+    def command(self, kind: int, flags: int, payload: bytes) -> None:
+        """A command about this peer to its shard (the server's groups)."""
+        self._channel.command(kind, flags, payload)
+
     def get_proxy_address(self) -> str:
         """The trusted proxy's address when the client's came forwarded; "" otherwise."""
         return self._proxy

@@ -38,6 +38,8 @@ from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
+from .groups import Groups
+from .groups import check_name as check_group_name
 from .handshake import Accept, PendingHandshake, Refuse
 from .multiplayer import MultiplayerAPI
 from .ops import bind_ops_sockets
@@ -269,6 +271,7 @@ class WebSocketServer(SignalEmitter):
         #: those accepted whose arrival has not come yet (token -> head).
         self._waiting: dict[int, tuple[Any, bytes]] = {}
         self._accepted: dict[int, bytes] = {}
+        self._groups = Groups()
         self.forwarded_allow_ips = forwarded_allow_ips
         self.health_path = health_path
         self.max_message_rate = max_message_rate
@@ -539,6 +542,9 @@ class WebSocketServer(SignalEmitter):
         if fleet is not None:
             fleet.stop()
         self._peers.clear()
+        self._groups.clear()
+        self._waiting.clear()
+        self._accepted.clear()
         self._relay.detach()
         self._fleet = None
 
@@ -622,13 +628,49 @@ class WebSocketServer(SignalEmitter):
         """
         return self._budget.stats()
 
+    # -- groups (wsfleet.groups) -------------------------------------------------------------
+
+    def join(self, peer_id: int, group: str) -> Error:
+        """Put a peer in a group (any non-empty name); `broadcast` ``group=`` reaches it.
+
+        The peer leaves every group when it leaves (or its shard dies).
+        """
+        return self._membership(peer_id, group, True)
+
+    def leave(self, peer_id: int, group: str) -> Error:
+        return self._membership(peer_id, group, False)
+
+    def get_groups(self, peer_id: int) -> list[str]:
+        return self._groups.groups_of(peer_id)
+
+    def get_group_members(self, group: str) -> list[int]:
+        return self._groups.members(group)
+
+    def _membership(self, peer_id: int, group: str, join: bool) -> Error:
+        name = check_group_name(group)
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            log.error("%s: no peer %d", "join" if join else "leave", peer_id)
+            return Error.ERR_DOES_NOT_EXIST
+        shard = peer.shard_index()
+        changed = (
+            self._groups.join(peer_id, shard, group)
+            if join
+            else self._groups.leave(peer_id, shard, group)
+        )
+        if changed:
+            peer.command(m.CMD_GROUP, int(join), name)
+        return Error.OK
+
     def broadcast(
         self,
         data: bytes | bytearray | memoryview | str,
         text: bool = False,
         exclude: Iterable[int] = (),
+        group: str | None = None,
     ) -> Error:
-        """Send one message to every peer (but ``exclude``), encoded once per shard."""
+        """Send one message to every peer, or to the members of ``group``, but ``exclude``:
+        one command per shard (that holds members), encoded once there."""
         if not self._listening or self._fleet is None:
             return Error.ERR_UNCONFIGURED
         payload = data.encode() if isinstance(data, str) else bytes(data)
@@ -642,7 +684,13 @@ class WebSocketServer(SignalEmitter):
         if len(payload) + 4 * (1 + len(excluded)) > MAX_MESSAGE_SIZE:
             log.error("broadcast: %d bytes is more than a message may hold", len(payload))
             return Error.ERR_OUT_OF_MEMORY
-        self._fleet.broadcast(payload, m.FLAG_TEXT if text else 0, excluded)
+        flags = m.FLAG_TEXT if text else 0
+        if group is None:
+            self._fleet.broadcast(payload, flags, excluded)
+        else:
+            name = check_group_name(group)
+            shards = self._groups.shards_of(group)
+            self._fleet.broadcast_group(name, payload, flags, excluded, shards)
         return Error.OK
 
     # -- polling ------------------------------------------------------------------------------
@@ -774,8 +822,10 @@ class WebSocketServer(SignalEmitter):
 
     def _on_peer_left(self, channel: PeerChannel, clean: bool) -> None:
         peer_id = channel.id
-        if self._peers.pop(peer_id, None) is None:
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
             return
+        self._groups.peer_left(peer_id, peer.shard_index())
         if self._gd_mp_api:
             self._relay.peer_left(peer_id)
             self.emit_signal("peer_disconnected", peer_id)

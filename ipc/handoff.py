@@ -66,6 +66,8 @@ class MovedConnection:
     unparsed: bytes
     fragments: bytes | None
     fragments_text: bool
+    #: The groups it is in (``server.join``).
+    groups: tuple[str, ...] = ()
 
 
 def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> None:
@@ -83,6 +85,7 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
             "mp_welcomed": conn.mp_welcomed,
             "paused_by_front": conn.paused_by_front,
             "fragments_text": conn.fragments_text,
+            "groups": list(conn.groups),
             "unparsed": [len(blob), len(conn.unparsed)],
         }
         blob += conn.unparsed
@@ -173,6 +176,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             unparsed=bytes(blob[start : start + length]),
             fragments=fragments,
             fragments_text=bool(state["fragments_text"]),
+            groups=tuple(str(group) for group in state.get("groups", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"a malformed connection state: {exc}") from None

@@ -78,6 +78,8 @@ class Command(IntEnum):
     #: The application's verdict on a waiting upgrade (`Event.HANDSHAKE`): flags = 1 accept,
     #: 0 refuse; payload `encode_verdict`.
     VERDICT = 12
+    #: Peer ``peer`` joins (flags 1) or leaves (flags 0) the group named by the payload.
+    GROUP = 13
 
 
 # The same kinds as plain ints, for the per-message loops on both sides: comparing an int
@@ -105,10 +107,13 @@ CMD_MP_WELCOME: Final = Command.MP_WELCOME.value
 CMD_MP_SYS_ALL: Final = Command.MP_SYS_ALL.value
 CMD_MP_FORWARD: Final = Command.MP_FORWARD.value
 CMD_VERDICT: Final = Command.VERDICT.value
+CMD_GROUP: Final = Command.GROUP.value
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
 FLAG_FAIL = 1
+#: A broadcast to one group's members only: payload `encode_group_broadcast`.
+FLAG_GROUP = 2
 
 # -- Godot's multiplayer header (docs/GODOT_WIRE.md §4) ---------------------------------
 
@@ -250,6 +255,23 @@ def decode_broadcast(payload: bytes) -> tuple[frozenset[int], memoryview]:
     start = _COUNT.size + 4 * count
     excluded = frozenset(struct.unpack_from(f"<{count}i", payload, _COUNT.size))
     return excluded, memoryview(payload)[start:]
+
+
+_GROUP_NAME = struct.Struct("<H")
+
+
+def encode_group_broadcast(group: bytes, message: bytes, exclude: Iterable[int] = ()) -> bytes:
+    """A broadcast to the members of ``group`` (UTF-8, at most 65535 bytes)."""
+    return _GROUP_NAME.pack(len(group)) + group + encode_broadcast(message, exclude)
+
+
+def decode_group_broadcast(payload: bytes) -> tuple[bytes, frozenset[int], memoryview]:
+    """``(group, excluded peer ids, message)``."""
+    (size,) = _GROUP_NAME.unpack_from(payload)
+    start = _GROUP_NAME.size
+    group = payload[start : start + size]
+    excluded, message = decode_broadcast(payload[start + size :])
+    return group, excluded, message
 
 
 # -- peer ids ------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class PeerConnection(asyncio.Protocol):
             hold_upgrades=shard.hold_upgrades,
         )
         self._token = 0  # while its upgrade waits for the application: the id it will have
+        #: The groups it is in (`Shard.join`); None until it joins one.
+        self.groups: set[bytes] | None = None
         self.ip = ""
         self.port = 0
         # The one timer a connection may have: the handshake's deadline, later the
@@ -270,6 +272,8 @@ class PeerConnection(asyncio.Protocol):
             self.wire.resume(state.subprotocol, state.fragments, state.fragments_text)
             self.peer_id = state.peer_id
             shard.adopt(self)
+            for group in state.groups:
+                shard.join(self, group.encode())
             self._next_ping = shard.first_ping_time()
             if shard.message_rate:  # a fresh bucket: the old process's is not carried
                 self._bucket = [shard.message_burst, shard.loop.time()]
@@ -548,6 +552,7 @@ class PeerConnection(asyncio.Protocol):
             subprotocol=self.wire.subprotocol,
             mp_welcomed=self.mp_welcomed,
             paused_by_front=self._paused_by_front,
+            groups=tuple(sorted(g.decode() for g in self.groups)) if self.groups else (),
             unparsed=unparsed,
             fragments=fragments,
             fragments_text=fragments_text,

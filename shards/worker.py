@@ -134,6 +134,8 @@ class Shard:
         self.peers: dict[int, PeerConnection] = {}
         #: Every live connection, open or not (what a handoff must move or see gone).
         self.connections: set[PeerConnection] = set()
+        #: Groups (``server.join``): name -> its members on this shard.
+        self.groups: dict[bytes, set[PeerConnection]] = {}
         # Events not yet in the ring, in order: those of this loop iteration (pushed
         # together by _flush, one C loop for the batch) and those a full ring did not take.
         self._backlog: list[Record] = []
@@ -339,7 +341,25 @@ class Shard:
         """Publish now what this loop iteration queued (events, credits, frames)."""
         self._flush()
 
+    def join(self, conn: PeerConnection, group: bytes) -> None:
+        self.groups.setdefault(group, set()).add(conn)
+        if conn.groups is None:
+            conn.groups = set()
+        conn.groups.add(group)
+
+    def leave(self, conn: PeerConnection, group: bytes) -> None:
+        members = self.groups.get(group)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.groups[group]
+        if conn.groups is not None:
+            conn.groups.discard(group)
+
     def peer_gone(self, conn: PeerConnection, clean: bool) -> None:
+        if conn.groups:
+            for group in list(conn.groups):
+                self.leave(conn, group)
         if self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
         self._state.set_peers(self.index, self._held())  # the slot is free again
@@ -524,12 +544,19 @@ class Shard:
             elif kind == m.CMD_VERDICT:
                 self._verdict(peer_id, bool(flags), payload)
             elif kind == m.CMD_BROADCAST:
-                excluded, message = m.decode_broadcast(payload)
                 first = 0x81 if flags & m.FLAG_TEXT else 0x82
-                frame = frame_header(first, len(message)) + message
-                for conn_id, conn in peers.items():
-                    if conn_id not in excluded:
-                        self._queue_frame(conn, frame)
+                if flags & m.FLAG_GROUP:
+                    group, excluded, message = m.decode_group_broadcast(payload)
+                    frame = frame_header(first, len(message)) + message
+                    for conn in self.groups.get(group, ()):
+                        if conn.peer_id not in excluded:
+                            self._queue_frame(conn, frame)
+                else:
+                    excluded, message = m.decode_broadcast(payload)
+                    frame = frame_header(first, len(message)) + message
+                    for conn_id, conn in peers.items():
+                        if conn_id not in excluded:
+                            self._queue_frame(conn, frame)
             else:
                 conn = peers.get(peer_id)
                 if conn is None:
@@ -545,6 +572,11 @@ class Shard:
                     conn.pause_by_front(False)
                 elif kind == m.CMD_NO_DELAY:
                     conn.set_no_delay(bool(flags))
+                elif kind == m.CMD_GROUP:
+                    if flags:
+                        self.join(conn, bytes(payload))
+                    else:
+                        self.leave(conn, bytes(payload))
                 else:
                     log.error("shard %d: unknown command kind %d", self.index, kind)
         self._write_touched()
