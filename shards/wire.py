@@ -181,7 +181,7 @@ PING_FRAME = b"\x89\x00"
 
 _HANDSHAKE, _OPEN, _CLOSING = Phase.HANDSHAKE, Phase.OPEN, Phase.CLOSING
 _PENDING = Phase.PENDING
-_STATUSES = frozenset(status.value for status in HTTPStatus)
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 # Module aliases: an Enum member looked up on its class costs ~0.13 us in Python 3.11.
 _REFUSED = Phase.REFUSED
@@ -758,18 +758,27 @@ class ServerWire:
         self.subprotocol = protocol
         events.append((_EV_OPENED, protocol))
 
-    def _refuse(self, status: HTTPStatus, text: str, events: list[Event]) -> None:
-        """Answer the upgrade request with an HTTP error and end, as websockets' ``reject``."""
+    def _refuse(
+        self,
+        status: int,
+        text: str,
+        events: list[Event],
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Answer the upgrade request with an HTTP error (and ``headers``) and end, as
+        websockets' ``reject``."""
         body = text.encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         head = (
-            f"HTTP/1.1 {status.value} {status.phrase}\r\nConnection: close\r\n"
-            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"HTTP/1.1 {int(status)} {_PHRASES.get(status, 'Refused')}\r\nConnection: close\r\n"
+            f"{extra}Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
         )
         self._partial = b""
-        self._out += [head.encode() + body, b""]
+        self._out += [head.encode("latin-1") + body, b""]
         self.wants_write = True
         self._move(_REFUSE)
-        events.append((_EV_REFUSED, status.value))
+        events.append((_EV_REFUSED, int(status)))
 
     # -- bytes out -----------------------------------------------------------------------
 
@@ -854,17 +863,10 @@ class ServerWire:
         if self.phase is not _PENDING:
             return []
         self._held = None
-        self._partial = b""
         self.request_head = b""
-        body = text.encode()
-        phrase = HTTPStatus(status).phrase if status in _STATUSES else "Refused"
-        lines = [f"HTTP/1.1 {status} {phrase}", "Connection: close"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
-        self._out += [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, b""]
-        self.wants_write = True
-        self._move(_REFUSE)
-        return [(_EV_REFUSED, status)]
+        events: list[Event] = []
+        self._refuse(status, text, events, headers)
+        return events
 
     def take_request_head(self) -> bytes:
         """The accepted request's head, once (the wire keeps no copy after)."""
