@@ -83,6 +83,10 @@ class _Shard:
         self._backlog: list[tuple[int, int, int, bytes]] = []
         self._flush_scheduled = False
         self.select_subprotocol = lambda _protocol, _offered: None
+        self.http_answerer = None  # no health path
+        self.hold_upgrades = False  # no handshake handler
+        self.message_rate = None  # no rate limit
+        self.connections: set[Any] = set()
 
     def choose_subprotocol(self, _offered: Any) -> str:
         return ""
@@ -96,7 +100,7 @@ class _Shard:
     def count(self, _field: str) -> None:
         pass
 
-    def peer_connected(self, _conn: Any, _protocol: str) -> int:
+    def peer_connected(self, _conn: Any, _protocol: str, _peer_id: int = 0) -> int:
         return 7
 
     def first_ping_time(self) -> float:

@@ -68,7 +68,7 @@ class PeerConnection(asyncio.Protocol):
             max_request_bytes=shard.max_request_bytes,
             select_subprotocol=shard.choose_subprotocol,
             admit=self._admission,
-            answer_http=shard.answer_http if shard.health_path else None,
+            answer_http=shard.http_answerer,
             hold_upgrades=shard.hold_upgrades,
         )
         self._token = 0  # while its upgrade waits for the application: the id it will have
@@ -197,18 +197,20 @@ class PeerConnection(asyncio.Protocol):
         self._deliver(self.wire.refuse_pending(status, text, headers))
 
     def _deliver(self, events: list) -> None:
-        """Events that came from a verdict rather than a read (as `data_received` does)."""
+        """Events that came from a verdict rather than a read, handled as `data_received`
+        handles a read's (not shared with it: that is the per-read path, kept call-free)."""
         shard = self.shard
-        for kind, value in events:
-            if kind is _BINARY or kind is _TEXT:
-                shard.messages_in += 1
-                if self._mp:
-                    self.shard.mp_frame(self, value)
+        shard.messages_in += len(events)
+        if self._mp:
+            self._events_mp(events)
+        else:
+            for kind, value in events:
+                if kind is _BINARY:
+                    shard.emit(_EV_BINARY, self.peer_id, 0, value)
+                elif kind is _TEXT:
+                    shard.emit(_EV_TEXT, self.peer_id, 0, value)
                 else:
-                    shard.emit(_EV_BINARY if kind is _BINARY else _EV_TEXT, self.peer_id, 0, value)
-            else:
-                self._event(kind, value)
-                shard.messages_in += 1  # _event takes one off: it counts per read
+                    self._event(kind, value)
         if self.wire.wants_write:
             self._write_wire_output()
 

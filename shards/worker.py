@@ -112,6 +112,9 @@ class Shard:
             limits.message_burst or max(1, math.ceil(limits.max_message_rate or 0))
         )
         self.health_header = [("X-Wsfleet-Shard", str(self.index))]
+        #: What each connection's wire calls for a plain HTTP request: bound once here, not
+        #: per connection (None: no health path, every one gets 426).
+        self.http_answerer = self.answer_http if self.health_path else None
         self.stopping = False
         self.refusing = False
         #: Per-connection lines: connects and departures (the access log), and the level of
