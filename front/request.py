@@ -111,6 +111,12 @@ class ForwardedPolicy:
             return False
         return any(ip in network for network in self._networks)
 
+    def addresses(self, peer: str, request: HandshakeRequest) -> tuple[str, str]:
+        """``(client, proxy)`` for a connection from ``peer``: the forwarded client and
+        ``peer`` when ``peer`` is a trusted proxy that forwarded one, else ``(peer, "")``."""
+        client = self.client(peer, request)
+        return (client, peer) if client else (peer, "")
+
     def client(self, proxy: str, request: HandshakeRequest) -> str | None:
         """The client's address that trusted proxy ``proxy`` forwarded, or None.
 

@@ -267,10 +267,11 @@ class WebSocketServer(SignalEmitter):
         #: How the supervisor and the shards log (None: INFO, text, no access log).
         self.log_config = log_config
         self._handshake_handler: Callable[[PendingHandshake], Accept | Refuse | None] | None = None
-        #: Upgrades waiting for a verdict (token -> shard link, the request's head), and
-        #: those accepted whose arrival has not come yet (token -> head).
-        self._waiting: dict[int, tuple[Any, bytes]] = {}
-        self._accepted: dict[int, bytes] = {}
+        #: Upgrades waiting for a verdict (token -> shard link and what the peer will be
+        #: made with: the request's head, the client's and the proxy's addresses), and
+        #: those accepted whose arrival has not come yet (token -> head, client, proxy).
+        self._waiting: dict[int, tuple[Any, tuple[bytes, str, str]]] = {}
+        self._accepted: dict[int, tuple[bytes, str, str]] = {}
         self._groups = Groups()
         self.forwarded_allow_ips = forwarded_allow_ips
         self.health_path = health_path
@@ -758,9 +759,9 @@ class WebSocketServer(SignalEmitter):
         if waiting is None:
             log.error("handshake verdict for %d, which is not waiting (late?)", token)
             return Error.ERR_DOES_NOT_EXIST
-        link, head = waiting
+        link, peer = waiting
         if isinstance(verdict, Accept):
-            self._accepted[token] = head
+            self._accepted[token] = peer
             payload = m.encode_verdict(0, verdict.subprotocol, "", verdict.headers)
             link.command(m.CMD_VERDICT, token, 1, payload)
         else:
@@ -781,10 +782,8 @@ class WebSocketServer(SignalEmitter):
         request = HandshakeRequest(head)
         proxy = ""
         if self._forwarded:
-            client = self._forwarded.client(ip, request)
-            if client:
-                ip, proxy = client, ip
-        self._waiting[token] = (link, head)
+            ip, proxy = self._forwarded.addresses(ip, request)
+        self._waiting[token] = (link, (head, ip, proxy))
         pending = PendingHandshake(token, request, ip, port, offered, protocol, proxy)
         handler = self._handshake_handler
         try:
@@ -806,13 +805,12 @@ class WebSocketServer(SignalEmitter):
         self, channel: PeerChannel, ip: str, port: int, protocol: str, head: bytes
     ) -> None:
         peer_id = channel.id
-        if not head and self._accepted:
-            head = self._accepted.pop(peer_id, b"")  # it came with its wait
+        accepted = self._accepted.pop(peer_id, None) if self._accepted else None
         proxy = ""
-        if self._forwarded:  # only then is the request parsed here
-            client = self._forwarded.client(ip, HandshakeRequest(head))
-            if client:
-                ip, proxy = client, ip
+        if accepted is not None:  # it waited for a verdict: all was known then
+            head, ip, proxy = accepted
+        elif self._forwarded:  # only then is the request parsed here
+            ip, proxy = self._forwarded.addresses(ip, HandshakeRequest(head))
         self._peers[peer_id] = WebSocketPeer(channel, ip, port, protocol, head, proxy)
         if self._gd_mp_api:
             self._relay.welcome(channel)
