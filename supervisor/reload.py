@@ -183,8 +183,7 @@ class Reload:
         if current is None or current.index != index:
             return
         if current.phase is Phase.BOOTING and pid == current.old_pid:
-            os.kill(current.pid, signal.SIGKILL)  # it would take over rings that are renewed
-            self.retiring.add(current.pid)
+            self._kill_successor(current)  # it would take over rings that are renewed
             self._fail(current, "it died during the reload: its peers are gone")
         elif current.phase is Phase.HANDING and pid == current.pid:
             self._fail(current, "the handoff failed: its peers are gone (it is restarted)")
@@ -195,8 +194,7 @@ class Reload:
         if current is None or time.monotonic() < current.deadline:
             return
         if current.phase is Phase.BOOTING:
-            os.kill(current.pid, signal.SIGKILL)
-            self.retiring.add(current.pid)
+            self._kill_successor(current)
             self._fail(current, f"its successor was not ready within {BOOT_SECONDS:g} s", stop=True)
         else:
             log.error(
@@ -215,8 +213,7 @@ class Reload:
         """The server stops: a successor still booting is killed; the reload ends."""
         current = self.current
         if current is not None and current.phase is Phase.BOOTING:
-            os.kill(current.pid, signal.SIGKILL)
-            self.retiring.add(current.pid)
+            self._kill_successor(current)
             self._fail(current, why, stop=True)
         elif not self.done:
             self._stop_here()
@@ -241,6 +238,11 @@ class Reload:
             self.current.deadline = self.current.started + BOOT_SECONDS
             return
         self._finish()
+
+    def _kill_successor(self, current: Succession) -> None:
+        """End a successor that never ran the shard; its exit is then expected."""
+        os.kill(current.pid, signal.SIGKILL)
+        self.retiring.add(current.pid)
 
     def _hand_off(self, current: Succession) -> None:
         assert current.link is not None
