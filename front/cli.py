@@ -346,6 +346,14 @@ def _add_limit_options(serve: argparse.ArgumentParser) -> None:
         help="peers over all shards; more handshakes get 503 (default, or 0: no limit)",
     )
     group.add_argument(
+        "--max-peers-per-address",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="connections from one IP address over all shards; more handshakes get 429 "
+        "(default, or 0: no limit)",
+    )
+    group.add_argument(
         "--max-message-size",
         type=message_size,
         default=None,
@@ -520,6 +528,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         shards=args.shards,
         handshake_timeout=args.handshake_timeout,
         max_peers=args.max_peers,
+        max_peers_per_address=args.max_peers_per_address,
         max_message_size=args.max_message_size,
         max_request_bytes=args.max_request_bytes,
         allowed_origins=args.allowed_origins,

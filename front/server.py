@@ -109,6 +109,14 @@ class WebSocketServer(SignalEmitter):
         peers leave, and a crashed shard's slots as soon as it is reaped.
         Two shards racing for the last slot may both refuse once; the total
         never goes over.
+    ``max_peers_per_address`` (0: no limit)
+        Connections from one IP address (the TCP peer's: behind a proxy, the
+        proxy's), open peers and upgrades waiting for a handshake handler's
+        verdict, over every shard.  Further upgrade requests from it are
+        answered ``429 Too Many Requests`` (counted as ``refused_429``).  As
+        for ``max_peers``, the count never goes over the limit; an address
+        may be refused early only when another one shares both of its
+        buckets in the shared count (2 x 16,384 per shard, keyed at start).
     ``max_message_size`` (None: the input buffer of `set_buffers`, 64 KiB)
         Bytes of one received message (fragments together); a longer one
         closes the connection with 1009.  At most 16 MiB.
@@ -224,6 +232,7 @@ class WebSocketServer(SignalEmitter):
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_peers: int | None = None,
+        max_peers_per_address: int = 0,
         max_message_size: int | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         allowed_origins: Iterable[str] | None = None,
@@ -251,6 +260,7 @@ class WebSocketServer(SignalEmitter):
         # The limits (see the class docstring); checked again by listen().
         self.handshake_timeout = handshake_timeout
         self.max_peers = max_peers
+        self.max_peers_per_address = max_peers_per_address
         self.max_message_size = max_message_size
         self.max_request_bytes = max_request_bytes
         if allowed_origins is not None and not isinstance(allowed_origins, (str, bytes)):
@@ -486,6 +496,7 @@ class WebSocketServer(SignalEmitter):
         limits = Limits(
             handshake_timeout=float(self.handshake_timeout),
             max_peers=int(self.max_peers or 0),
+            max_peers_per_address=int(self.max_peers_per_address or 0),
             max_message_size=max_message,
             max_request_bytes=int(self.max_request_bytes),
             allowed_origins=origins,

@@ -17,8 +17,16 @@ Methods: ``load_acquire()``, ``store_release(v)``, ``load()`` and
 ``store(v)`` (sequentially consistent), ``close()`` (release the buffer
 export before unmapping).  The buffer must be 8 bytes, 8-byte aligned and
 writable.
+
+`AtomicWords` is the same for a table of words too large for an object a
+word (the per-address connection counts, `wsfleet.ipc.shardstate`):
+``load(i)``, ``store(i, v)``, ``add(i, delta)`` (a sequentially consistent
+fetch-and-add that returns the new value), ``find(base, slots, key)`` (the
+lookup of an open-addressing table of ``[key, count]`` entries, see
+``_atomic.c``), ``clear(start, count)``, ``close()`` and ``len()``; the buffer
+must be 8-byte aligned, writable and a whole number of words.
 """
 
-from ._atomic import AtomicWord
+from ._atomic import AtomicWord, AtomicWords
 
-__all__ = ["AtomicWord"]
+__all__ = ["AtomicWord", "AtomicWords"]

@@ -55,6 +55,9 @@ class Limits:
     #: off), ``message_burst`` at once (0: one second's worth); over it: close 1008.
     max_message_rate: float | None = None
     message_burst: int = 0
+    #: At most this many connections (open peers and upgrades waiting for their verdict)
+    #: from one IP address across the shards; over it an upgrade gets 429 (0: no limit).
+    max_peers_per_address: int = 0
     #: A handshake handler is set: valid upgrades wait for the front's verdict.
     hold_upgrades: bool = False
 
@@ -77,6 +80,11 @@ class Limits:
             raise ValueError("allowed_origins must be strings")
         if self.max_message_rate is not None and not self.max_message_rate > 0:
             raise ValueError(f"max_message_rate must be None or positive: {self.max_message_rate}")
+        if self.max_peers_per_address < 0:
+            raise ValueError(
+                f"max_peers_per_address must be 0 (no limit) or positive: "
+                f"{self.max_peers_per_address}"
+            )
         if self.message_burst < 0:
             raise ValueError(f"message_burst must be 0 or positive: {self.message_burst}")
         if self.health_path is not None and not self.health_path.startswith("/"):

@@ -22,15 +22,28 @@ between cores:
 
 A count per shard rather than one shared counter is what makes the reset
 possible: nobody has to know how many of a global total a dead shard held.
+
+After the lines, the per-address connection counts (``max_peers_per_address``),
+kept the same way: each shard owns a table, only it writes to it, every shard
+reads every table, and the supervisor clears a dead shard's.  A table is open
+addressing with linear probing over `ADDRESS_SLOTS` entries ``[key, count]``;
+the key is a keyed 64-bit BLAKE2b of the address (the secret drawn by the
+process that made the block, so nobody outside can aim at a victim's entries;
+two addresses share a key with odds of 2^-64).  An entry whose count fell to 0
+keeps its key until its writer reuses it for another address, so a probe
+never stops early at a hole.  A table holds at most `ADDRESS_SLOTS` distinct
+addresses at a time; beyond that an upgrade is refused as a full server.
+The memory is sparse: pages a shard never touched cost nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import time
 
-from .atomic import AtomicWord
+from .atomic import AtomicWord, AtomicWords
 
 SLOT_BYTES = 64
 _NEXT_ID_OFF = 0
@@ -38,6 +51,20 @@ _PEERS_OFF = 8
 _HEARTBEAT_OFF = 16
 #: How often a shard's loop beats.
 HEARTBEAT_SECONDS = 1.0
+#: Entries of each shard's address table (a power of two).
+ADDRESS_SLOTS = 1 << 16
+_KEY_BYTES = 16
+_TABLE_WORDS = 2 * ADDRESS_SLOTS
+
+
+class AddressTableFull(Exception):
+    """A shard's address table holds `ADDRESS_SLOTS` distinct addresses already."""
+
+
+def _block_size(shards: int) -> tuple[int, int]:
+    """(size of the block, offset of the first address table) for ``shards`` shards."""
+    tables = SLOT_BYTES * max(1, shards) + SLOT_BYTES  # the lines, then the hash key's line
+    return tables + 8 * _TABLE_WORDS * max(1, shards), tables
 
 
 class ShardState:
@@ -46,7 +73,9 @@ class ShardState:
     def __init__(self, shards: int, fd: int | None = None) -> None:
         """A new zeroed block for ``shards`` shards, or (``fd``) the one another process made."""
         self.shards = shards
-        size = SLOT_BYTES * max(1, shards)
+        size, tables = _block_size(shards)
+        key_offset = tables - SLOT_BYTES
+        new = fd is None
         if fd is None:
             fd = os.memfd_create("wsfleet-shardstate", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
@@ -60,6 +89,10 @@ class ShardState:
         self._beats = [
             AtomicWord(view[i * SLOT_BYTES + _HEARTBEAT_OFF :][:8]) for i in range(shards)
         ]
+        if new:
+            self._map[key_offset : key_offset + _KEY_BYTES] = os.urandom(_KEY_BYTES)
+        self._secret = bytes(self._map[key_offset : key_offset + _KEY_BYTES])
+        self._addresses = AtomicWords(view[tables:])
 
     @classmethod
     def attach(cls, fd: int, shards: int) -> ShardState:
@@ -89,6 +122,63 @@ class ShardState:
     def heartbeat_age(self, index: int) -> float:
         """Seconds since shard ``index`` last beat."""
         return time.monotonic() - self._beats[index].load_acquire() / 1000
+
+    def forget(self, index: int) -> None:
+        """Shard ``index`` died, and its connections with it: its peers and addresses count
+        no more (the supervisor, before anyone hears of the death)."""
+        self._peers[index].store(0)
+        self._addresses.clear(index * _TABLE_WORDS, _TABLE_WORDS)
+
+    # -- per-address connection counts -----------------------------------------------------
+
+    def _key(self, address: str) -> int:
+        digest = hashlib.blake2b(address.encode(), digest_size=8, key=self._secret).digest()
+        return int.from_bytes(digest, "little") | 1  # 0 marks an empty entry
+
+    def _count_in(self, shard: int, key: int) -> int:
+        words, base = self._addresses, shard * _TABLE_WORDS
+        entry = words.find(base, ADDRESS_SLOTS, key)[0]
+        return 0 if entry < 0 else words.load(base + 2 * entry + 1)
+
+    def address_count(self, address: str) -> int:
+        """Connections counted for ``address`` by every shard."""
+        key = self._key(address)
+        return sum(self._count_in(shard, key) for shard in range(self.shards))
+
+    def claim_address(self, index: int, address: str, limit: int) -> bool:
+        """Count one more connection from ``address`` for shard ``index`` if that keeps the
+        address within ``limit`` (0: no limit) over every shard; False (nothing counted)
+        otherwise.  `AddressTableFull` when the shard's table has no room for it.
+
+        As `admit`: the shard adds its claim *before* it reads the other tables,
+        every access sequentially consistent, so of two shards racing for an
+        address's last connection at least one sees the other's claim.
+        """
+        key = self._key(address)
+        words, base = self._addresses, index * _TABLE_WORDS
+        entry, free = words.find(base, ADDRESS_SLOTS, key)
+        if entry < 0:
+            if free < 0:
+                raise AddressTableFull(f"{ADDRESS_SLOTS} addresses in shard {index}'s table")
+            entry = free
+            words.store(base + 2 * entry, key)  # before its count: see the module docstring
+        count = base + 2 * entry + 1
+        mine = words.add(count, 1)
+        if limit:
+            others = sum(
+                self._count_in(shard, key) for shard in range(self.shards) if shard != index
+            )
+            if mine + others > limit:
+                words.add(count, -1)
+                return False
+        return True
+
+    def release_address(self, index: int, address: str) -> None:
+        """A connection `claim_address` counted for shard ``index`` is gone."""
+        words, base = self._addresses, index * _TABLE_WORDS
+        entry = words.find(base, ADDRESS_SLOTS, self._key(address))[0]
+        if entry >= 0 and words.load(base + 2 * entry + 1) > 0:
+            words.add(base + 2 * entry + 1, -1)
 
     def admit(self, index: int, held: int, limit: int) -> bool:
         """Count a new peer for shard ``index`` (which holds ``held``) if the server has room.

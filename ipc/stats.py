@@ -46,7 +46,7 @@ CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011)
 #: Reasons a handshake is refused: the HTTP status sent (400 covers every other
 #: malformed request, 414 counts as 431), ``timeout`` (not done within
 #: ``handshake_timeout``), ``dropped`` (``set_refuse_new_connections``: cut, no answer).
-REFUSE_REASONS = ("403", "431", "503", "400", "timeout", "dropped")
+REFUSE_REASONS = ("403", "429", "431", "503", "400", "timeout", "dropped")
 
 #: The words of a shard's block after its sequence number, in order.
 SHARD_FIELDS: tuple[str, ...] = (
@@ -78,6 +78,8 @@ def refuse_field(status: int | None) -> str:
     """The counter of a handshake refused with HTTP ``status`` (None: no answer sent)."""
     if status == 403:
         return "refused_403"
+    if status == 429:
+        return "refused_429"
     if status in (431, 414):
         return "refused_431"
     if status == 503:

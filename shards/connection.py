@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.handoff import MovedConnection
+from wsfleet.ipc.shardstate import AddressTableFull
 from wsfleet.ipc.stats import close_field, refuse_field
 
 from .wire import EventKind, Phase, ServerWire, frame_header
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CLOSE_GRACE_SECONDS", "PeerConnection", "frame_header"]
 
+log = logging.getLogger("wsfleet.shard")
+
 #: Once the server closes a connection, how long what it still has to send (its close
 #: frame, an HTTP error) may wait for a peer that does not read before the TCP
 #: connection is cut (the peer is reported gone then).
@@ -45,6 +48,7 @@ CLOSE_GRACE_SECONDS = 1.0
 _FORBIDDEN = "Origin not allowed.\n"
 _FULL = "Server full: try again later.\n"
 _DRAINING = "Server draining: try another one.\n"
+_TOO_MANY = "Too many connections from your address: try again later.\n"
 _OPEN, _REFUSED, _HANDSHAKE = Phase.OPEN, Phase.REFUSED, Phase.HANDSHAKE
 _TEXT, _BINARY, _PONG = EventKind.TEXT, EventKind.BINARY, EventKind.PONG
 _OPENED, _CLOSE_REQUEST = EventKind.OPENED, EventKind.CLOSE_REQUEST
@@ -102,6 +106,8 @@ class PeerConnection(asyncio.Protocol):
         # limit, or not open yet): one attribute check per read when off.
         self._bucket: list[float] | None = None
         self._unparsed = b""  # a moved connection's bytes to replay once it starts
+        # It counts against max_peers_per_address (`Shard.claim_address`) until it ends.
+        self._address_claimed = False
 
     @classmethod
     def moved(cls, shard: Shard, state: MovedConnection) -> PeerConnection:
@@ -273,6 +279,9 @@ class PeerConnection(asyncio.Protocol):
         if state.peer_id:
             self.wire.resume(state.subprotocol, state.fragments, state.fragments_text)
             self.peer_id = state.peer_id
+            # The old process counted it against max_peers_per_address in this shard's
+            # table, which the successor keeps: it is released here when it ends.
+            self._address_claimed = bool(shard.max_peers_per_address)
             shard.adopt(self)
             for group in state.groups:
                 shard.join(self, group.encode())
@@ -302,6 +311,7 @@ class PeerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.shard.connections.discard(self)
         self._clear_deadline()
+        self._release_address()
         if self._token:  # it left while its upgrade waited
             self.shard.end_pending(self._token)
             self._token = 0
@@ -372,9 +382,23 @@ class PeerConnection(asyncio.Protocol):
             return HTTPStatus.SERVICE_UNAVAILABLE, _DRAINING
         if not self.shard.origin_allowed(origins):
             return HTTPStatus.FORBIDDEN, _FORBIDDEN
+        if self.shard.max_peers_per_address:
+            try:
+                if not self.shard.claim_address(self.ip):
+                    return HTTPStatus.TOO_MANY_REQUESTS, _TOO_MANY
+            except AddressTableFull as full:
+                log.error("refused an upgrade from %s: %s", self.ip, full)
+                return HTTPStatus.SERVICE_UNAVAILABLE, _FULL
+            self._address_claimed = True
         if not self.shard.admit():
+            self._release_address()
             return HTTPStatus.SERVICE_UNAVAILABLE, _FULL
         return None
+
+    def _release_address(self) -> None:
+        if self._address_claimed:
+            self._address_claimed = False
+            self.shard.release_address(self.ip)
 
     def _linger(self) -> None:
         """End the stream without resetting a client that is still sending.

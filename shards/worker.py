@@ -95,6 +95,7 @@ class Shard:
         self.handshake_timeout: float = limits.handshake_timeout
         self.max_request_bytes: int = limits.max_request_bytes
         self.max_peers: int = limits.max_peers  # 0: no limit
+        self.max_peers_per_address: int = limits.max_peers_per_address  # 0: no limit
         origins = limits.allowed_origins
         self.allowed_origins: frozenset[str] | None = (
             None if origins is None else frozenset(origins)
@@ -219,6 +220,15 @@ class Shard:
         which is what makes ``len(self.peers)`` match the published count.
         """
         return self._state.admit(self.index, self._held(), self.max_peers)
+
+    def claim_address(self, ip: str) -> bool:
+        """Count a connection from ``ip`` against ``max_peers_per_address`` (every shard's
+        connections from it); False, and nothing counted, when it has as many already."""
+        return self._state.claim_address(self.index, ip, self.max_peers_per_address)
+
+    def release_address(self, ip: str) -> None:
+        """A connection `claim_address` counted has ended."""
+        self._state.release_address(self.index, ip)
 
     def _held(self) -> int:
         """Peers and waiting upgrades: the ``max_peers`` slots this shard holds."""

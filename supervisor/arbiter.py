@@ -481,9 +481,10 @@ class Arbiter:
                 self.reload.shard_died(slot.index, pid)
             if slot.hung:
                 log.warning("shard %d: the hung shard is dead; its peers are gone", slot.index)
-            # Its connections died with it: free their max_peers slots before anyone
-            # (the front, a new connection to another shard) hears of the death.
-            self.state.set_peers(slot.index, 0)
+            # Its connections died with it: free their max_peers slots and their addresses'
+            # counts before anyone (the front, a new connection to another shard) hears of
+            # the death.
+            self.state.forget(slot.index)
             if self.ops is not None:
                 self.ops.shard_died(slot.index)
             self._notify(control.ShardDown(shard=slot.index))

@@ -149,6 +149,10 @@ BAD_VALUES: dict[str, list[list[str]]] = {
     "--gd-mp-api": [["--gd-mp-api=yes"]],
     "--quiet": [["--quiet=1"]],
     "--max-peers": [["--max-peers", "-1"], ["--max-peers", "many"], ["--max-peers", "1.5"]],
+    "--max-peers-per-address": [
+        ["--max-peers-per-address", "-1"],
+        ["--max-peers-per-address", "some"],
+    ],
     "--health-path": [["--health-path", "healthz"], ["--health-path", ""]],
     "--max-message-rate": [["--max-message-rate", "0"], ["--max-message-rate", "fast"]],
     "--message-burst": [["--message-burst", "0"], ["--message-burst", "-3"]],
