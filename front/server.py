@@ -114,9 +114,10 @@ class WebSocketServer(SignalEmitter):
         proxy's), open peers and upgrades waiting for a handshake handler's
         verdict, over every shard.  Further upgrade requests from it are
         answered ``429 Too Many Requests`` (counted as ``refused_429``).  As
-        for ``max_peers``, the count never goes over the limit; an address
-        may be refused early only when another one shares both of its
-        buckets in the shared count (2 x 16,384 per shard, keyed at start).
+        for ``max_peers``, two shards racing for an address's last slot may
+        both refuse once and the count never goes over.  A shard tracks up
+        to 65,536 distinct addresses at a time; past that it answers 503
+        (and logs it).
     ``max_message_size`` (None: the input buffer of `set_buffers`, 64 KiB)
         Bytes of one received message (fragments together); a longer one
         closes the connection with 1009.  At most 16 MiB.
