@@ -1,14 +1,18 @@
 """wsfleet applications for the load scenarios that ``wsfleet serve`` (echo) does not cover.
 
     python -m wsfleet.loadtest.wsfleet_apps broadcast --port P [--shards N] [--bind 127.0.0.1]
-        [--report-count]
+        [--group NAME] [--report-count]
 
 ``broadcast``: every message a client sends goes to every other client, in the
 same write mode (text or binary), through ``server.broadcast(data, text=...,
 exclude=[sender])``, which encodes the frame once per shard. Only the public
 API is used (``from wsfleet import WebSocketServer, Error``), as an application
 would. The process polls until SIGTERM or SIGINT, then calls ``server.stop()``
-(close 1001 to every peer) and exits with status 0.
+(close 1001 to every peer) and exits with status 0.  With ``--group NAME``
+every peer joins group NAME as it connects and each message goes out with
+``server.broadcast(data, text=..., group=NAME, exclude=[sender])``: the same
+deliveries through the groups' path (membership in the shards), to compare
+with the plain broadcast side by side.
 
 ``--port 0`` picks a free port. Once listening it prints
 ``listening HOST:PORT`` on stdout; with ``--report-count`` it prints
@@ -28,7 +32,9 @@ from typing import Any
 from wsfleet import Error, WebSocketServer
 
 
-def serve_broadcast(port: int, shards: int | None, bind: str, report_count: bool) -> int:
+def serve_broadcast(
+    port: int, shards: int | None, bind: str, report_count: bool, group: str | None = None
+) -> int:
     server = WebSocketServer(shards=shards)
     server.bind_ip = bind
     peers: set[int] = set()
@@ -40,6 +46,8 @@ def serve_broadcast(port: int, shards: int | None, bind: str, report_count: bool
     def on_connected(peer_id: int, _protocol: str) -> None:
         peers.add(peer_id)
         counts["connected"] += 1
+        if group is not None:
+            server.join(peer_id, group)
 
     def on_disconnected(peer_id: int, _clean: bool) -> None:
         peers.discard(peer_id)
@@ -51,9 +59,8 @@ def serve_broadcast(port: int, shards: int | None, bind: str, report_count: bool
         while peer.get_available_packet_count():
             packet = peer.get_packet()
             counts["received"] += 1
-            if server.broadcast(packet, text=peer.was_string_packet(), exclude=(peer_id,)) == (
-                Error.OK
-            ):
+            text = peer.was_string_packet()
+            if server.broadcast(packet, text=text, group=group, exclude=(peer_id,)) == Error.OK:
                 counts["broadcasts"] += 1
                 counts["deliveries"] += len(peers) - (peer_id in peers)
 
@@ -87,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     broadcast.add_argument("--shards", type=int, default=None, help="default: one per CPU")
     broadcast.add_argument("--bind", default="127.0.0.1")
     broadcast.add_argument("--report-count", action="store_true")
+    broadcast.add_argument(
+        "--group", default=None, metavar="NAME", help="join every peer to NAME, broadcast to it"
+    )
     args = parser.parse_args(argv)
     if args.shards is not None and args.shards < 1:
         parser.error("--shards must be >= 1")
-    return serve_broadcast(args.port, args.shards, args.bind, args.report_count)
+    return serve_broadcast(args.port, args.shards, args.bind, args.report_count, args.group)
 
 
 if __name__ == "__main__":
