@@ -4,6 +4,8 @@ accepted it (200, or 503 while draining, with the shard's header), anything else
 from __future__ import annotations
 
 import http.client
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -59,3 +61,38 @@ def test_another_health_path(tmp_path: Path) -> None:
     with Served(tmp_path, 1, "--health-path", "/ready") as served:
         assert get(served.port, "/ready")[0] == 200
         assert get(served.port, "/healthz")[0] == 426
+
+
+@pytest.mark.timeout(60)
+def test_curl_gets_200_from_every_shard_and_426_for_a_plain_get(tmp_path: Path) -> None:
+    """What an operator or a load balancer's probe does: `curl` (the real client)."""
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is not on the PATH (Debian: apt-get install curl)"
+
+    def curl_get(port: int, path: str) -> tuple[int, str]:
+        out = subprocess.run(
+            [curl, "-s", "-i", "--max-time", "10", f"http://127.0.0.1:{port}{path}"],
+            capture_output=True,
+            timeout=20,
+            check=True,
+        ).stdout.decode()  # not text=True: its newline translation would eat the CRs
+        head, _, body = out.partition("\r\n\r\n")
+        status = int(head.split()[1])
+        shard = next(
+            (line.split(":", 1)[1].strip() for line in head.splitlines()
+             if line.lower().startswith("x-wsfleet-shard:")),
+            "",
+        )  # fmt: skip
+        return status, f"{shard}|{body}"
+
+    with Served(tmp_path, 4) as served:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 4:
+            assert time.monotonic() < deadline, f"only shards {sorted(seen)} answered"
+            status, answer = curl_get(served.port, "/healthz")
+            shard, body = answer.split("|", 1)
+            assert (status, body) == (200, "ok\n")
+            seen.add(shard)
+        assert seen == {"0", "1", "2", "3"}
+        assert curl_get(served.port, "/")[0] == 426
