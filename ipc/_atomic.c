@@ -308,6 +308,60 @@ Words_find(Words *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("nn", found, free);
 }
 
+/* The entry of ``key`` in the table of ``slots`` entries at ``table``, or -1 (find's probe). */
+static Py_ssize_t
+table_lookup(uint64_t *table, Py_ssize_t slots, uint64_t key)
+{
+    Py_ssize_t mask = slots - 1;
+    Py_ssize_t i = (Py_ssize_t)(key & (uint64_t)mask);
+    for (Py_ssize_t probes = 0; probes < slots; probes++, i = (i + 1) & mask) {
+        uint64_t held = __atomic_load_n(table + 2 * i, __ATOMIC_SEQ_CST);
+        if (held == key)
+            return i;
+        if (held == 0)
+            return -1;
+    }
+    return -1;
+}
+
+/*
+ * total(base, stride, tables, slots, key): the sum of ``key``'s counts over ``tables``
+ * tables like find's, the first at word ``base``, each ``stride`` words after the last.
+ */
+static PyObject *
+Words_total(Words *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "total(base, stride, tables, slots, key) takes five arguments");
+        return NULL;
+    }
+    if (self->words == NULL) {
+        PyErr_SetString(PyExc_ValueError, "operation on a closed AtomicWords");
+        return NULL;
+    }
+    Py_ssize_t base = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t stride = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t tables = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t slots = PyLong_AsSsize_t(args[3]);
+    uint64_t key;
+    if (PyErr_Occurred() || Word_value(args[4], &key) < 0)
+        return NULL;
+    if (key == 0 || slots < 1 || (slots & (slots - 1)) != 0 || base < 0 || tables < 0
+        || stride < 2 * slots
+        || (tables > 0 && base + (tables - 1) * stride + 2 * slots > self->count)) {
+        PyErr_SetString(PyExc_ValueError, "total: a nonzero key, tables inside the buffer");
+        return NULL;
+    }
+    uint64_t sum = 0;
+    for (Py_ssize_t t = 0; t < tables; t++) {
+        uint64_t *table = self->words + base + t * stride;
+        Py_ssize_t entry = table_lookup(table, slots, key);
+        if (entry >= 0)
+            sum += __atomic_load_n(table + 2 * entry + 1, __ATOMIC_SEQ_CST);
+    }
+    return PyLong_FromUnsignedLongLong(sum);
+}
+
 static PyObject *
 Words_clear(Words *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -354,6 +408,8 @@ static PyMethodDef Words_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Words_find, METH_FASTCALL,
      "find(base, slots, key): (entry holding key or -1, first entry of count 0 or -1) of "
      "an open-addressing table of [key, count] entries."},
+    {"total", (PyCFunction)(void (*)(void))Words_total, METH_FASTCALL,
+     "total(base, stride, tables, slots, key): the sum of key's counts over that many tables."},
     {"clear", (PyCFunction)(void (*)(void))Words_clear, METH_FASTCALL,
      "clear(start, count): store 0 in ``count`` words from ``start``."},
     {"close", (PyCFunction)Words_close, METH_NOARGS,

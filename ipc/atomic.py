@@ -23,8 +23,10 @@ word (the per-address connection counts, `wsfleet.ipc.shardstate`):
 ``load(i)``, ``store(i, v)``, ``add(i, delta)`` (a sequentially consistent
 fetch-and-add that returns the new value), ``find(base, slots, key)`` (the
 lookup of an open-addressing table of ``[key, count]`` entries, see
-``_atomic.c``), ``clear(start, count)``, ``close()`` and ``len()``; the buffer
-must be 8-byte aligned, writable and a whole number of words.
+``_atomic.c``), ``total(base, stride, tables, slots, key)`` (the sum of a
+key's counts over several such tables), ``clear(start, count)``, ``close()``
+and ``len()``; the buffer must be 8-byte aligned, writable and a whole number
+of words.
 """
 
 from ._atomic import AtomicWord, AtomicWords

@@ -135,15 +135,12 @@ class ShardState:
         digest = hashlib.blake2b(address.encode(), digest_size=8, key=self._secret).digest()
         return int.from_bytes(digest, "little") | 1  # 0 marks an empty entry
 
-    def _count_in(self, shard: int, key: int) -> int:
-        words, base = self._addresses, shard * _TABLE_WORDS
-        entry = words.find(base, ADDRESS_SLOTS, key)[0]
-        return 0 if entry < 0 else words.load(base + 2 * entry + 1)
+    def _total(self, key: int) -> int:
+        return self._addresses.total(0, _TABLE_WORDS, self.shards, ADDRESS_SLOTS, key)
 
     def address_count(self, address: str) -> int:
         """Connections counted for ``address`` by every shard."""
-        key = self._key(address)
-        return sum(self._count_in(shard, key) for shard in range(self.shards))
+        return self._total(self._key(address))
 
     def claim_address(self, index: int, address: str, limit: int) -> bool:
         """Count one more connection from ``address`` for shard ``index`` if that keeps the
@@ -163,14 +160,10 @@ class ShardState:
             entry = free
             words.store(base + 2 * entry, key)  # before its count: see the module docstring
         count = base + 2 * entry + 1
-        mine = words.add(count, 1)
-        if limit:
-            others = sum(
-                self._count_in(shard, key) for shard in range(self.shards) if shard != index
-            )
-            if mine + others > limit:
-                words.add(count, -1)
-                return False
+        words.add(count, 1)
+        if limit and self._total(key) > limit:
+            words.add(count, -1)
+            return False
         return True
 
     def release_address(self, index: int, address: str) -> None:

@@ -8,13 +8,16 @@ under each (e.g. ``PYTHONPATH=`` an install of the other), interleaved::
 
     python -m wsfleet.loadtest.handshake_bench [--cycles 5000] [--rounds 7] [--label new]
 
-It measures what the log options cost a handshake when they are off.
+It measures what the log options cost a handshake when they are off;
+``--max-peers-per-address N`` measures what that limit costs when it is on
+(every cycle's connection comes from one address: N above ``--cycles``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import time
 
@@ -79,12 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--label", default="this version")
+    parser.add_argument("--max-peers-per-address", type=int, default=0, metavar="N")
+    parser.add_argument("--shards", type=int, default=1, help="shards the shared state has")
     args = parser.parse_args(argv)
     limits = Limits(5.0, 0, 65536, 8192, None, False, None, None)
-    config = FleetConfig((), limits, None, False, 1 << 20).for_shard(0, 1)
+    if args.max_peers_per_address:  # a keyword only newer versions know
+        limits = dataclasses.replace(limits, max_peers_per_address=args.max_peers_per_address)
+    config = FleetConfig((), limits, None, False, 1 << 20).for_shard(0, args.shards)
     loop = uvloop.new_event_loop()
     events_ring, commands_ring = SharedRing.create(1 << 20), SharedRing.create(1 << 20)
-    shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), ShardState(1))
+    shard = Shard(
+        loop, config, Producer(events_ring), Consumer(commands_ring), ShardState(args.shards)
+    )
     events = Consumer(events_ring)
 
     def cycles(count: int) -> None:

@@ -282,3 +282,53 @@ def test_a_full_address_table_says_so() -> None:
     assert state.claim_address(0, "fd01::7", 2)  # a known address still counts
     state.release_address(0, "fd01::3")
     assert state.claim_address(0, "fd02::1", 1)  # in the freed entry
+
+
+def _race(state: ShardState, held_word, index: int, rounds: int, limit: int, out) -> None:
+    """Child of the race test: claim and release one address as fast as it can, counting
+    the connections held by every child together in ``held_word`` (a claim may show in
+    the table for a moment before it is taken back; a connection held may not pass)."""
+    held, highest = 0, 0
+    for n in range(rounds):
+        if state.claim_address(index, "192.0.2.1", limit):
+            held += 1
+            highest = max(highest, held_word.add(0, 1))
+        if held and (n % 3 == 0 or held == limit):
+            held_word.add(0, -1)  # before the release: never counts one that is gone
+            state.release_address(index, "192.0.2.1")
+            held -= 1
+    out.send((held, highest))
+
+
+@pytest.mark.timeout(60)
+def test_shards_racing_for_an_address_never_pass_its_limit() -> None:
+    """Four processes (four shards' tables in one block) claim and release the same address
+    at once: the connections held never pass the limit (a claim is published before the
+    other tables are read), and what is left counted is what they hold."""
+    import mmap
+    import multiprocessing
+
+    from wsfleet.ipc.atomic import AtomicWords
+
+    context = multiprocessing.get_context("fork")
+    state = ShardState(4)
+    shared = mmap.mmap(-1, 8)
+    held_word = AtomicWords(shared)
+    pipes, children = [], []
+    for index in range(4):
+        ours, theirs = context.Pipe(duplex=False)
+        child = context.Process(target=_race, args=(state, held_word, index, 20_000, 3, theirs))
+        child.start()
+        pipes.append(ours)
+        children.append(child)
+    try:
+        results = [pipe.recv() for pipe in pipes]
+    finally:
+        for child in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    assert all(highest <= 3 for _held, highest in results), results
+    assert max(highest for _held, highest in results) == 3  # the limit was reached
+    assert state.address_count("192.0.2.1") == sum(held for held, _ in results) <= 3
+    held_word.close()
