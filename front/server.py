@@ -766,6 +766,11 @@ class WebSocketServer(SignalEmitter):
         """Refuse a waiting upgrade with that HTTP answer; ERR_DOES_NOT_EXIST as above."""
         return self._verdict(token, Refuse(status, reason, tuple(headers)))
 
+    def is_handshake_waiting(self, token: int) -> bool:
+        """Whether the upgrade ``token`` still waits for a verdict (False once decided, or
+        ended: the client left, or its ``handshake_timeout`` passed, as polled so far)."""
+        return token in self._waiting
+
     def _verdict(self, token: int, verdict: Accept | Refuse) -> Error:
         waiting = self._waiting.pop(token, None)
         if waiting is None:

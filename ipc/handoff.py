@@ -52,9 +52,12 @@ class MovedConnection:
     """One connection as its new shard takes it over.
 
     ``peer_id`` 0: still in its upgrade (``unparsed`` is the start of the
-    request).  Otherwise open: ``unparsed`` is the start of the next frame(s),
-    ``fragments`` the data so far of the fragmented message being received
-    (None outside one) and ``fragments_text`` its kind.
+    request), or with ``pending_token``, an upgrade admitted and waiting for
+    the application's verdict under that token (``unparsed`` is the whole
+    request and what came after it).  Otherwise open: ``unparsed`` is the
+    start of the next frame(s), ``fragments`` the data so far of the
+    fragmented message being received (None outside one) and
+    ``fragments_text`` its kind.
     """
 
     peer_id: int
@@ -68,6 +71,7 @@ class MovedConnection:
     fragments_text: bool
     #: The groups it is in (``server.join``).
     groups: tuple[str, ...] = ()
+    pending_token: int = 0
 
 
 def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> None:
@@ -79,6 +83,7 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
     for conn in moved:
         state: dict[str, Any] = {
             "peer_id": conn.peer_id,
+            "pending_token": conn.pending_token,
             "ip": conn.ip,
             "port": conn.port,
             "subprotocol": conn.subprotocol,
@@ -177,6 +182,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             fragments=fragments,
             fragments_text=bool(state["fragments_text"]),
             groups=tuple(str(group) for group in state.get("groups", ())),
+            pending_token=int(state.get("pending_token", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"a malformed connection state: {exc}") from None

@@ -108,6 +108,9 @@ class PeerConnection(asyncio.Protocol):
         self._unparsed = b""  # a moved connection's bytes to replay once it starts
         # It counts against max_peers_per_address (`Shard.claim_address`) until it ends.
         self._address_claimed = False
+        # A moved upgrade that waited for its verdict: the token the front knows it by. Its
+        # replayed request is not admitted again (the old process did) and waits under it.
+        self._moved_token = 0
 
     @classmethod
     def moved(cls, shard: Shard, state: MovedConnection) -> PeerConnection:
@@ -246,7 +249,11 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("health_checks")
         elif kind is _PENDING_EVENT:
             protocol, offered = value  # type: ignore[misc]
-            self._token = self.shard.hold(self, protocol, offered)
+            if self._moved_token:
+                self._token, self._moved_token = self._moved_token, 0
+                self.shard.hold_moved(self, self._token)
+            else:
+                self._token = self.shard.hold(self, protocol, offered)
         elif kind is _REFUSED_EVENT:
             self.shard.count(refuse_field(value))  # type: ignore[arg-type]
             if self.shard.conn_log_level is not None:
@@ -290,6 +297,9 @@ class PeerConnection(asyncio.Protocol):
                 self._bucket = [shard.message_burst, shard.loop.time()]
         else:  # still in its upgrade: a fresh deadline
             self._set_deadline(shard.handshake_timeout)
+            if state.pending_token:  # admitted, waiting for its verdict: waits again
+                self._moved_token = state.pending_token
+                self._address_claimed = bool(shard.max_peers_per_address)
         self._paused_by_front = state.paused_by_front
         self._unparsed = state.unparsed
         # Nothing is read before every moved connection is registered: a frame relayed to
@@ -378,6 +388,8 @@ class PeerConnection(asyncio.Protocol):
         None also means that a ``max_peers`` slot is now counted for this
         connection: the wire opens it at once (`EventKind.OPENED`).
         """
+        if self._moved_token:
+            return None  # admitted and counted by the previous shard process
         if self.shard.draining:
             return HTTPStatus.SERVICE_UNAVAILABLE, _DRAINING
         if not self.shard.origin_allowed(origins):
@@ -562,7 +574,7 @@ class PeerConnection(asyncio.Protocol):
         return (
             transport is not None
             and not transport.is_closing()
-            and self.wire.phase in (_OPEN, _HANDSHAKE)
+            and self.wire.phase in (_OPEN, _HANDSHAKE, _PENDING)
             and not self.outbox
             and not self.wire.wants_write
             and transport.get_write_buffer_size() == 0
@@ -573,6 +585,7 @@ class PeerConnection(asyncio.Protocol):
         unparsed, fragments, fragments_text = self.wire.snapshot()
         return MovedConnection(
             peer_id=self.peer_id,
+            pending_token=self._token,
             ip=self.ip,
             port=self.port,
             subprotocol=self.wire.subprotocol,

@@ -208,8 +208,7 @@ async def take_over(
     started: list[tuple[PeerConnection, bytes]] = []
     for state, holding in held:
         if holding.lost or holding.transport is None:
-            if state.peer_id:  # it left during the handoff: it is gone
-                shard.peer_left_during_handoff(state.peer_id)
+            shard.left_during_handoff(state.peer_id, state.pending_token, state.ip)
             continue
         conn = PeerConnection.moved(shard, state)
         holding.transport.set_protocol(conn)

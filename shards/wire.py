@@ -371,6 +371,9 @@ class ServerWire:
         # While PENDING: how to answer (a 101 of ours: the key; websockets': its response),
         # and the subprotocol the server's rule chose.
         self._held: tuple[bytes | None, Any, str] | None = None
+        # While PENDING: the request itself, up to its blank line: what a successor replays
+        # to wait again in the same state (`snapshot`).
+        self._held_request = b""
         self.phase = _HANDSHAKE
         self.subprotocol = ""
         #: The accepted upgrade request's head (request line and headers, without the blank
@@ -638,6 +641,7 @@ class ServerWire:
             self.request_head = request[:end]
             self._partial = request[end + 4 :]
             self._held = (key, None, protocol)
+            self._held_request = request[: end + 4]
             self._move(_HOLD)
             events.append((_EV_PENDING, (protocol, _offered(request[:end]))))
             return
@@ -730,6 +734,7 @@ class ServerWire:
                 self._partial = request[end + 4 :]
                 protocol = response.headers.get("Sec-WebSocket-Protocol", "")
                 self._held = (None, response, protocol)
+                self._held_request = request[: end + 4]
                 self._move(_HOLD)
                 events.append((_EV_PENDING, (protocol, _offered(request[:end]))))
                 return
@@ -789,13 +794,17 @@ class ServerWire:
         fragments_text)``; see `resume`.
 
         ``unparsed``: the bytes received that no complete frame took (in the
-        handshake: the start of the request), from a frame boundary on;
-        ``fragments``: the fragmented message being received (None outside
-        one).  Only in HANDSHAKE and OPEN, with nothing left to send (the
-        caller hands off only then).
+        handshake: the start of the request; waiting for a verdict: the whole
+        request and what came after it, which a fresh wire fed with them turns
+        into the same PENDING wait), from a frame boundary on; ``fragments``:
+        the fragmented message being received (None outside one).  Only in
+        HANDSHAKE, PENDING and OPEN, with nothing left to send (the caller
+        hands off only then).
         """
         if self.phase is _HANDSHAKE:
             return self._partial, None, False
+        if self.phase is _PENDING:
+            return self._held_request + self._partial, None, False
         if self.phase is not _OPEN or self._out:
             raise ValueError(f"a connection in phase {self.phase.value} cannot move")
         unparsed = bytes(self._ws_begun) + bytes(self._pending)
@@ -828,6 +837,7 @@ class ServerWire:
             return []
         key, response, rule_chose = self._held
         self._held = None
+        self._held_request = b""
         events: list[Event] = []
         if response is None:  # our own 101
             chosen = protocol if protocol is not None else rule_chose
@@ -863,6 +873,7 @@ class ServerWire:
         if self.phase is not _PENDING:
             return []
         self._held = None
+        self._held_request = b""
         self.request_head = b""
         events: list[Event] = []
         self._refuse(status, text, events, headers)

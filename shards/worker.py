@@ -245,6 +245,13 @@ class Shard:
         self.emit(m.EV_HANDSHAKE, token, 0, payload)
         return token
 
+    def hold_moved(self, conn: PeerConnection, token: int) -> None:
+        """A waiting upgrade the previous shard process handed over waits again under its
+        token (the front has its request already: no event)."""
+        conn.wire.take_request_head()
+        self.pending[token] = conn
+        self._state.set_peers(self.index, self._held())
+
     def end_pending(self, token: int) -> None:
         """A waiting upgrade ended without a verdict (deadline, the client left)."""
         if self.pending.pop(token, None) is not None:
@@ -345,10 +352,16 @@ class Shard:
         """Events not yet in the ring (a full ring holds them back)."""
         return bool(self._backlog)
 
-    def peer_left_during_handoff(self, peer_id: int) -> None:
-        """A peer handed over whose socket was gone on arrival: report it gone."""
+    def left_during_handoff(self, peer_id: int, pending_token: int, ip: str) -> None:
+        """A connection handed over whose socket was gone on arrival: report it gone (a
+        peer, or an upgrade that waited for its verdict) and free what it counted."""
+        if self.max_peers_per_address and (peer_id or pending_token):
+            self.release_address(ip)
         self._state.set_peers(self.index, self._held())
-        self.emit(m.EV_DISCONNECTED, peer_id, 0, b"")
+        if peer_id:
+            self.emit(m.EV_DISCONNECTED, peer_id, 0, b"")
+        elif pending_token:
+            self.emit(m.EV_HANDSHAKE_ENDED, pending_token, 0, b"")
 
     def flush(self) -> None:
         """Publish now what this loop iteration queued (events, credits, frames)."""

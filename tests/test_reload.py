@@ -435,3 +435,82 @@ def test_a_reload_in_multiplayer_mode_keeps_the_relay_and_tells_nobody(tmp_path:
                 if other != me:
                     mine = [p for p in payloads if p.startswith(f"{other}:")]
                     assert mine == [f"{other}:{n}" for n in range(sent)], (me, other)
+
+
+@pytest.mark.timeout(90)
+def test_upgrades_waiting_for_their_verdict_cross_the_reload(tmp_path: Path) -> None:
+    """A handshake handler that answers later: upgrades still waiting when the reload
+    starts wait on in the successor under the same token, and the verdicts given after
+    it reach them (one accepted, with a frame sent before its 101; one refused); an
+    upgrade that ends during the reload is reported ended; the per-address count moves."""
+    from wsfleet import Error, WebSocketServer
+
+    from .conftest import free_port
+    from .wsframes import handshake_request
+
+    folder = tmp_path / "sock"
+    folder.mkdir(mode=0o700)
+    control = str(folder / "control.sock")
+    server = WebSocketServer(shards=2, control=control, max_peers_per_address=3)
+    token_of_port: dict[int, int] = {}
+    server.set_handshake_handler(
+        lambda pending: token_of_port.__setitem__(pending.port, pending.token)
+    )
+    connected: list[int] = []
+    server.connect("client_connected", lambda peer_id, _protocol: connected.append(peer_id))
+    received: list[bytes] = []
+
+    def on_data(peer_id: int) -> None:
+        received.append(server.get_peer(peer_id).get_packet())
+
+    server.connect("data_received", on_data)
+    port = free_port()
+    assert server.listen(port) == Error.OK
+
+    def poll_until(condition, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            server.poll(0.01)
+
+    sockets = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(handshake_request(port))
+            sockets.append(sock)
+        poll_until(lambda: len(token_of_port) == 3)
+        waiting = [token_of_port[sock.getsockname()[1]] for sock in sockets]
+        # The first sends a frame before its 101 (kept, delivered after it).
+        sockets[0].sendall(client_frame(b"sent while waiting"))
+        time.sleep(0.2)
+        before = [row["pid"] for row in server.get_shard_status()]
+        reload = psutil.Popen(
+            [sys.executable, "-m", "wsfleet", "reload", "--control", control],
+            stdout=-1,
+            stderr=-1,
+            text=True,
+        )
+        poll_until(lambda: reload.poll() is not None, 60)
+        out, err = reload.communicate()
+        assert reload.returncode == 0, out + err
+        after = [row["pid"] for row in server.get_shard_status()]
+        assert all(new != old for new, old in zip(after, before, strict=True))
+        assert all(server.is_handshake_waiting(token) for token in waiting)  # none was lost
+        # Still full: the three waiting upgrades count for their address.
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        extra.sendall(handshake_request(port))
+        assert extra.recv(100).startswith(b"HTTP/1.1 429")
+        extra.close()
+        server.accept_handshake(waiting[0])
+        server.refuse_handshake(waiting[1], 401, "bad token")
+        sockets[2].close()  # the third leaves before its verdict
+        poll_until(lambda: connected and received and not server.is_handshake_waiting(waiting[2]))
+        assert connected == [waiting[0]] and received == [b"sent while waiting"]
+        assert sockets[0].recv(4096).startswith(b"HTTP/1.1 101")
+        answer = sockets[1].recv(4096)
+        assert answer.startswith(b"HTTP/1.1 401") and answer.endswith(b"bad token")
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
