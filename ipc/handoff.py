@@ -68,6 +68,8 @@ class MovedConnection:
     fragments_text: bool
     #: The groups it is in (``server.join``).
     groups: tuple[str, ...] = ()
+    #: Welcomed with relay groups (``set_relay_groups``): relayed within its groups only.
+    mp_rooms: bool = False
 
 
 def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> None:
@@ -86,6 +88,7 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
             "paused_by_front": conn.paused_by_front,
             "fragments_text": conn.fragments_text,
             "groups": list(conn.groups),
+            "mp_rooms": conn.mp_rooms,
             "unparsed": [len(blob), len(conn.unparsed)],
         }
         blob += conn.unparsed
@@ -177,6 +180,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             fragments=fragments,
             fragments_text=bool(state["fragments_text"]),
             groups=tuple(str(group) for group in state.get("groups", ())),
+            mp_rooms=bool(state.get("mp_rooms", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"a malformed connection state: {exc}") from None
