@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from wsfleet import Error, WebSocketServer
 
 from . import test_godot_multiplayer as godot_mp
-from .godot_runner import GodotProcess, GodotProcesses, wait_until
+from .godot_runner import GodotProcess, GodotProcesses, options, wait_until
 from .opsproc import wsfleet
 from .test_godot_multiplayer import (
     CLIENTS,
@@ -41,7 +41,6 @@ from .test_godot_multiplayer import (
     FleetScript,
     check_clients,
     expected_part,
-    launch_client,
     server_expects,
 )
 from .test_mp_protocol import (
@@ -468,9 +467,11 @@ class RoomAssigner:
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
         self.members: dict[str, list[int]] = {room: [] for room in self.ROOMS}
+        self.queries: dict[int, dict[str, list[str]]] = {}  # the upgrade request's query
         server.connect("peer_connected", self._on_connected)
 
     def _on_connected(self, peer_id: int) -> None:
+        self.queries[peer_id] = dict(self.server.get_peer(peer_id).get_request().query)
         shard = self.server.get_peer_shard(peer_id)
         room = min(
             self.ROOMS,
@@ -504,7 +505,15 @@ def test_godot_clients_in_two_rooms_see_and_hear_only_their_room(godot) -> None:
             server.poll(0.01)
             script.drain()
 
-        clients = [launch_client(godot, server.port) for _ in range(CLIENTS)]
+        def launch() -> GodotProcess:  # each URL with a query, as a game names its room
+            url = f"ws://127.0.0.1:{server.port}/?client={len(clients)}"
+            return godot.start(
+                godot_mp.CLIENT_SCRIPT, *options(url=url, timeout=godot_mp.GODOT_DEADLINE)
+            )
+
+        clients: list[GodotProcess] = []
+        for _ in range(CLIENTS):
+            clients.append(launch())
         while True:
             wait_until(
                 lambda: len(script.connected) == len(clients),
@@ -516,9 +525,12 @@ def test_godot_clients_in_two_rooms_see_and_hear_only_their_room(godot) -> None:
             shards = {server.get_peer_shard(peer_id) for peer_id in script.connected}
             if shards == {0, 1} or len(clients) >= godot_mp.MAX_CLIENTS:
                 break
-            clients.extend(launch_client(godot, server.port) for _ in range(2))  # rooms stay even
+            for _ in range(2):  # two more: the rooms stay even
+                clients.append(launch())
         assert shards == {0, 1}, f"{len(clients)} clients, all on shard {shards}"
         on_shard = {peer_id: server.get_peer_shard(peer_id) for peer_id in script.connected}
+        queries = sorted(q["client"][0] for q in rooms.queries.values())
+        assert queries == sorted(str(n) for n in range(len(clients))), rooms.queries
         leavers = {}
         for room, members in rooms.members.items():
             roster = sorted(members)
