@@ -16,6 +16,11 @@ byte for byte; only frames for the server or for peers of other shards go
 through the front (`EV_MP_FRAME`).  A peer takes part in the relay once the
 front has welcomed it (`CMD_MP_WELCOME`: its id and the peers it may know),
 so that system messages and relayed frames reach every peer in Godot's order.
+A peer welcomed with relay groups (``mp_rooms``, ``set_relay_groups``)
+reaches only the peers it shares a group with: the shard checks that for its
+own peers (one attribute test when the mode is off), the front for the
+others (`CMD_MP_FORWARD` with the sender's groups), and `CMD_MP_GROUP`
+applies a membership change and the system messages it brings at once.
 
 A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
