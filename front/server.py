@@ -634,11 +634,15 @@ class WebSocketServer(SignalEmitter):
     def join(self, peer_id: int, group: str) -> Error:
         """Put a peer in a group (any non-empty name); `broadcast` ``group=`` reaches it.
 
-        The peer leaves every group when it leaves (or its shard dies).
+        The peer leaves every group when it leaves (or its shard dies).  With relay
+        groups (`set_relay_groups`) it is also a room: the peer and each peer it now
+        shares a group with are told of each other (``SYS_ADD``).
         """
         return self._membership(peer_id, group, True)
 
     def leave(self, peer_id: int, group: str) -> Error:
+        """Take a peer out of a group (OK if it was not in it).  With relay groups, it and
+        each peer it no longer shares any group with get ``SYS_DEL`` of each other."""
         return self._membership(peer_id, group, False)
 
     def get_groups(self, peer_id: int) -> list[str]:

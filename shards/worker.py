@@ -43,7 +43,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import uvloop
@@ -518,20 +518,23 @@ class Shard:
                 self._queue_frame(conn, frame)
 
     def _mp_deliver_groups(
-        self, data: bytes | memoryview, sender: int, to: int, groups: Iterable[bytes]
+        self, data: bytes | memoryview, sender: int, to: int, groups: Collection[bytes]
     ) -> None:
         """Relay groups: write a frame for ``to`` 0 or -n to this shard's welcomed members of
         ``groups`` (the sender's), once each, never to ``sender`` nor to n."""
         frame = frame_header(0x82, len(data)) + data
         excluded = -to  # 0 excludes no one
-        reached: set[PeerConnection] = set()
-        for group in groups:
-            for conn in self.groups.get(group, ()):
-                if conn not in reached:
-                    reached.add(conn)
-                    peer_id = conn.peer_id
-                    if peer_id != sender and peer_id != excluded and conn.mp_welcomed:
-                        self._queue_frame(conn, frame)
+        if len(groups) == 1:  # the usual case: one room, each member once already
+            (group,) = groups
+            targets: Iterable[PeerConnection] = self.groups.get(group, ())
+        else:
+            targets = set()
+            for group in groups:
+                targets |= self.groups.get(group, set())
+        for conn in targets:
+            peer_id = conn.peer_id
+            if peer_id != sender and peer_id != excluded and conn.mp_welcomed:
+                self._queue_frame(conn, frame)
 
     def _mp_welcome(self, peer_id: int, rooms: bool, known: bytes) -> None:
         conn = self.peers.get(peer_id)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import struct
 import sys
 from collections import Counter
@@ -294,6 +296,58 @@ def test_sys_add_and_sys_del_on_join_leave_and_departure_within_and_across_shard
         await check()
         assert server.get_group_members("b") == [] and server.get_groups(b1.id) == ["x"]
         assert stats(server) == dict.fromkeys(DROP_KEYS, 0)  # no greeting was dropped
+
+    run_with(server, body, timeout=60)
+    log.check()
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_shard_s_peers_are_gone_for_their_room_mates_only(rooms_server) -> None:
+    """A shard killed: each of its peers is reported gone (``SYS_DEL``) to its room mates on
+    the other shard and to nobody else; the restarted shard's new peers are relayed with
+    groups as well."""
+    server = rooms_server
+    log = MPLog(server)
+
+    async def body() -> None:
+        clients = await spread(server, log, per_shard=2, at_least=5)
+        a0, b0 = on_shard(server, clients, 0)[:2]
+        a1, b1 = on_shard(server, clients, 1)[:2]
+        for client, room in ((a0, "a"), (a1, "a"), (b0, "b"), (b1, "b")):
+            assert server.join(client.id, room) == Error.OK
+        await until(lambda: all(c.greetings() for c in (a0, a1, b0, b1)), 5)
+        survivors = on_shard(server, clients, 1)
+        await settle(server, log, clients)
+        systems = {c.id: c.system() for c in survivors}
+        pid = server.get_shard_status()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        gone = on_shard(server, clients, 0)
+        await until(lambda: all(("disconnected", c.id) in log.events for c in gone), 20)
+        await settle(server, log, survivors)
+        assert a1.system() == systems[a1.id] + news(SYS_DEL, a0)
+        assert b1.system() == systems[b1.id] + news(SYS_DEL, b0)
+        for c in survivors:
+            if c not in (a1, b1):
+                assert c.system() == systems[c.id] == welcome(c)
+        assert server.get_group_members("a") == [a1.id]
+
+        await until(lambda: server.get_shard_status()[0]["state"] == "running", 20)
+        newcomers: list[RoomClient] = []
+        while not any(server.get_peer_shard(c.id) == 0 for c in newcomers):
+            assert len(newcomers) < MAX_CLIENTS
+            newcomers.append(await open_client(server, log))
+        fresh = next(c for c in newcomers if server.get_peer_shard(c.id) == 0)
+        assert server.join(fresh.id, "a") == Error.OK
+        await until(lambda: fresh.greetings() == [a1.id], 5)
+        everyone = survivors + newcomers
+        await fresh.send(b1.id, b"not my room")
+        await fresh.send(0, b"to room a")
+        await settle(server, log, everyone)
+        for c in everyone:
+            want = [mp_frame(fresh.id, 0, b"to room a")] if c is a1 else []
+            assert c.data() == want, c.id
+        assert fresh.system() == welcome(fresh) + news(SYS_ADD, a1)
+        assert stats(server) == dict.fromkeys(DROP_KEYS, 0) | {"group": 1}
 
     run_with(server, body, timeout=60)
     log.check()
