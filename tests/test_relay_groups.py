@@ -353,6 +353,80 @@ def test_a_dead_shard_s_peers_are_gone_for_their_room_mates_only(rooms_server) -
     log.check()
 
 
+def frames_outside_acquaintance(client: MPClient, others: set[int]) -> list[str]:
+    """Data frames ``client`` got from one of ``others`` while it did not know it (before its
+    ``SYS_ADD`` or after its ``SYS_DEL``)."""
+    known: set[int] = set()
+    wrong = []
+    for n, frame in enumerate(client.frames):
+        if frame[0] in (SYS_ADD, SYS_DEL):
+            (subject,) = struct.unpack_from("<i", frame, HEADER_SIZE)
+            (known.add if frame[0] == SYS_ADD else known.discard)(subject)
+        elif frame[0] == SYS_NONE:
+            (sender,) = struct.unpack_from("<i", frame, 1)
+            if sender in others and sender not in known:
+                wrong.append(f"frame {n} from {sender}: {frame[HEADER_SIZE:]!r}")
+    return wrong
+
+
+@pytest.mark.timeout(90)
+def test_no_frame_from_a_peer_before_its_sys_add_or_after_its_sys_del(rooms_server) -> None:
+    """A peer that sends all the time (to everyone, and its room mates to it) while the
+    application joins it to their room and takes it out again, over and over: each client
+    gets the other's frames only between its SYS_ADD and its SYS_DEL, on one shard and
+    across."""
+    server = rooms_server
+    log = MPLog(server)
+
+    async def body() -> None:
+        clients = await spread(server, log, per_shard=2, at_least=4)
+        chatter, local = on_shard(server, clients, 0)[:2]
+        remote = on_shard(server, clients, 1)[0]
+        for mate in (local, remote):
+            assert server.join(mate.id, "room") == Error.OK
+        stop = asyncio.Event()
+
+        async def chat(client: MPClient, to: int) -> int:
+            sent = 0
+            while not stop.is_set():
+                await client.send(to, b"%d" % sent)
+                sent += 1
+                await asyncio.sleep(0)
+            return sent
+
+        chats = [
+            asyncio.create_task(chat(chatter, 0)),
+            asyncio.create_task(chat(local, chatter.id)),
+            asyncio.create_task(chat(remote, chatter.id)),
+        ]
+        for _ in range(12):
+            assert server.join(chatter.id, "room") == Error.OK
+            await asyncio.sleep(0.02)
+            assert server.leave(chatter.id, "room") == Error.OK
+            await asyncio.sleep(0.02)
+        stop.set()
+        sent = await asyncio.gather(*chats)
+        assert min(sent) > 0
+        await settle(server, log, clients)
+        assert frames_outside_acquaintance(local, {chatter.id}) == []
+        assert frames_outside_acquaintance(remote, {chatter.id}) == []
+        assert frames_outside_acquaintance(chatter, {local.id, remote.id}) == []
+        for c in (local, remote):
+            assert (
+                c.system()
+                == welcome(c)
+                + news(SYS_ADD, c is local and remote or local)
+                + (news(SYS_ADD, chatter) + news(SYS_DEL, chatter)) * 12
+            )
+            assert any(f[1:5] == struct.pack("<i", chatter.id) for f in c.data())
+        assert len([f for f in chatter.data() if f[1:5] != b"\x01\0\0\0"]) > 0
+        others = [c for c in clients if c not in (chatter, local, remote)]
+        assert all(c.data() == [] for c in others)
+
+    run_with(server, body, timeout=60)
+    log.check()
+
+
 # -- what frames reach ------------------------------------------------------------------------
 
 
