@@ -12,7 +12,7 @@ Its parts, each a module with one job:
 * `fleet`: the link to the processes: starting the supervisor, the control
   messages, the shards' rings, dispatch of events and command batching;
 * `relay`: Godot's multiplayer relay (``gd_mp_api``), peer 1 of the
-  MultiplayerAPI;
+  MultiplayerAPI, and its rooms (relay groups, ``set_relay_groups``);
 * `multiplayer`, `rpcmode`: Godot's RPCs and rsets on the server's side
   (``server.multiplayer``), and the ``remote``/``master``/``puppet``...
   decorators;

@@ -4,8 +4,10 @@ The shards hold the membership they fan a group broadcast out with (each only
 its own peers'); this is the front's copy, for the application's questions
 (`members`, `groups_of`) and to send a group broadcast only to the shards
 that hold members (`shards_of`: one command per such shard, whatever the
-group's size).  A peer that leaves, or whose shard dies, leaves its groups
-here when the front hears of it (`peer_left`), and in its shard at once.
+group's size).  With relay groups (``set_relay_groups``) the relay asks it
+who shares a group with whom (`mates`, `share`).  A peer that leaves, or
+whose shard dies, leaves its groups here when the front hears of it
+(`peer_left`), and in its shard at once.
 
 Imports the standard library only.
 """
@@ -13,9 +15,12 @@ Imports the standard library only.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Set as AbstractSet
 
 #: The longest group name, in UTF-8 bytes.
 MAX_GROUP_NAME = 255
+_NONE: frozenset[str] = frozenset()
+_NO_IDS: frozenset[int] = frozenset()
 
 
 def check_name(group: str) -> bytes:
@@ -65,6 +70,28 @@ class Groups:
     def peer_left(self, peer_id: int, shard: int) -> None:
         for group in list(self._of_peer.get(peer_id, ())):
             self.leave(peer_id, shard, group)
+
+    def mates(self, peer_id: int) -> set[int]:
+        """Every other peer that shares a group with ``peer_id`` (relay groups)."""
+        found: set[int] = set()
+        for group in self._of_peer.get(peer_id, ()):
+            found |= self._members[group]
+        found.discard(peer_id)
+        return found
+
+    def share(self, peer_id: int, other: int) -> bool:
+        """Whether two peers are in some group together."""
+        mine = self._of_peer.get(peer_id)
+        theirs = self._of_peer.get(other)
+        return bool(mine and theirs and not mine.isdisjoint(theirs))
+
+    def of_peer(self, peer_id: int) -> AbstractSet[str]:
+        """The groups of ``peer_id`` (the live set: do not change it)."""
+        return self._of_peer.get(peer_id, _NONE)
+
+    def members_of(self, group: str) -> AbstractSet[int]:
+        """The members of ``group`` (the live set: do not change it)."""
+        return self._members.get(group, _NO_IDS)
 
     def members(self, group: str) -> list[int]:
         return sorted(self._members.get(group, ()))

@@ -9,12 +9,26 @@ server (`get_packet`), and the drop counters by `DropReason`.  The shards
 relay frames between two of their own peers themselves; see
 ``wsfleet.shards.worker``.
 
+With relay groups (``set_relay_groups(True)``: `rooms`) a peer hears of, and
+reaches, only the peers it shares a group with (the server is in every
+room): the welcome names no one, a join or leave sends ``SYS_ADD`` /
+``SYS_DEL`` both ways between the peer and those whose sharing changed
+(`membership`, one `CMD_MP_GROUP` per shard concerned: on the peer's own
+shard the membership change and its news in one record), a departure tells
+only the peer's room mates, and a frame for another shard is forwarded only
+if its target shares a group with the sender (``to`` = n) or to the members
+of the sender's groups (``to`` = 0 or -n, with their names: the target shard
+delivers to each member once).  Membership comes from the front's mirror
+(`wsfleet.groups.Groups`), which is updated before the commands go, so each
+shard applies every change before any frame the front relays after it.
+
 It reaches the shards through the `Fleet` (its links and peer channels) and
 emits ``peer_packet`` through the callable it is given.  Packets for the
 server that are RPC traffic go to Godot's RPC layer instead
 (`wsfleet.multiplayer.MultiplayerAPI`, ``server.multiplayer``), once a node
 is registered there; RAW packets (``send_bytes``) go to both.  Imports
-`wsfleet.ipc.messages`, `.channel`, `.errors`, `.fleet` and `.multiplayer` only.
+`wsfleet.ipc.messages`, `.channel`, `.errors`, `.fleet`, `.groups` and `.multiplayer`
+only.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import bisect
 import logging
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from wsfleet.ipc import messages as m
@@ -30,6 +45,7 @@ from wsfleet.ipc import messages as m
 from .channel import PeerChannel
 from .errors import Error
 from .fleet import Fleet, ShardLink
+from .groups import Groups
 from .multiplayer import RAW, MultiplayerAPI
 
 log = logging.getLogger("wsfleet")
@@ -39,8 +55,13 @@ _RAW_BYTE = bytes([RAW])
 class MultiplayerRelay:
     """Peer 1 of Godot 3.2's multiplayer API, over the fleet."""
 
-    def __init__(self, emit: Callable[..., Any]) -> None:
+    def __init__(self, emit: Callable[..., Any], groups: Groups) -> None:
         self._emit = emit
+        self._groups = groups
+        #: Relay groups (``set_relay_groups``): peers are relayed within their groups only.
+        #: Changed only while no peer is connected; each peer keeps the mode it was
+        #: welcomed with (in its shard: ``mp_rooms``).
+        self.rooms = False
         self._fleet: Fleet | None = None
         self._inbox: deque[tuple[int, bytes]] = deque()  # (sender, payload) for the server
         self._ids: list[int] = []  # every welcomed peer, ascending (Godot's join order)
@@ -71,17 +92,74 @@ class MultiplayerRelay:
     def welcome(self, channel: PeerChannel) -> None:
         """Godot's join: the new peer learns its id and every peer; every peer learns of it."""
         peer_id = channel.id
-        channel.command(m.CMD_MP_WELCOME, 0, m.encode_ids(self._ids))
-        bisect.insort(self._ids, peer_id)
-        self._sys_all(m.SYS_ADD, peer_id)
+        if self.rooms:  # it knows the server only, and is known by no one, until it joins
+            channel.command(m.CMD_MP_WELCOME, m.FLAG_ROOMS, b"")
+            bisect.insort(self._ids, peer_id)
+            mates = self._groups.mates(peer_id)  # none: it cannot have joined yet
+            if mates:
+                self._announce(peer_id, m.SYS_ADD, b"", mates)
+        else:
+            channel.command(m.CMD_MP_WELCOME, 0, m.encode_ids(self._ids))
+            bisect.insort(self._ids, peer_id)
+            self._sys_all(m.SYS_ADD, peer_id)
         self.api.peer_connected(peer_id)
 
-    def peer_left(self, peer_id: int) -> None:
+    def peer_left(self, peer_id: int, mates: AbstractSet[int] = frozenset()) -> None:
+        """A peer is gone; ``mates``: with relay groups, those it shared a group with (the
+        only ones told)."""
         index = bisect.bisect_left(self._ids, peer_id)
         if index < len(self._ids) and self._ids[index] == peer_id:
             del self._ids[index]
-        self._sys_all(m.SYS_DEL, peer_id)
+        if self.rooms:
+            if mates:
+                self._announce(peer_id, m.SYS_DEL, b"", mates)
+        else:
+            self._sys_all(m.SYS_DEL, peer_id)
         self.api.peer_left(peer_id)
+
+    def membership(self, peer_id: int, shard: int, group: str, name: bytes, join: bool) -> bool:
+        """Relay groups: ``peer_id`` joins or leaves ``group`` (``name``: its UTF-8) in the
+        mirror, and the shards apply it and tell both sides of every pair of peers that
+        now share a group and did not (``SYS_ADD``), or no longer do (``SYS_DEL``).  False
+        if nothing changed."""
+        groups = self._groups
+        if join:
+            before = groups.mates(peer_id)
+            if not groups.join(peer_id, shard, group):
+                return False
+            news = set(groups.members_of(group)) - before
+            news.discard(peer_id)
+        else:
+            if group not in groups.of_peer(peer_id):
+                return False
+            members = set(groups.members_of(group))
+            groups.leave(peer_id, shard, group)
+            members.discard(peer_id)
+            news = members - groups.mates(peer_id)
+        self._announce(peer_id, m.SYS_ADD if join else m.SYS_DEL, name, news)
+        return True
+
+    def _announce(self, peer_id: int, kind: int, name: bytes, others: AbstractSet[int]) -> None:
+        """One `CMD_MP_GROUP` to the peer's shard (with ``name``'s change and every id) and one
+        to each other shard that holds some of ``others`` (with those)."""
+        fleet = self._fleet
+        if fleet is None:
+            return
+        span = m.id_span(fleet.shards)
+        home = m.owner_of(peer_id, span)
+        by_shard: dict[int, list[int]] = {}
+        for other in others:
+            by_shard.setdefault(m.owner_of(other, span), []).append(other)
+        for index, link in enumerate(fleet.links):
+            if link is None:
+                continue
+            if index == home:
+                if name or others:
+                    body = m.encode_mp_group(name, sorted(others))
+                    link.command(m.CMD_MP_GROUP, peer_id, kind, body)
+            elif index in by_shard:
+                body = m.encode_mp_group(b"", sorted(by_shard[index]))
+                link.command(m.CMD_MP_GROUP, peer_id, kind, body)
 
     def peer_ids(self) -> list[int]:
         """Every welcomed peer, ascending."""
@@ -111,11 +189,16 @@ class MultiplayerRelay:
             target = fleet.channels.get(to)
             if target is None:
                 self._drops[m.DropReason.TARGET] += 1
+            elif self.rooms and not self._groups.share(sender, to):
+                self._drops[m.DropReason.GROUP] += 1
             else:
                 target.link.command(m.CMD_MP_FORWARD, sender, 0, frame)
             return
         if to != 1:  # 0 or -n: the peers of the other shards (the source shard did its own)
-            fleet.command_each(m.CMD_MP_FORWARD, sender, 0, frame, skip=source)
+            if self.rooms:
+                self._forward_to_groups(fleet, source, sender, frame)
+            else:
+                fleet.command_each(m.CMD_MP_FORWARD, sender, 0, frame, skip=source)
         if to == -1:
             return  # "everyone but the server" (Godot 3.2 delivers it to itself too: a bug)
         payload = frame[m.MP_HEADER_SIZE :]
@@ -126,6 +209,26 @@ class MultiplayerRelay:
         self._emit("peer_packet", sender)
         if payload[:1] == _RAW_BYTE:
             self.api.raw(sender, payload)
+
+    def _forward_to_groups(
+        self, fleet: Fleet, source: ShardLink, sender: int, frame: bytes
+    ) -> None:
+        """Relay groups: a frame for everyone (``to`` 0 or -n) goes to the other shards that
+        hold members of the sender's groups, with their names."""
+        groups = self._groups
+        names = groups.of_peer(sender)
+        if not names:
+            return
+        shards: set[int] = set()
+        for group in names:
+            shards.update(groups.shards_of(group))
+        payload = b""
+        for index in shards:
+            link = fleet.links[index] if index < len(fleet.links) else None
+            if link is not None and link is not source:
+                if not payload:
+                    payload = m.encode_group_frame([g.encode() for g in names], frame)
+                link.command(m.CMD_MP_FORWARD, sender, m.FLAG_GROUP, payload)
 
     def drops(self, counts: tuple[int, ...]) -> None:
         for reason, count in zip(m.DropReason, counts, strict=True):
@@ -178,6 +281,6 @@ class MultiplayerRelay:
         self._packet_error = error
 
     def stats(self) -> dict[str, int]:
-        """Client frames dropped, by reason: short, type, from, target; then the RPC layer's
+        """Client frames dropped, by reason: short, type, from, target, group; then the RPC layer's
         packets for the server dropped, by reason (``rpc_*``)."""
         return {reason.label: self._drops[reason] for reason in m.DropReason} | self.api.stats()

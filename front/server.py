@@ -305,7 +305,7 @@ class WebSocketServer(SignalEmitter):
         self._peers: dict[int, WebSocketPeer] = {}
         self._fleet: Fleet | None = None
         self._budget = OutboundBudget(_UNLIMITED)
-        self._relay = MultiplayerRelay(self.emit_signal)
+        self._relay = MultiplayerRelay(self.emit_signal, self._groups)
         self._refusing = False
         self._check_limits()  # ValueError now rather than an error from listen()
 
@@ -646,11 +646,15 @@ class WebSocketServer(SignalEmitter):
     def join(self, peer_id: int, group: str) -> Error:
         """Put a peer in a group (any non-empty name); `broadcast` ``group=`` reaches it.
 
-        The peer leaves every group when it leaves (or its shard dies).
+        The peer leaves every group when it leaves (or its shard dies).  With relay
+        groups (`set_relay_groups`) it is also a room: the peer and each peer it now
+        shares a group with are told of each other (``SYS_ADD``).
         """
         return self._membership(peer_id, group, True)
 
     def leave(self, peer_id: int, group: str) -> Error:
+        """Take a peer out of a group (OK if it was not in it).  With relay groups, it and
+        each peer it no longer shares any group with get ``SYS_DEL`` of each other."""
         return self._membership(peer_id, group, False)
 
     def get_groups(self, peer_id: int) -> list[str]:
@@ -666,6 +670,9 @@ class WebSocketServer(SignalEmitter):
             log.error("%s: no peer %d", "join" if join else "leave", peer_id)
             return Error.ERR_DOES_NOT_EXIST
         shard = peer.shard_index()
+        if self._gd_mp_api and self._relay.rooms:  # the change and its SYS_ADD / SYS_DEL
+            self._relay.membership(peer_id, shard, group, name, join)
+            return Error.OK
         changed = (
             self._groups.join(peer_id, shard, group)
             if join
@@ -674,6 +681,43 @@ class WebSocketServer(SignalEmitter):
         if changed:
             peer.command(m.CMD_GROUP, int(join), name)
         return Error.OK
+
+    def set_relay_groups(self, enabled: bool) -> Error:
+        """Relay groups ("rooms") in multiplayer mode (``gd_mp_api``); off by default.
+
+        On, a client is told (``SYS_ADD``) only of the server and of the peers it
+        shares a group with, and its frames reach only those: ``to`` = n is dropped
+        (counted as ``group`` in `get_mp_stats`) unless n shares a group with the
+        sender, ``to`` = 0 or -n reach the sender's room mates (and the server), ``to``
+        = 1 the server always.  A new peer is in no group, so it knows no one until
+        the application joins it (`join`, e.g. in ``peer_connected``): then it and
+        each peer it now shares a group with get ``SYS_ADD`` of each other, before any
+        frame between them can arrive; `leave` sends ``SYS_DEL`` both ways to the
+        peers it no longer shares any group with, and a departure sends ``SYS_DEL``
+        to its room mates only.  The server's own packets (`put_packet`,
+        `multiplayer`) reach their targets whatever the groups.  Without
+        ``gd_mp_api`` it changes nothing.
+
+        Set it before `listen`, or while no peer is connected: with peers it
+        returns ``ERR_BUSY`` (logged) and nothing changes, since what each peer was
+        told would not match.
+        """
+        enabled = bool(enabled)
+        if enabled == self._relay.rooms:
+            return Error.OK
+        if self._peers:
+            log.error(
+                "set_relay_groups: not while peers are connected (%d): set it before "
+                "listen() or while none is",
+                len(self._peers),
+            )
+            return Error.ERR_BUSY
+        self._relay.rooms = enabled
+        return Error.OK
+
+    def is_relay_groups(self) -> bool:
+        """Whether relay groups are on (`set_relay_groups`)."""
+        return self._relay.rooms
 
     def broadcast(
         self,
@@ -840,9 +884,12 @@ class WebSocketServer(SignalEmitter):
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
+        mates = (
+            self._groups.mates(peer_id) if self._gd_mp_api and self._relay.rooms else frozenset()
+        )
         self._groups.peer_left(peer_id, peer.shard_index())
         if self._gd_mp_api:
-            self._relay.peer_left(peer_id)
+            self._relay.peer_left(peer_id, mates)
             self.emit_signal("peer_disconnected", peer_id)
         else:
             self.emit_signal("client_disconnected", peer_id, clean)
@@ -920,7 +967,8 @@ class WebSocketServer(SignalEmitter):
         return self._outbound_limit(max_message) - m.MP_HEADER_SIZE
 
     def get_mp_stats(self) -> dict[str, int]:
-        """Client frames the relay dropped, by reason: short, type, from, target; and packets
+        """Client frames the relay dropped, by reason: short, type, from, target, group (relay
+        groups: to a peer the sender shares no group with); and packets
         for the server that `multiplayer` dropped, by reason (``rpc_*``,
         `wsfleet.multiplayer.DROP_REASONS`)."""
         return self._relay.stats()

@@ -71,6 +71,8 @@ class MovedConnection:
     fragments_text: bool
     #: The groups it is in (``server.join``).
     groups: tuple[str, ...] = ()
+    #: Welcomed with relay groups (``set_relay_groups``): relayed within its groups only.
+    mp_rooms: bool = False
     pending_token: int = 0
 
 
@@ -91,6 +93,7 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
             "paused_by_front": conn.paused_by_front,
             "fragments_text": conn.fragments_text,
             "groups": list(conn.groups),
+            "mp_rooms": conn.mp_rooms,
             "unparsed": [len(blob), len(conn.unparsed)],
         }
         blob += conn.unparsed
@@ -182,6 +185,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             fragments=fragments,
             fragments_text=bool(state["fragments_text"]),
             groups=tuple(str(group) for group in state.get("groups", ())),
+            mp_rooms=bool(state.get("mp_rooms", False)),
             pending_token=int(state.get("pending_token", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:

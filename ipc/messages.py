@@ -67,19 +67,29 @@ class Command(IntEnum):
     #: Drop new connections at once (flags 1) or accept them again (flags 0).
     REFUSE = 8
     #: Multiplayer mode: welcome peer N: SYS_ID(N), SYS_ADD(1), then SYS_ADD(E) for each id
-    #: in the payload (`encode_ids`, ascending). From then on N takes part in the relay.
+    #: in the payload (`encode_ids`, ascending). From then on N takes part in the relay;
+    #: flags = FLAG_ROOMS: with relay groups (its frames reach only peers it shares a group
+    #: with, ``set_relay_groups``).
     MP_WELCOME = 9
     #: Multiplayer mode: send SYS_ADD/SYS_DEL (flags = the type) about peer ``peer`` to every
     #: welcomed peer of the shard except ``peer`` itself.
     MP_SYS_ALL = 10
     #: Multiplayer mode: deliver a frame (payload, header included) to this shard's welcomed
-    #: peers by its ``to`` field, never to its ``from`` (= ``peer``).
+    #: peers by its ``to`` field, never to its ``from`` (= ``peer``). With FLAG_GROUP (relay
+    #: groups, ``to`` 0 or -n): payload `encode_group_frame`, only to the members of those
+    #: groups, once each.
     MP_FORWARD = 11
     #: The application's verdict on a waiting upgrade (`Event.HANDSHAKE`): flags = 1 accept,
     #: 0 refuse; payload `encode_verdict`.
     VERDICT = 12
     #: Peer ``peer`` joins (flags 1) or leaves (flags 0) the group named by the payload.
     GROUP = 13
+    #: Relay groups (``set_relay_groups``): payload `encode_mp_group` (a group name, maybe
+    #: empty, and ids). Peer P = ``peer`` joins (flags SYS_ADD) or leaves (flags SYS_DEL)
+    #: that group (if named and P is here), then P (if here and welcomed) gets that system
+    #: message about each id, and each id that is a welcomed peer here gets it about P: all
+    #: in one record, so no frame of this shard comes between the change and its news.
+    MP_GROUP = 14
 
 
 # The same kinds as plain ints, for the per-message loops on both sides: comparing an int
@@ -108,12 +118,16 @@ CMD_MP_SYS_ALL: Final = Command.MP_SYS_ALL.value
 CMD_MP_FORWARD: Final = Command.MP_FORWARD.value
 CMD_VERDICT: Final = Command.VERDICT.value
 CMD_GROUP: Final = Command.GROUP.value
+CMD_MP_GROUP: Final = Command.MP_GROUP.value
 
 FLAG_TEXT = 1
 FLAG_CLEAN = 1
 FLAG_FAIL = 1
-#: A broadcast to one group's members only: payload `encode_group_broadcast`.
+#: A broadcast to one group's members only: payload `encode_group_broadcast`. On
+#: MP_FORWARD: a relayed frame for the members of the sender's groups, `encode_group_frame`.
 FLAG_GROUP = 2
+#: MP_WELCOME: the peer is relayed with relay groups (``set_relay_groups``).
+FLAG_ROOMS = 1
 
 # -- Godot's multiplayer header (docs/GODOT_WIRE.md §4) ---------------------------------
 
@@ -134,10 +148,14 @@ class DropReason(IntEnum):
     FROM = 2
     #: A ``to`` that names no (welcomed) peer, or the sender itself.
     TARGET = 3
+    #: Relay groups (``set_relay_groups``): a ``to`` that names a peer the sender shares
+    #: no group with.
+    GROUP = 4
 
     @property
     def label(self) -> str:
-        """The key of `WebSocketServer.get_mp_stats` ("short", "type", "from", "target")."""
+        """The key of `WebSocketServer.get_mp_stats` ("short", "type", "from", "target",
+        "group")."""
         return self.name.lower()
 
 
@@ -272,6 +290,41 @@ def decode_group_broadcast(payload: bytes) -> tuple[bytes, frozenset[int], memor
     group = payload[start : start + size]
     excluded, message = decode_broadcast(payload[start + size :])
     return group, excluded, message
+
+
+def encode_group_frame(groups: Iterable[bytes], frame: bytes) -> bytes:
+    """A relayed frame for the members of ``groups`` (each at most 65535 bytes)."""
+    names = list(groups)
+    parts = [_COUNT.pack(len(names))]
+    for name in names:
+        parts += (_GROUP_NAME.pack(len(name)), name)
+    parts.append(frame)
+    return b"".join(parts)
+
+
+def decode_group_frame(payload: bytes) -> tuple[list[bytes], memoryview]:
+    """``(group names, frame)``."""
+    (count,) = _COUNT.unpack_from(payload)
+    pos = _COUNT.size
+    names = []
+    for _ in range(count):
+        (size,) = _GROUP_NAME.unpack_from(payload, pos)
+        pos += _GROUP_NAME.size
+        names.append(bytes(payload[pos : pos + size]))
+        pos += size
+    return names, memoryview(payload)[pos:]
+
+
+def encode_mp_group(group: bytes, ids: Iterable[int]) -> bytes:
+    """`Command.MP_GROUP`: a group name (empty: no membership change) and peer ids."""
+    return _GROUP_NAME.pack(len(group)) + group + encode_ids(list(ids))
+
+
+def decode_mp_group(payload: bytes) -> tuple[bytes, tuple[int, ...]]:
+    """``(group, ids)``."""
+    (size,) = _GROUP_NAME.unpack_from(payload)
+    start = _GROUP_NAME.size
+    return bytes(payload[start : start + size]), decode_ids(payload[start + size :])
 
 
 # -- peer ids ------------------------------------------------------------------------

@@ -96,6 +96,9 @@ class PeerConnection(asyncio.Protocol):
         self._credit_bytes = 0
         self._write_paused = False
         self.mp_welcomed = False  # multiplayer mode: the front has sent this peer its id
+        #: Multiplayer mode with relay groups (welcomed so): its frames reach only the peers
+        #: it shares a group with.
+        self.mp_rooms = False
         self._mp = shard.mp  # multiplayer mode: messages are relay frames
         #: Set for a connection another shard handed over (`moved`) until it is made.
         self._moved_from: MovedConnection | None = None
@@ -283,6 +286,7 @@ class PeerConnection(asyncio.Protocol):
         shard = self.shard
         self.ip, self.port = state.ip, state.port
         self.mp_welcomed = state.mp_welcomed
+        self.mp_rooms = state.mp_rooms
         if state.peer_id:
             self.wire.resume(state.subprotocol, state.fragments, state.fragments_text)
             self.peer_id = state.peer_id
@@ -590,6 +594,7 @@ class PeerConnection(asyncio.Protocol):
             port=self.port,
             subprotocol=self.wire.subprotocol,
             mp_welcomed=self.mp_welcomed,
+            mp_rooms=self.mp_rooms,
             paused_by_front=self._paused_by_front,
             groups=tuple(sorted(g.decode() for g in self.groups)) if self.groups else (),
             unparsed=unparsed,

@@ -16,6 +16,11 @@ byte for byte; only frames for the server or for peers of other shards go
 through the front (`EV_MP_FRAME`).  A peer takes part in the relay once the
 front has welcomed it (`CMD_MP_WELCOME`: its id and the peers it may know),
 so that system messages and relayed frames reach every peer in Godot's order.
+A peer welcomed with relay groups (``mp_rooms``, ``set_relay_groups``)
+reaches only the peers it shares a group with: the shard checks that for its
+own peers (one attribute test when the mode is off), the front for the
+others (`CMD_MP_FORWARD` with the sender's groups), and `CMD_MP_GROUP`
+applies a membership change and the system messages it brings at once.
 
 A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
@@ -38,7 +43,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import uvloop
@@ -500,15 +505,21 @@ class Shard:
                 self._mp_drops[m.DropReason.TARGET] += 1
             elif self._owns(to):
                 target = self.peers.get(to)
-                if target is not None and target.mp_welcomed:
-                    self._queue_frame(target, frame_header(0x82, len(data)) + data)
-                else:
+                if target is None or not target.mp_welcomed:
                     self._mp_drops[m.DropReason.TARGET] += 1
+                elif conn.mp_rooms and not _share_group(conn, target):
+                    self._mp_drops[m.DropReason.GROUP] += 1
+                else:
+                    self._queue_frame(target, frame_header(0x82, len(data)) + data)
             else:
                 self.emit(m.EV_MP_FRAME, sender, 0, data)  # a peer of another shard
         else:
             if to != 1:  # 0 or -n: the local peers first, then the front
-                self._mp_deliver(data, sender, to)
+                if conn.mp_rooms:
+                    if conn.groups:
+                        self._mp_deliver_groups(data, sender, to, conn.groups)
+                else:
+                    self._mp_deliver(data, sender, to)
             self.emit(m.EV_MP_FRAME, sender, 0, data)
         if any(self._mp_drops):
             self._schedule_flush()
@@ -529,7 +540,26 @@ class Shard:
             if peer_id != sender and peer_id != excluded and conn.mp_welcomed:
                 self._queue_frame(conn, frame)
 
-    def _mp_welcome(self, peer_id: int, known: bytes) -> None:
+    def _mp_deliver_groups(
+        self, data: bytes | memoryview, sender: int, to: int, groups: Collection[bytes]
+    ) -> None:
+        """Relay groups: write a frame for ``to`` 0 or -n to this shard's welcomed members of
+        ``groups`` (the sender's), once each, never to ``sender`` nor to n."""
+        frame = frame_header(0x82, len(data)) + data
+        excluded = -to  # 0 excludes no one
+        if len(groups) == 1:  # the usual case: one room, each member once already
+            (group,) = groups
+            targets: Iterable[PeerConnection] = self.groups.get(group, ())
+        else:
+            targets = set()
+            for group in groups:
+                targets |= self.groups.get(group, set())
+        for conn in targets:
+            peer_id = conn.peer_id
+            if peer_id != sender and peer_id != excluded and conn.mp_welcomed:
+                self._queue_frame(conn, frame)
+
+    def _mp_welcome(self, peer_id: int, rooms: bool, known: bytes) -> None:
         conn = self.peers.get(peer_id)
         if conn is None:
             return
@@ -538,6 +568,27 @@ class Shard:
         for body in frames:
             self._queue_frame(conn, frame_header(0x82, len(body)) + body)
         conn.mp_welcomed = True
+        conn.mp_rooms = rooms
+
+    def _mp_group(self, peer_id: int, kind: int, payload: bytes) -> None:
+        """Relay groups: a membership change of ``peer_id`` and its news (`CMD_MP_GROUP`)."""
+        group, others = m.decode_mp_group(payload)
+        conn = self.peers.get(peer_id)
+        if conn is not None and group:
+            if kind == m.SYS_ADD:
+                self.join(conn, group)
+            else:
+                self.leave(conn, group)
+        if conn is not None and conn.mp_welcomed:
+            for other in others:
+                body = m.sys_frame_payload(kind, other)
+                self._queue_frame(conn, frame_header(0x82, len(body)) + body)
+        body = m.sys_frame_payload(kind, peer_id)
+        frame = frame_header(0x82, len(body)) + body
+        for other in others:
+            target = self.peers.get(other)
+            if target is not None and target.mp_welcomed and other != peer_id:
+                self._queue_frame(target, frame)
 
     def _mp_sys_all(self, kind: int, subject: int) -> None:
         body = m.sys_frame_payload(kind, subject)
@@ -559,12 +610,19 @@ class Shard:
                     if conn.queue_message(payload, kind == m.CMD_SEND_TEXT) and first_in_batch:
                         touched.append(conn)
             elif kind == m.CMD_MP_FORWARD:
-                to = m.MP_HEADER.unpack_from(payload)[2]
-                self._mp_deliver(payload, peer_id, to)
+                if flags & m.FLAG_GROUP:
+                    groups, frame = m.decode_group_frame(payload)
+                    to = m.MP_HEADER.unpack_from(frame)[2]
+                    self._mp_deliver_groups(frame, peer_id, to, groups)
+                else:
+                    to = m.MP_HEADER.unpack_from(payload)[2]
+                    self._mp_deliver(payload, peer_id, to)
             elif kind == m.CMD_MP_SYS_ALL:
                 self._mp_sys_all(flags, peer_id)
             elif kind == m.CMD_MP_WELCOME:
-                self._mp_welcome(peer_id, payload)
+                self._mp_welcome(peer_id, bool(flags & m.FLAG_ROOMS), payload)
+            elif kind == m.CMD_MP_GROUP:
+                self._mp_group(peer_id, flags, payload)
             elif kind == m.CMD_REFUSE:
                 self.refusing = bool(flags)
             elif kind == m.CMD_VERDICT:
@@ -668,6 +726,11 @@ class Shard:
         await asyncio.sleep(0)
         self._flush()
         self.publish_stats()
+
+
+def _share_group(a: PeerConnection, b: PeerConnection) -> bool:
+    """Whether two peers are in some group together (relay groups)."""
+    return bool(a.groups and b.groups and not a.groups.isdisjoint(b.groups))
 
 
 def _die_with_parent() -> None:

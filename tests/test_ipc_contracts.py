@@ -165,7 +165,12 @@ def test_the_kinds_are_enums_and_the_constants_plain_ints() -> None:
     assert m.CMD_MP_FORWARD == m.Command.MP_FORWARD and type(m.CMD_MP_FORWARD) is int
     assert len({kind.value for kind in m.Event}) == len(m.Event)
     assert len({kind.value for kind in m.Command}) == len(m.Command)
-    assert m.DROP_REASONS == ("short", "type", "from", "target")
+    assert m.DROP_REASONS == ("short", "type", "from", "target", "group")
     assert [reason.value for reason in m.DropReason] == list(range(len(m.DROP_REASONS)))
-    counts = [5, 0, 7, 1]
+    counts = [5, 0, 7, 1, 3]
     assert m.decode_drops(m.encode_drops(counts)) == tuple(counts)
+    payload = m.encode_group_frame([b"red", "bl\u00fce".encode(), b""], b"\0frame")
+    names, frame = m.decode_group_frame(payload)
+    assert names == [b"red", "bl\u00fce".encode(), b""] and bytes(frame) == b"\0frame"
+    assert m.decode_mp_group(m.encode_mp_group(b"room", [7, 2, 9])) == (b"room", (7, 2, 9))
+    assert m.decode_mp_group(m.encode_mp_group(b"", [])) == (b"", ())
