@@ -9,7 +9,9 @@ all of them before it hands off (`wsfleet.shards.handoff`).
 
 On the wire (a ``SOCK_SEQPACKET`` pair, so every packet arrives whole):
 
-1. a header packet, ``{"connections": N, "states": S, "blob": B}`` (orjson),
+1. a header packet, ``{"connections": N, "states": S, "blob": B, "refusing": R}``
+   (orjson; ``R``: the shard refuses new connections, the one flag of the shard
+   itself that must survive it),
    with one fd: a memfd holding the states (``S`` bytes of JSON, one object
    per connection), then ``B`` bytes: every connection's unparsed bytes and
    open fragmented message back to back, at the offsets its state gives (a
@@ -76,8 +78,11 @@ class MovedConnection:
     pending_token: int = 0
 
 
-def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> None:
-    """Send ``moved`` and their sockets (``fds``, in the same order); blocking."""
+def send(
+    sock: socket.socket, moved: list[MovedConnection], fds: list[int], refusing: bool = False
+) -> None:
+    """Send ``moved`` and their sockets (``fds``, in the same order) and whether the shard
+    refuses new connections; blocking."""
     if len(moved) != len(fds):
         raise ValueError(f"{len(moved)} connections but {len(fds)} sockets")
     blob = bytearray()
@@ -102,7 +107,14 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
             blob += conn.fragments
         states.append(state)
     encoded = orjson.dumps(states)
-    header = orjson.dumps({"connections": len(moved), "states": len(encoded), "blob": len(blob)})
+    header = orjson.dumps(
+        {
+            "connections": len(moved),
+            "states": len(encoded),
+            "blob": len(blob),
+            "refusing": refusing,
+        }
+    )
     memfd = os.memfd_create("wsfleet-handoff", os.MFD_CLOEXEC)
     try:
         size = len(encoded) + len(blob)
@@ -117,8 +129,9 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
         socket.send_fds(sock, [_FDS_PACKET], fds[start : start + FDS_PER_PACKET])
 
 
-def receive(sock: socket.socket) -> tuple[list[MovedConnection], list[int]]:
-    """The connections and their sockets (this process owns the fds); blocking.
+def receive(sock: socket.socket) -> tuple[list[MovedConnection], list[int], bool]:
+    """The connections, their sockets (this process owns the fds) and whether the shard
+    refuses new connections; blocking.
 
     `HandoffError` when the stream ends early or is malformed (every fd
     received so far is closed first).
@@ -134,6 +147,7 @@ def receive(sock: socket.socket) -> tuple[list[MovedConnection], list[int]]:
         try:
             header = orjson.loads(data)
             count, states_size = int(header["connections"]), int(header["states"])
+            refusing = bool(header.get("refusing", False))
             memory = _read_memory(fds[0], states_size + int(header["blob"]))
             states = orjson.loads(memory[:states_size])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -151,7 +165,7 @@ def receive(sock: socket.socket) -> tuple[list[MovedConnection], list[int]]:
                 raise HandoffError(f"the handoff ended after {len(sockets)} of {count} connections")
         if len(sockets) != count:
             raise HandoffError(f"{len(sockets)} sockets came for {count} connections")
-        return [_moved(state, blob) for state in states], sockets
+        return [_moved(state, blob) for state in states], sockets, refusing
     except BaseException:
         for fd in received:
             os.close(fd)

@@ -101,7 +101,7 @@ async def _hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> No
     fds = [conn.socket_fd() for conn in moving]
     shard.publish_stats()
     link.setblocking(True)
-    handoff.send(link, states, fds)
+    handoff.send(link, states, fds, shard.refusing)
     log.info(
         "shard %d: handed %d connection(s) over in %.0f ms",
         shard.index,
@@ -186,6 +186,7 @@ async def take_over(
     loop: asyncio.AbstractEventLoop,
     moved: list[handoff.MovedConnection],
     fds: list[int],
+    refusing: bool = False,
 ) -> int:
     """Serve the connections the old shard handed over; returns how many are still open.
 
@@ -194,6 +195,7 @@ async def take_over(
     `_Holding` protocol; give each transport its `PeerConnection` (registered under
     its peer id, no event); then let each replay its bytes and read.
     """
+    shard.refusing = refusing  # set_refuse_new_connections, before anything is accepted
     held: list[tuple[handoff.MovedConnection, _Holding]] = []
     for state, fd in zip(moved, fds, strict=True):
         sock = socket.socket(fileno=fd)

@@ -514,3 +514,53 @@ def test_upgrades_waiting_for_their_verdict_cross_the_reload(tmp_path: Path) -> 
         for sock in sockets:
             sock.close()
         server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_refusing_new_connections_survives_the_reload(tmp_path: Path) -> None:
+    """``set_refuse_new_connections(True)`` is the shard's state, not a connection's: it
+    crosses the handoff, so the successor drops new connections from its first accept."""
+    from wsfleet import Error, WebSocketServer
+
+    from .conftest import free_port
+
+    folder = tmp_path / "sock"
+    folder.mkdir(mode=0o700)
+    control = str(folder / "control.sock")
+    server = WebSocketServer(shards=2, control=control)
+    port = free_port()
+    assert server.listen(port) == Error.OK
+    try:
+        server.set_refuse_new_connections(True)
+        for _ in range(20):
+            server.poll(0.01)  # the command reaches both shards
+        reload = psutil.Popen(
+            [sys.executable, "-m", "wsfleet", "reload", "--control", control],
+            stdout=-1,
+            stderr=-1,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while reload.poll() is None:
+            assert time.monotonic() < deadline
+            server.poll(0.01)
+        out, err = reload.communicate()
+        assert reload.returncode == 0, out + err
+        for _ in range(8):  # whichever shard the kernel picks: cut, no answer
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                sock.sendall(handshake_request(port))
+                assert sock.recv(100) == b""
+            except ConnectionResetError:
+                pass  # the abort's RST came first
+            finally:
+                sock.close()
+        server.set_refuse_new_connections(False)
+        for _ in range(20):
+            server.poll(0.01)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(handshake_request(port))
+        assert sock.recv(100).startswith(b"HTTP/1.1 101")
+        sock.close()
+    finally:
+        server.stop()
