@@ -68,6 +68,9 @@ class MovedConnection:
     fragments_text: bool
     #: The groups it is in (``server.join``).
     groups: tuple[str, ...] = ()
+    #: permessage-deflate negotiated without context takeover either way (the only kind
+    #: that moves): ``(client's window bits, server's window bits)``; None: not negotiated.
+    deflate: tuple[int, int] | None = None
 
 
 def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> None:
@@ -88,6 +91,8 @@ def send(sock: socket.socket, moved: list[MovedConnection], fds: list[int]) -> N
             "groups": list(conn.groups),
             "unparsed": [len(blob), len(conn.unparsed)],
         }
+        if conn.deflate is not None:
+            state["deflate"] = list(conn.deflate)
         blob += conn.unparsed
         if conn.fragments is not None:
             state["fragments"] = [len(blob), len(conn.fragments)]
@@ -159,6 +164,15 @@ def _read_memory(fd: int, size: int) -> bytes:
         return bytes(view)
 
 
+def _deflate(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    remote, local = value  # ValueError / TypeError: malformed
+    if not (8 <= int(remote) <= 15 and 9 <= int(local) <= 15):  # websockets' own bounds
+        raise ValueError(f"bad deflate window bits: {value!r}")
+    return int(remote), int(local)
+
+
 def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
     try:
         start, length = state["unparsed"]
@@ -177,6 +191,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             fragments=fragments,
             fragments_text=bool(state["fragments_text"]),
             groups=tuple(str(group) for group in state.get("groups", ())),
+            deflate=_deflate(state.get("deflate")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"a malformed connection state: {exc}") from None
