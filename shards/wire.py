@@ -28,7 +28,10 @@ Owns:
   them, so the fast path resumes exactly at the next frame boundary;
 * UTF-8: a text message that is not UTF-8 fails the connection with 1007
   (``websockets``' Sans-I/O layer leaves that check to its asyncio layer);
-* server frame headers (`frame_header`) and the keepalive ping.
+* server frame headers (`frame_header`) and the keepalive ping;
+* permessage-deflate (RFC 7692) in `DeflateWire` only (a shard with ``compression``):
+  negotiated, inflated and deflated by ``websockets``' own extension; ``max_message``
+  holds for the inflated size.  A plain `ServerWire` runs none of it.
 
 ``websockets``' ``ServerProtocol``, kept inside, stays the authority for the
 handshake rules of any request the fast path does not take, for control
@@ -39,7 +42,8 @@ differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
 1. a close frame inside a fragmented message (Autobahn 7.1.5) is a normal close:
    the unfinished message is dropped and the close echoed (RFC 6455 5.4 lets
    control frames interleave with fragments); ``websockets`` fails with 1002;
-2. a frame whose header alone breaks RFC 6455 (reserved bits, a control frame
+2. a frame whose header alone breaks RFC 6455 (reserved bits - but RSV1 on a data
+   message's first frame once permessage-deflate is negotiated -, a control frame
    over 125 bytes or fragmented) fails the connection (1002) at its header;
    ``websockets`` waits for the payload first, which may be megabytes;
 3. text messages must be UTF-8 (1007), see above;
