@@ -425,3 +425,34 @@ def test_half_a_compressed_frame_crosses_the_reload(tmp_path: Path) -> None:
         raw.close_socket()
         totals = served.status()["totals"]
         assert totals["deflate_reload_closes"] == 0 and totals["handoff_dropped"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_upgrade_held_for_the_handshake_handler_negotiates_deflate_too() -> None:
+    from wsfleet import Accept
+
+    server = WebSocketServer(shards=1, ping_interval=None, compression=True)
+    server.set_handshake_handler(lambda pending: Accept(headers=[("X-Checked", "yes")]))
+    recorder = Recorder(server)
+    assert server.listen(0) == Error.OK
+    url = f"ws://127.0.0.1:{server.port}"
+    try:
+
+        async def body() -> None:
+            async with polling(server):
+                ws = await _deflate(url)
+                assert ws.response.headers["X-Checked"] == "yes"
+                assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+                rsv1 = _record_rsv1(ws)
+                await ws.send("held " * 100)
+                await until(lambda: recorder.packets)
+                peer_id = recorder.connected_ids()[0]
+                assert recorder.packets[peer_id] == [(b"held " * 100, True)]
+                server.get_peer(peer_id).put_packet(b"back " * 100)
+                assert await asyncio.wait_for(ws.recv(), 10) == b"back " * 100
+                assert rsv1 == [True]
+                await ws.close()
+
+        asyncio.run(body())
+    finally:
+        server.stop()
