@@ -9,7 +9,10 @@ needs a clock or a socket: the handshake and close deadlines, keepalive
 (`keepalive`, called by the shard's sweep), pausing reading, and credits.
 Data frames from the front are built here directly with `frame_header`
 (server frames are unmasked: a 2-10 byte header plus the payload) and
-written with one ``writelines`` per connection per batch of commands.
+written with one ``writelines`` per connection per batch of commands.  A
+connection that negotiated permessage-deflate (its wire a `DeflateWire`, the
+shard's ``compression``) deflates them instead (`_queue_deflated`, which
+replaces `queue_message` on that connection only).
 
 The server's limits apply at handshake or timer time only (nothing is added
 per message): ``max_message`` and ``max_request_bytes`` are the wire's; an

@@ -21,6 +21,11 @@ A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
 front has made room.
 
+With ``compression`` each connection's wire is a `DeflateWire` (a plain
+`ServerWire` otherwise): peers that negotiate permessage-deflate get what is
+sent to them deflated, broadcasts included (`_broadcast_mixed`, only while the
+shard has such a peer); the relay's frames stay uncompressed.
+
 Limits (the `Limits` of its `ShardConfig`, see ``WebSocketServer``) cost
 nothing per message: the handshake checks them (`admit`, `origin_allowed`,
 ``max_request_bytes``), and keepalive is one timer per shard that sweeps every
