@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 import hashlib
 import logging
 import re
@@ -302,12 +303,19 @@ def _header_violation(first: int, length: int) -> str | None:
     return None
 
 
-def _deflate_header_violation(first: int, length: int) -> str | None:
-    """`_header_violation` on a connection that negotiated permessage-deflate: RSV1 (and
-    only RSV1) may mark the first frame of a data message, which is a text or binary frame
-    (RFC 7692 6); on a continuation or control frame it is refused as before."""
-    if first & 0x70 == 0x40 and 0 < first & 0x0F < 3:
-        return None
+def _deflate_header_violation(deflate: PerMessageDeflate, first: int, length: int) -> str | None:
+    """`_header_violation` on a connection that negotiated permessage-deflate: RSV1 may mark
+    the first frame of a data message, which is a text or binary frame (RFC 7692 6): such a
+    frame goes to websockets, which inflates it before it judges RSV2 and RSV3 (so it says
+    why, as it would).  On a continuation frame RSV1 is refused at the header, with
+    websockets' reason (its inflater's inside a compressed message); on a control frame
+    as before."""
+    if first & 0x40:
+        opcode = first & 0x0F
+        if 0 < opcode < 3:
+            return None
+        if opcode == 0 and deflate.decode_cont_data:
+            return "RSV1 bit set in continuation frame"
     return _header_violation(first, length)
 
 
@@ -887,7 +895,8 @@ class ServerWire:
         assert self._ws is not None and isinstance(extension, PerMessageDeflate)
         self.deflate = extension
         self._ws.extensions = [extension]
-        self._check_header = _deflate_header_violation  # type: ignore[method-assign]
+        # A partial of the extension, not a bound method: no reference cycle through the wire.
+        self._check_header = functools.partial(_deflate_header_violation, extension)  # type: ignore[method-assign]
 
     def compress(self, payload: bytes, text: bool) -> bytes:
         """A whole data frame for ``payload``, deflated (RSV1 set) by the negotiated

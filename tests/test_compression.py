@@ -152,8 +152,12 @@ def test_offered_is_negotiated_and_not_offered_stays_plain(tmp_path: Path) -> No
 
 @pytest.mark.timeout(60)
 def test_context_takeover_off_is_negotiated_as_asked(tmp_path: Path) -> None:
-    with Served(tmp_path, 1, "--compression", "--compression-no-context-takeover",
-                "--compression-window-bits", "10") as served:  # fmt: skip
+    """The options from a config file this time (the keys are the options' names)."""
+    config = tmp_path / "wsfleet.toml"
+    config.write_text(
+        "compression = true\ncompression-no-context-takeover = true\ncompression_window_bits = 10\n"
+    )
+    with Served(tmp_path, 1, "--config", str(config)) as served:
 
         async def body() -> None:
             ws = await _deflate(served.url())
