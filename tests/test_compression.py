@@ -4,9 +4,12 @@ servers for broadcasts) with real ``websockets`` clients that compress or do not
 Negotiation on and off; echo of compressed text and binary, large and fragmented;
 ``max_message_size`` checked after inflation (a zip bomb closes its connection with
 1009, the shard and the other peers serve on); a broadcast and a group broadcast to
-compressing and plain peers together; context takeover off as asked; and
-``wsfleet reload``: a connection with context takeover is closed with 1012, one without
-moves and keeps compressing.
+compressing and plain peers together; the multiplayer relay's frames (uncompressed) on
+a compressing connection; an upgrade held for the handshake handler; context takeover
+off as asked (the options from a config file); bad options refused; and ``wsfleet
+reload``: a connection with context takeover is closed with 1012, one without moves and
+keeps compressing (half a compressed frame too), one half-way through a compressed
+message is failed with 1012.
 
 Whether the server really deflated what a client received is read from the client's
 own extension: `_record_rsv1` wraps its ``decode`` to note each data frame's RSV1.
@@ -31,7 +34,8 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.frames import Opcode
 
-from wsfleet import Error, WebSocketServer
+from wsfleet import Accept, Error, WebSocketServer
+from wsfleet.ipc import messages as m
 
 from .opsproc import Served
 from .rawclient import OP_BINARY, OP_TEXT, RawClient, client_frame
@@ -284,8 +288,6 @@ def test_a_broadcast_and_a_group_broadcast_reach_compressing_and_plain_peers() -
 def test_multiplayer_relay_frames_are_valid_on_a_compressing_connection() -> None:
     """Relay frames (welcome, SYS_ADD, relayed packets) go uncompressed (RSV1 clear), which
     RFC 7692 allows: a compressing client reads them as any other."""
-    from wsfleet.ipc import messages as m
-
     server = WebSocketServer(shards=1, ping_interval=None, compression=True)
     assert server.listen(0, gd_mp_api=True) == Error.OK
     url = f"ws://127.0.0.1:{server.port}"
@@ -433,8 +435,6 @@ def test_half_a_compressed_frame_crosses_the_reload(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_an_upgrade_held_for_the_handshake_handler_negotiates_deflate_too() -> None:
-    from wsfleet import Accept
-
     server = WebSocketServer(shards=1, ping_interval=None, compression=True)
     server.set_handshake_handler(lambda pending: Accept(headers=[("X-Checked", "yes")]))
     recorder = Recorder(server)
@@ -460,3 +460,26 @@ def test_an_upgrade_held_for_the_handshake_handler_negotiates_deflate_too() -> N
         asyncio.run(body())
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("compression_window_bits", 8),
+        ("compression_window_bits", 16),
+        ("compression_mem_level", 0),
+        ("compression_mem_level", 10),
+        ("compression_level", -1),
+        ("compression_level", 10),
+        ("compression_level", "6"),
+        ("compression_window_bits", True),
+    ],
+)
+def test_bad_compression_options_are_refused(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=name):
+        WebSocketServer(shards=1, compression=True, **{name: value})
+    server = WebSocketServer(shards=1)
+    setattr(server, name, value)
+    assert server.listen(0) == Error.ERR_INVALID_PARAMETER
+    assert not server.is_listening()
