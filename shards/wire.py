@@ -1036,7 +1036,7 @@ class DeflateWire(ServerWire):
 
     def __init__(self, *, extensions: Sequence[ServerExtensionFactory], **options: Any) -> None:
         super().__init__(**options)
-        self._extensions = list(extensions)
+        self._extensions = extensions  # the shard's one list, shared by its connections
 
     def _plain_request(self, head: bytes) -> tuple[str, list[str], bytes] | None:
         # A conservative test (a header value naming it also goes to websockets, which is
