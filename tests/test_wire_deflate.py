@@ -14,6 +14,8 @@ import struct
 import zlib
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from websockets.extensions.permessage_deflate import (
     PerMessageDeflate,
     ServerPerMessageDeflateFactory,
@@ -210,3 +212,83 @@ def test_a_moved_connection_inflates_and_deflates_with_its_parameters() -> None:
     assert client.decode(Frame(Opcode.BINARY, body_of(built), rsv1=True)).data == message
     assert moved.receive_data(frame(0xC9, b"")) != []  # RSV1 on a ping: still refused
     assert close_sent(moved) == 1002
+
+
+# -- moving at any byte (wsfleet reload), as tests/test_wire_snapshot.py ---------------------
+
+MOVING = b"".join(
+    [
+        frame(0xC2, deflated(b"first " * 30)),
+        frame(0x82, b"plain"),
+        frame(0x41, deflated(b"compressed and fragmented")[:6]),
+        frame(0x80, deflated(b"compressed and fragmented")[6:]),
+        frame(0x89, b"ping"),
+        frame(0xC1, deflated("é".encode() * 3000)),  # several reads' worth
+        frame(0x01, b"plain "),
+        frame(0x80, b"fragments"),
+    ]
+)
+#: Where the compressed fragmented message is half received: from the end of its first
+#: frame to the end of its last (a cut there cannot move).
+_FIRST_END = len(frame(0xC2, deflated(b"first " * 30))) + len(frame(0x82, b"plain"))
+HALF_INFLATED = range(
+    _FIRST_END + len(frame(0x41, deflated(b"compressed and fragmented")[:6])),
+    _FIRST_END
+    + len(frame(0x41, deflated(b"compressed and fragmented")[:6]))
+    + len(frame(0x80, deflated(b"compressed and fragmented")[6:])),
+)
+
+
+def _events(wire: ServerWire, data: bytes) -> list:
+    events = wire.receive_data(data)
+    wire.data_to_send()
+    return [event for event in events if event[0] is not EventKind.OPENED]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(MOVING)))
+@example(HALF_INFLATED.start - 1)  # the first fragment's last byte still to come: moves
+@example(HALF_INFLATED.start)
+@example(HALF_INFLATED.stop - 1)
+@example(HALF_INFLATED.stop)  # the message is whole: moves
+def test_a_deflate_connection_moved_at_any_byte_gives_the_same_events(cut: int) -> None:
+    whole, _ = negotiated(takeover=False)
+    expected = _events(whole, MOVING)
+    assert [kind for kind, _ in expected] == [EventKind.BINARY] * 2 + [EventKind.TEXT] * 3
+    old, _ = negotiated(takeover=False)
+    before = _events(old, MOVING[:cut])
+    if cut in HALF_INFLATED:
+        with pytest.raises(ValueError):
+            old.deflate_parameters()
+        return
+    parameters = old.deflate_parameters()
+    unparsed, fragments, fragments_text = old.snapshot()
+    new = ServerWire()
+    new.resume("", fragments, fragments_text, parameters, {"memLevel": 5})
+    after = _events(new, unparsed + MOVING[cut:])
+    assert before + after == expected
+
+
+def test_moved_deflate_parameters_cross_the_handoff_socket() -> None:
+    import socket
+
+    from wsfleet.ipc import handoff
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spare = socket.socket()
+    try:
+        states = [
+            handoff.MovedConnection(7, "127.0.0.1", 1, "", False, False, b"", None, False),
+            handoff.MovedConnection(
+                8, "127.0.0.1", 2, "", False, False, b"x", None, False, deflate=(9, 12)
+            ),  # fmt: skip
+        ]
+        handoff.send(left, states, [spare.fileno(), spare.fileno()])
+        received, fds = handoff.receive(right)
+        for fd in fds:
+            socket.close(fd)
+        assert [state.deflate for state in received] == [None, (9, 12)]
+        assert received == states
+    finally:
+        for sock in (left, right, spare):
+            sock.close()
