@@ -36,13 +36,13 @@ import psutil
 
 from .atomic import AtomicWord
 
-BLOCK_BYTES = 256
+BLOCK_BYTES = 512
 _WORDS = BLOCK_BYTES // 8
 #: How often a shard publishes its counters (the figures are at most this old).
 PUBLISH_SECONDS = 0.1
 
 #: Close codes with their own counter; any other code counts in ``closes_other``.
-CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011)
+CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1012)
 #: Reasons a handshake is refused: the HTTP status sent (400 covers every other
 #: malformed request, 414 counts as 431), ``timeout`` (not done within
 #: ``handshake_timeout``), ``dropped`` (``set_refuse_new_connections``: cut, no answer).
