@@ -315,7 +315,9 @@ def test_multiplayer_relay_frames_are_valid_on_a_compressing_connection() -> Non
                 await second.send(packet)
                 relayed = await asyncio.wait_for(first.recv(), 10)
                 assert relayed == packet
-                assert rsv1 == [False] * 4
+                # The welcome may have been parsed with the 101, before the recording began:
+                # at least the SYS_ADD and the relayed frame are seen, all uncompressed.
+                assert len(rsv1) >= 2 and not any(rsv1), rsv1
                 await first.close()
                 await second.close()
 

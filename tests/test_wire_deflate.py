@@ -284,7 +284,7 @@ def test_moved_deflate_parameters_cross_the_handoff_socket() -> None:
             ),  # fmt: skip
         ]
         handoff.send(left, states, [spare.fileno(), spare.fileno()])
-        received, fds = handoff.receive(right)
+        received, fds, _refusing = handoff.receive(right)
         for fd in fds:
             socket.close(fd)
         assert [state.deflate for state in received] == [None, (9, 12)]
