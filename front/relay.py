@@ -145,11 +145,10 @@ class MultiplayerRelay:
         fleet = self._fleet
         if fleet is None:
             return
-        span = m.id_span(fleet.shards)
-        home = m.owner_of(peer_id, span)
+        home = fleet.shard_of(peer_id)
         by_shard: dict[int, list[int]] = {}
         for other in others:
-            by_shard.setdefault(m.owner_of(other, span), []).append(other)
+            by_shard.setdefault(fleet.shard_of(other), []).append(other)
         for index, link in enumerate(fleet.links):
             if link is None:
                 continue
