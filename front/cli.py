@@ -38,6 +38,7 @@ from wsfleet.ipc.proctitle import set_title
 from . import __version__, config_file, userapp
 from . import ops as ops_commands
 from .binding import format_url
+from .cluster import check_cluster_url, check_node_name
 from .errors import Error
 from .peer import WebSocketPeer
 from .server import (
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operations_options(serve)
     _add_ops_options(serve)
     _add_limit_options(serve)
+    _add_cluster_options(serve)
     serve.set_defaults(serve_parser=serve)  # for messages that name its options
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
     loadtest = commands.add_parser(
@@ -247,6 +249,43 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
     ops_commands.add_commands(commands)  # status, stop, drain, reload
     return parser
+
+
+def cluster_url(text: str) -> str:
+    try:
+        return check_cluster_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def node_name(text: str) -> str:
+    try:
+        return check_node_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
+    """A cluster of nodes over NATS (README "Cluster"; needs wsfleet[cluster])."""
+    group = serve.add_argument_group(
+        "cluster (several hosts, over NATS; pip install wsfleet[cluster])"
+    )
+    group.add_argument(
+        "--cluster",
+        metavar="URL",
+        type=cluster_url,
+        default=None,
+        help="join the wsfleet nodes of this NATS server (JetStream on), e.g. "
+        "nats://10.0.0.5:4222 (several: comma-separated): unique peer ids over the "
+        "cluster, and every node reaches every peer",
+    )
+    group.add_argument(
+        "--node-name",
+        metavar="NAME",
+        type=node_name,
+        default=None,
+        help="this node's name in the cluster (letters, digits, _ and -; default hostname-pid)",
+    )
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -475,6 +514,8 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
         return "--require-origin needs --allowed-origins"
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together"
+    if args.node_name is not None and args.cluster is None:
+        return "--node-name needs --cluster"
     if args.tls_cert:
         for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             problem = _read_pem(option, path)
@@ -544,6 +585,8 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         health_path=args.health_path,
         max_message_rate=args.max_message_rate,
         message_burst=args.message_burst,
+        cluster=args.cluster,
+        node_name=args.node_name,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest
@@ -705,6 +748,15 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         url("wss" if args.tls_cert else "ws", args.bind, server.port),
         server.shards,
     )  # fmt: skip
+    if server.cluster:
+        state = server.get_cluster_status()
+        log.info(
+            "cluster node %s (id slot %d%s), NATS %s",
+            state["node"],
+            state["slot"],
+            ", provisional" if state["provisional"] else "",
+            state["nats_url"],
+        )
     log.info(
         "open files limit %d (was %d): about %d connections per shard, %d in all",
         after,

@@ -220,6 +220,18 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--app", "os:no_such_attr"],
         ["--app", "os:sep"],  # not callable
     ],
+    "--cluster": [
+        ["--cluster", ""],
+        ["--cluster", "127.0.0.1:4222"],  # no scheme
+        ["--cluster", "http://127.0.0.1:4222"],
+        ["--cluster", "nats://127.0.0.1:port"],
+    ],
+    "--node-name": [
+        ["--node-name", "a"],  # without --cluster
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", "a.b"],
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", ""],
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", "x" * 65],
+    ],
     "--config": [
         ["--config", "/nonexistent/wsfleet.toml"],
         ["--config", "{not_toml}"],
