@@ -96,6 +96,7 @@ class NatsLink:
         self._kv: Any = None
         self._revision = 0
         self._holder = ""
+        self._reported = False
 
     # -- the front's side ---------------------------------------------------------------------
 
@@ -169,17 +170,23 @@ class NatsLink:
             sender.cancel()
 
     async def _connect(self) -> bool:
-        """The first connection, retried until it works or `stop`; False when stopped."""
-        reported = False
-        while not self._stopping.is_set():  # type: ignore[union-attr]
-            try:
-                self._nc = await nats.connect(
+        """The first connection, tried until it works or `stop`; False when stopped.
+
+        With ``max_reconnect_attempts=-1`` nats-py itself keeps trying a first
+        connection that fails (calling `_error` each time: the first failure is
+        reported to the front), and reconnects forever once connected.
+        """
+        stopping = self._stopping
+        assert stopping is not None
+        while not stopping.is_set():
+            connect = asyncio.ensure_future(
+                nats.connect(
                     servers=self.url,
                     name=self.name,
                     no_echo=True,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=RETRY_SECONDS / 2,
                     connect_timeout=CONNECT_TIMEOUT,
                     ping_interval=5,
                     max_outstanding_pings=2,
@@ -187,13 +194,20 @@ class NatsLink:
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
                 )
+            )
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({connect, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not connect.done():
+                connect.cancel()
+                return False
+            try:
+                self._nc = connect.result()
                 break
-            except Exception as exc:
-                if not reported:
-                    self._notify(("unreachable", f"{type(exc).__name__}: {exc}"))
-                    reported = True
+            except Exception as exc:  # e.g. refused credentials
+                await self._error(exc)
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), RETRY_SECONDS)  # type: ignore[union-attr]
+                    await asyncio.wait_for(stopping.wait(), RETRY_SECONDS)
                 except TimeoutError:
                     pass
         else:
@@ -220,7 +234,10 @@ class NatsLink:
         self._notify(("up",))
 
     async def _error(self, exc: Exception) -> None:
-        log.debug("cluster: NATS: %s", exc)
+        if self._nc is None and not self._reported:  # never connected yet
+            self._reported = True
+            self._notify(("unreachable", f"{type(exc).__name__}: {exc}"))
+        log.debug("cluster: NATS: %s: %s", type(exc).__name__, exc)
 
     async def _sender(self) -> None:
         assert self._outq is not None
@@ -252,10 +269,9 @@ class NatsLink:
                 await self._refresh()
             else:
                 await self._lease()
-        except Exception as exc:
+        except Exception as exc:  # JetStream not ready, a timeout: the lease lasts its TTL
             log.debug("cluster: lease: %s: %s", type(exc).__name__, exc)
-            return
-        if self.lease_held:
+        if self.lease_held and nc.is_connected:
             slot = self._fixed or 0
             header = w.encode_header(w.HEARTBEAT, slot, self.incarnation, self.name.encode())
             try:

@@ -1,0 +1,386 @@
+"""A cluster of wsfleet nodes over a real nats-server (issue 14).
+
+Real parts only: a ``nats-server -js`` on a loopback port (`natsproc`), real
+``wsfleet serve --cluster`` node processes running ``tests/apps/cluster_app.py``
+(each text message a command: send to a peer of any node, close one,
+broadcast, join a group, list the cluster's peers), real websockets clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from wsfleet.ipc import messages as m
+
+from .conftest import TESTS_DIR
+from .natsproc import NatsServer
+from .serveproc import ServeProcess
+
+APP = "tests.apps.cluster_app:setup"
+#: The bound on noticing a dead node (README "Cluster"): 3 s of silence, checked every
+#: 0.25 s, plus a poll.  The waits below allow more on a loaded machine; the log line
+#: says which rule removed the node.
+DEAD_BOUND = 5.0
+WAIT = 20.0
+ERR_CONNECTION_ERROR = 27
+
+
+def start_node(nats: NatsServer, name: str, shards: int = 1) -> ServeProcess:
+    node = ServeProcess(
+        "--cluster",
+        nats.url,
+        "--node-name",
+        name,
+        "--app",
+        APP,
+        "--shards",
+        str(shards),
+        "--control",
+        "off",
+        "--ping-interval",
+        "0",
+        cwd=str(TESTS_DIR.parent),
+    )
+    return node
+
+
+class Client:
+    """A websockets client of one node: answers to its commands apart from what peers send."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[str] = []  # everything but answers
+        self._answers: asyncio.Queue[str] = asyncio.Queue()
+        self._new = asyncio.Event()
+        self.closed: tuple[int | None, str | None] | None = None
+        self._reader = asyncio.ensure_future(self._read())
+        self.id = 0
+        self.node = ""
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        client = cls(await connect(f"ws://127.0.0.1:{port}", open_timeout=10, max_queue=None))
+        client.id, client.node = await client.whoami()
+        return client
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                text = message if isinstance(message, str) else message.decode()
+                head = text.split(" ", 1)[0]
+                if head in ("id", "sent", "close", "bcast", "gbcast", "join", "peers", "status"):
+                    self._answers.put_nowait(text)
+                else:
+                    self.received.append(text)
+                    self._new.set()
+        except ConnectionClosed:
+            pass
+        self.closed = (self.ws.close_code, self.ws.close_reason)
+        self._new.set()
+
+    async def ask(self, command: str) -> str:
+        await self.ws.send(command)
+        return await asyncio.wait_for(self._answers.get(), WAIT)
+
+    async def whoami(self) -> tuple[int, str]:
+        _, peer_id, node = (await self.ask("whoami")).split(" ")
+        return int(peer_id), node
+
+    async def peers(self) -> list[int]:
+        return json.loads((await self.ask("peers")).split(" ", 1)[1])
+
+    async def status(self) -> dict:
+        return json.loads((await self.ask("status")).split(" ", 1)[1])
+
+    async def until(self, text: str) -> list[str]:
+        """What arrived up to and including ``text`` (waits for it)."""
+        async with asyncio.timeout(WAIT):
+            while text not in self.received:
+                self._new.clear()
+                if self.closed is not None:
+                    raise AssertionError(f"closed {self.closed} before {text!r}: {self.received}")
+                await self._new.wait()
+        return self.received[: self.received.index(text) + 1]
+
+    async def wait_closed(self) -> tuple[int | None, str | None]:
+        async with asyncio.timeout(WAIT):
+            while self.closed is None:
+                self._new.clear()
+                await self._new.wait()
+        return self.closed
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+async def wait_view(client: Client, expected: set[int]) -> None:
+    """Until ``client``'s node sees exactly ``expected`` as the cluster's peers."""
+    async with asyncio.timeout(WAIT):
+        while set(await client.peers()) != expected:
+            await asyncio.sleep(0.1)
+
+
+def kill_tree(node: ServeProcess) -> None:
+    """SIGKILL a node: its front, supervisor and shards at once (by pid)."""
+    for process in node.record_tree():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    node.proc.wait(10)
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def nodes(nats: NatsServer) -> Iterator[list[ServeProcess]]:
+    """Three nodes (the first with 2 shards) on one nats-server."""
+    started = [start_node(nats, "n1", shards=2), start_node(nats, "n2"), start_node(nats, "n3")]
+    try:
+        for node in started:
+            node.wait_up(30)
+        yield started
+    finally:
+        for node in started:
+            node.end()
+
+
+@pytest.mark.timeout(60)
+def test_without_cluster_nothing_of_nats_is_imported() -> None:
+    code = (
+        "import sys\n"
+        "from wsfleet import WebSocketServer\n"
+        "server = WebSocketServer(shards=1, control=False)\n"
+        "assert server.listen(0) == 0\n"
+        "server.poll(0.05)\n"
+        "print(sorted(name for name in sys.modules if name == 'nats' or "
+        "name.startswith(('nats.', 'wsfleet.cluster_link'))))\n"
+        "server.stop()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(180)
+def test_three_nodes_send_close_and_broadcast_across(nodes: list[ServeProcess]) -> None:
+    per_node = 70  # 210 peers in all
+
+    async def body() -> None:
+        clients = await asyncio.gather(
+            *(Client.open(node.port) for node in nodes for _ in range(per_node))
+        )
+        by_node = [clients[i * per_node : (i + 1) * per_node] for i in range(3)]
+        ids = {client.id for client in clients}
+        # Unique over the cluster, valid Godot ids, each node's in its own slot.
+        assert len(ids) == len(clients)
+        assert all(1 < peer_id < 2**31 for peer_id in ids)
+        slots = [{m.slot_of(c.id) for c in group} for group in by_node]
+        assert all(len(s) == 1 for s in slots) and len(set.union(*slots)) == 3, slots
+        assert [group[0].node for group in by_node] == ["n1", "n2", "n3"]
+        for group in by_node:
+            await wait_view(group[0], ids)
+        first = [group[0] for group in by_node]
+
+        # put_packet to a peer of another node, and has_peer/get_peer for it.
+        a, b, c = first
+        assert await a.ask(f"send {c.id} hello-from-n1") == "sent 0"
+        assert await c.until("hello-from-n1") == ["hello-from-n1"]
+        assert await c.ask(f"send {b.id} hello-from-n3") == "sent 0"
+        assert (await b.until("hello-from-n3"))[-1] == "hello-from-n3"
+
+        # A broadcast reaches each peer of the cluster once (then a marker, same path).
+        assert await b.ask("bcast all-1") == "bcast 0"
+        assert await b.ask("bcast marker-1") == "bcast 0"
+        for client in clients:
+            got = await client.until("marker-1")
+            assert got.count("all-1") == 1, (client.id, got)
+
+        # A group broadcast: each node delivers to its members, once.
+        members = [client for i, client in enumerate(clients) if i % 3 == 0]
+        for client in members:
+            assert await client.ask("join room") == "join 0"
+        assert await c.ask("gbcast room to-room") == "gbcast 0"
+        assert await c.ask("bcast marker-2") == "bcast 0"
+        for client in clients:
+            got = await client.until("marker-2")
+            seen = got[got.index("marker-1") + 1 :]
+            assert seen.count("to-room") == (1 if client in members else 0), (client.id, seen)
+
+        # exclude= names peers of any node.
+        skipped = {by_node[1][5].id, by_node[2][7].id, by_node[0][3].id}
+        ids_text = ",".join(map(str, sorted(skipped)))
+        assert await a.ask(f"bcastex {ids_text} not-you") == "bcast 0"
+        assert await a.ask("bcast marker-3") == "bcast 0"
+        for client in clients:
+            got = await client.until("marker-3")
+            seen = got[got.index("marker-2") + 1 :]
+            assert seen.count("not-you") == (0 if client.id in skipped else 1), (client.id, seen)
+
+        # disconnect_peer of a remote peer: the client sees the code and the reason.
+        victim = by_node[2][10]
+        assert await a.ask(f"close {victim.id} 4001 bye-from-n1") == "close"
+        assert await victim.wait_closed() == (4001, "bye-from-n1")
+        for head in first:
+            await wait_view(head, ids - {victim.id})
+
+        status = await a.status()
+        assert status["state"] == "member" and status["nats_connected"]
+        assert {n["name"]: n["peers"] for n in status["nodes"]} == {"n2": 70, "n3": 69}
+        assert status["refused_version"] == 0 and status["bad_messages"] == 0
+        await asyncio.gather(*(client.close() for client in clients))
+
+    asyncio.run(body())
+
+
+@pytest.mark.timeout(120)
+def test_a_message_of_another_wire_version_is_refused(nats: NatsServer, tmp_path: Path) -> None:
+    import nats as nats_py
+
+    from wsfleet import cluster_wire as w
+
+    node = start_node(nats, "solo")
+    try:
+        node.wait_up(30)
+
+        async def body() -> None:
+            client = await Client.open(node.port)
+            connection = await nats_py.connect(nats.url)
+            future = bytes(w.encode_header(w.BATCH, 3, 1, b"future"))
+            future = future[:2] + bytes([w.WIRE_VERSION + 1]) + future[3:]
+            await connection.publish(w.inbox_subject("solo"), future + b"whatever")
+            await connection.publish(w.inbox_subject("solo"), b"not wsfleet at all")
+            await connection.flush()
+            await connection.close()
+            async with asyncio.timeout(WAIT):
+                while (status := await client.status())["bad_messages"] < 1:
+                    await asyncio.sleep(0.1)
+            assert status["refused_version"] == 1
+            await client.close()
+
+        asyncio.run(body())
+        node.wait_for(rf"refused a message of wire version {w.WIRE_VERSION + 1}")
+    finally:
+        node.end()
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_node_s_peers_are_reported_gone(nodes: list[ServeProcess]) -> None:
+    async def body() -> None:
+        clients = [await Client.open(node.port) for node in nodes for _ in range(3)]
+        ids = {client.id for client in clients}
+        for client in clients[::3]:
+            await wait_view(client, ids)
+        dead = {client.id for client in clients if client.node == "n3"}
+        kill_tree(nodes[2])
+        for client in clients[:6]:  # n1's and n2's
+            await wait_view(client, ids - dead)
+        # The survivors still reach each other.
+        a, b = clients[0], clients[3]
+        assert await a.ask(f"send {b.id} still-here") == "sent 0"
+        await b.until("still-here")
+        for client in clients[:6]:
+            await client.close()
+
+    asyncio.run(body())
+    for node in nodes[:2]:
+        node.wait_for(r"node n3 left \(silent for 3 s\): 3 of its peers gone")
+        assert sum("remote peer" in line and "of n3 gone" in line for line in node.lines) == 3
+
+
+@pytest.mark.timeout(150)
+def test_nats_restart_traffic_resumes_and_nothing_stale(nats: NatsServer) -> None:
+    nodes = [start_node(nats, "n1"), start_node(nats, "n2")]
+    try:
+        for node in nodes:
+            node.wait_up(30)
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            leaving = await Client.open(nodes[1].port)
+            await wait_view(a, {a.id, b.id, leaving.id})
+            nats.kill()
+            # Cut off: a send to another node's peer is refused with a clear error.
+            async with asyncio.timeout(WAIT):
+                while await a.ask(f"send {b.id} lost") != f"sent {ERR_CONNECTION_ERROR}":
+                    await asyncio.sleep(0.1)
+            # Meanwhile on n2: one peer leaves, another comes; every node serves its own.
+            await leaving.close()
+            newcomer = await Client.open(nodes[1].port)
+            assert await newcomer.ask(f"send {b.id} local-only") == "sent 0"
+            await b.until("local-only")
+            nats.restart()
+            # Traffic resumes, and n1's view is the live one: no stale peer.
+            await wait_view(a, {a.id, b.id, newcomer.id})
+            await wait_view(newcomer, {a.id, b.id, newcomer.id})
+            assert await a.ask(f"send {newcomer.id} back-again") == "sent 0"
+            await newcomer.until("back-again")
+            assert await newcomer.ask(f"send {a.id} and-back") == "sent 0"
+            await a.until("and-back")
+            assert "lost" not in b.received
+            status = await a.status()
+            assert status["sends_refused_down"] >= 1 and status["state"] == "member"
+            for client in (a, b, newcomer):
+                await client.close()
+
+        asyncio.run(body())
+        nodes[0].wait_for(r"lost NATS: this node serves its own peers")
+        nodes[0].wait_for(r"refused: NATS is unreachable \(ERR_CONNECTION_ERROR")
+    finally:
+        for node in nodes:
+            node.end()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_cannot_reach_nats_serves_its_own_then_joins(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "late")  # not started yet: nothing listens on its port
+    late = start_node(nats, "late")
+    other: ServeProcess | None = None
+    try:
+        late.wait_up(30)
+        late.wait_for(r"cannot reach NATS at nats://127\.0\.0\.1")
+        slot = int(late.wait_for(r"provisional id slot (\d+)").group(1))
+
+        async def body() -> None:
+            nonlocal other
+            alone = await Client.open(late.port)
+            assert m.slot_of(alone.id) == slot
+            assert await alone.ask(f"send {alone.id} to-myself") == "sent 0"
+            await alone.until("to-myself")
+            nats.start()
+            late.wait_for(rf"leased the provisional id slot {slot}: in the cluster now", WAIT)
+            other = start_node(nats, "other")
+            other.wait_up(30)
+            friend = await Client.open(other.port)
+            await wait_view(alone, {alone.id, friend.id})
+            assert await friend.ask(f"send {alone.id} welcome") == "sent 0"
+            await alone.until("welcome")
+            await alone.close()
+            await friend.close()
+
+        asyncio.run(body())
+    finally:
+        late.end()
+        if other is not None:
+            other.end()
+        nats.kill()
