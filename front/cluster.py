@@ -44,7 +44,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import orjson
@@ -239,6 +239,10 @@ class Cluster:
         self._connected = False
         self._unreachable = threading.Event()
         self._next_check = 0.0
+        self._next_status = 0.0
+        #: Where the cluster section of ``wsfleet status`` goes once a second
+        #: (`wsfleet.fleet.Fleet.publish_front`), set by the server.
+        self.status_sink: Callable[[dict[str, Any]], None] | None = None
         self._every = _Every()
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -364,6 +368,9 @@ class Cluster:
         if now >= self._next_check:
             self._next_check = now + CHECK_SECONDS
             self._check(now)
+            if now >= self._next_status and self.status_sink is not None:
+                self._next_status = now + 1.0
+                self.status_sink({"cluster": self.status()})
         return count
 
     def _handle(self, item: tuple[Any, ...]) -> None:

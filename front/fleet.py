@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.config import FleetConfig
@@ -315,6 +317,13 @@ class Fleet:
         self.cluster = cluster
         if self._epoll is not None:
             self._epoll.register(cluster.fileno(), select.EPOLLIN)
+
+    def publish_front(self, document: dict[str, Any]) -> None:
+        """What only the front knows (a cluster's view), for ``wsfleet status`` and /metrics:
+        merged into the status document by whoever reads it."""
+        if self.stats is not None:
+            if not self.stats.write_front(orjson.dumps(document)):
+                log.warning("status: the front's section is over %d bytes", len(document))
 
     def shard_of(self, peer_id: int) -> int:
         """The index of the shard that owns ``peer_id`` (computed from the node's range)."""

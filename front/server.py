@@ -512,6 +512,7 @@ class WebSocketServer(SignalEmitter):
             ops.close()
         if self._cluster is not None:
             fleet.attach_cluster(self._cluster)
+            self._cluster.status_sink = fleet.publish_front
         self._fleet = fleet
         self._port = port
         self._addresses = [(address.host, port) for address in addresses]

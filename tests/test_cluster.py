@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wsfleet.ipc import messages as m
 
-from .conftest import TESTS_DIR
+from .conftest import TESTS_DIR, free_port
 from .natsproc import NatsServer
 from .serveproc import ServeProcess
 
@@ -35,8 +36,11 @@ WAIT = 20.0
 ERR_CONNECTION_ERROR = 27
 
 
-def start_node(nats: NatsServer, name: str, shards: int = 1) -> ServeProcess:
+def start_node(
+    nats: NatsServer, name: str, shards: int = 1, control: str = "off", *extra: str
+) -> ServeProcess:
     node = ServeProcess(
+        *extra,
         "--cluster",
         nats.url,
         "--node-name",
@@ -46,7 +50,7 @@ def start_node(nats: NatsServer, name: str, shards: int = 1) -> ServeProcess:
         "--shards",
         str(shards),
         "--control",
-        "off",
+        control,
         "--ping-interval",
         "0",
         cwd=str(TESTS_DIR.parent),
@@ -250,6 +254,63 @@ def test_three_nodes_send_close_and_broadcast_across(nodes: list[ServeProcess]) 
         await asyncio.gather(*(client.close() for client in clients))
 
     asyncio.run(body())
+
+
+@pytest.mark.timeout(120)
+def test_wsfleet_status_shows_the_cluster(nats: NatsServer, tmp_path: Path) -> None:
+    control = str(tmp_path / "n1.sock")
+    metrics_port = free_port()
+    nodes = [
+        start_node(nats, "n1", 1, control, "--metrics", f"127.0.0.1:{metrics_port}"),
+        start_node(nats, "n2"),
+    ]
+    try:
+        for node in nodes:
+            node.wait_up(30)
+
+        def status(*options: str) -> str:
+            argv = [sys.executable, "-m", "wsfleet", "status", "--control", control, *options]
+            return subprocess.run(
+                argv, capture_output=True, text=True, timeout=20, check=True
+            ).stdout
+
+        async def body() -> None:
+            here = await Client.open(nodes[0].port)
+            there = [await Client.open(nodes[1].port) for _ in range(2)]
+            await wait_view(here, {here.id, *(c.id for c in there)})
+            assert await here.ask(f"send {there[0].id} counted") == "sent 0"
+            await there[0].until("counted")
+            async with asyncio.timeout(WAIT):  # published once a second
+                while True:
+                    cluster = json.loads(status("--json")).get("cluster")
+                    if cluster and cluster["nodes"] and cluster["messages_out"] >= 1:
+                        break
+                    await asyncio.sleep(0.2)
+            assert cluster["node"] == "n1" and cluster["state"] == "member"
+            assert cluster["nats_connected"] and cluster["nats_url"] == nats.url
+            assert cluster["peers"] == 1 and cluster["remote_peers"] == 2
+            [n2] = cluster["nodes"]
+            assert n2["name"] == "n2" and n2["peers"] == 2 and n2["bytes_out"] > 0
+            text = status()
+            assert "cluster node n1 (id slot" in text and "NATS connected" in text, text
+            assert "peers 1 here, 2 on 1 other nodes" in text, text
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            scraped = urllib.request.urlopen(url, timeout=10).read().decode()
+            for line in (
+                "wsfleet_cluster_connected 1.0",
+                "wsfleet_cluster_member 1.0",
+                "wsfleet_cluster_nodes 1.0",
+                "wsfleet_cluster_remote_peers 2.0",
+                'wsfleet_cluster_sends_refused_total{reason="down"} 0.0',
+            ):
+                assert line in scraped.splitlines(), (line, scraped)
+            for client in (here, *there):
+                await client.close()
+
+        asyncio.run(body())
+    finally:
+        for node in nodes:
+            node.end()
 
 
 @pytest.mark.timeout(120)
