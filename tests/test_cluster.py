@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from wsfleet.ipc import messages as m
+from wsfleet.variant import encode_variant
 
 from .conftest import TESTS_DIR, free_port
 from .natsproc import NatsServer
@@ -63,7 +64,8 @@ class Client:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
-        self.received: list[str] = []  # everything but answers
+        self.received: list[str] = []  # every text message but answers
+        self.binary: list[bytes] = []
         self._answers: asyncio.Queue[str] = asyncio.Queue()
         self._new = asyncio.Event()
         self.closed: tuple[int | None, str | None] | None = None
@@ -80,9 +82,24 @@ class Client:
     async def _read(self) -> None:
         try:
             async for message in self.ws:
-                text = message if isinstance(message, str) else message.decode()
+                if isinstance(message, bytes):  # put_var's
+                    self.binary.append(message)
+                    self._new.set()
+                    continue
+                text = message
                 head = text.split(" ", 1)[0]
-                if head in ("id", "sent", "close", "bcast", "gbcast", "join", "peers", "status"):
+                answers = (
+                    "id",
+                    "sent",
+                    "close",
+                    "bcast",
+                    "gbcast",
+                    "join",
+                    "peers",
+                    "status",
+                    "addr",
+                )
+                if head in answers:
                     self._answers.put_nowait(text)
                 else:
                     self.received.append(text)
@@ -212,6 +229,16 @@ def test_three_nodes_send_close_and_broadcast_across(nodes: list[ServeProcess]) 
         assert await c.ask(f"send {b.id} hello-from-n3") == "sent 0"
         assert (await b.until("hello-from-n3"))[-1] == "hello-from-n3"
 
+        # put_var, and the address of a peer of another node (as its node saw it).
+        assert await a.ask(f"var {c.id}") == "sent 0"
+        async with asyncio.timeout(WAIT):
+            while not c.binary:
+                await asyncio.sleep(0.02)
+        assert c.binary == [encode_variant([1, "two", 3.5])]
+        local = c.ws.local_address
+        assert await a.ask(f"addr {c.id}") == f"addr {local[0]} {local[1]} True"
+        assert await a.ask("addr 12345") == "addr  0 False"
+
         # A broadcast reaches each peer of the cluster once (then a marker, same path).
         assert await b.ask("bcast all-1") == "bcast 0"
         assert await b.ask("bcast marker-1") == "bcast 0"
@@ -280,6 +307,11 @@ def test_wsfleet_status_shows_the_cluster(nats: NatsServer, tmp_path: Path) -> N
             await wait_view(here, {here.id, *(c.id for c in there)})
             assert await here.ask(f"send {there[0].id} counted") == "sent 0"
             await there[0].until("counted")
+            # One NATS message per destination node per poll: 50 sends, one batch, in order.
+            before = (await here.status())["nodes"][0]["messages_out"]
+            assert await here.ask(f"sendmany {there[1].id} 50") == "sent 0"
+            assert await there[1].until("49") == [str(i) for i in range(50)]
+            assert (await here.status())["nodes"][0]["messages_out"] == before + 1
             async with asyncio.timeout(WAIT):  # published once a second
                 while True:
                     cluster = json.loads(status("--json")).get("cluster")

@@ -12,6 +12,10 @@ peers send it):
   ``bcast ERROR``
 * ``gbcast GROUP TEXT`` -> a group broadcast; ``gbcast ERROR``
 * ``join GROUP`` -> ``join(me, GROUP)``; ``join ERROR``
+* ``sendmany ID N`` -> ``0`` .. ``N-1`` to peer ID, in one handler (one ``poll``);
+  ``sent ERROR`` (the last one's)
+* ``var ID`` -> ``put_var([1, "two", 3.5])`` to peer ID; ``sent ERROR``
+* ``addr ID`` -> ``addr HOST PORT has_peer`` for peer ID, of any node
 * ``peers`` -> ``peers [ids of the cluster]`` (JSON); ``status`` -> ``status {...}``
 """
 
@@ -39,6 +43,20 @@ def setup(server):
                     continue
                 other.set_write_mode(other.WRITE_MODE_TEXT)
                 peer.put_packet(f"sent {int(other.put_packet(text))}")
+            elif command == "sendmany":
+                target, count = rest.split(" ")
+                other = server.get_peer(int(target))
+                other.set_write_mode(other.WRITE_MODE_TEXT)
+                errors = [int(other.put_packet(str(i))) for i in range(int(count))]
+                peer.put_packet(f"sent {max(errors)}")
+            elif command == "var":
+                other = server.get_peer(int(rest))
+                other.set_write_mode(other.WRITE_MODE_BINARY)
+                peer.put_packet(f"sent {int(other.put_var([1, 'two', 3.5]))}")
+            elif command == "addr":
+                target = int(rest)
+                host, port = server.get_peer_address(target), server.get_peer_port(target)
+                peer.put_packet(f"addr {host} {port} {server.has_peer(target)}")
             elif command == "close":
                 target, code, reason = rest.split(" ", 2)
                 server.disconnect_peer(int(target), int(code), reason)
