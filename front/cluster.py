@@ -396,6 +396,14 @@ class Cluster:
                 redact(self.url),
                 item[1],
             )
+        elif what == "lease_error":
+            if self._every("lease_error"):
+                log.error(
+                    "cluster: cannot lease an id slot from NATS' key-value store (%s): is "
+                    "JetStream on (nats-server -js)? This node stays out of the cluster until "
+                    "it can",
+                    item[1],
+                )
         elif what == "lease":
             self._member = True
             if self.provisional:
@@ -620,7 +628,10 @@ class Cluster:
     def _check(self, now: float) -> None:
         for node in list(self.nodes.values()):
             if now - node.last_seen > DEAD_AFTER:
-                self._node_down(node, f"silent for {DEAD_AFTER:g} s")
+                why = f"silent for {DEAD_AFTER:g} s"
+                if not self._connected:
+                    why += ": this node lost NATS"
+                self._node_down(node, why)
             elif not node.synced:
                 if now - node.requested_at > RESYNC_AFTER and self.available:
                     self._request_snapshot(node, now)

@@ -21,7 +21,8 @@ Owns everything that talks to NATS, and nothing of the cluster's meaning:
 
 What it reports to the front (tuples in ``notify``): ``("msg", t, data)``,
 ``("up",)``, ``("down",)``, ``("unreachable", text)``, ``("lease", slot)``,
-``("conflict", slot, holder)``, ``("tick",)`` once a second.
+``("conflict", slot, holder)``, ``("lease_error", text)`` (no lease yet: JetStream
+off or unreachable), ``("tick",)`` once a second.
 
 Imported only by `wsfleet.cluster` when a server has ``cluster=``: it is the
 one module of wsfleet that imports nats.
@@ -271,6 +272,8 @@ class NatsLink:
                 await self._lease()
         except Exception as exc:  # JetStream not ready, a timeout: the lease lasts its TTL
             log.debug("cluster: lease: %s: %s", type(exc).__name__, exc)
+            if not self.lease_held:  # the front logs it (rate-limited): no lease, no cluster
+                self._notify(("lease_error", f"{type(exc).__name__}: {exc}"))
         if self.lease_held and nc.is_connected:
             slot = self._fixed or 0
             header = w.encode_header(w.HEARTBEAT, slot, self.incarnation, self.name.encode())

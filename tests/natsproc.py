@@ -40,8 +40,13 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One nats-server process; ``url`` is where clients connect."""
 
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store: Path, port: int | None = None, *options: str, jetstream: bool = True
+    ) -> None:
         self.store = store
+        self.jetstream = jetstream
+        #: More nats-server options (``--user``, ``--pass``...).
+        self.options = options
         self.port = free_port() if port is None else port
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -57,13 +62,12 @@ class NatsServer:
             self.proc = subprocess.Popen(
                 [
                     nats_server_binary(),
-                    "-js",
-                    "-sd",
-                    str(self.store / "js"),
+                    *(("-js", "-sd", str(self.store / "js")) if self.jetstream else ()),
                     "-a",
                     "127.0.0.1",
                     "-p",
                     str(self.port),
+                    *self.options,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -38,12 +38,17 @@ ERR_CONNECTION_ERROR = 27
 
 
 def start_node(
-    nats: NatsServer, name: str, shards: int = 1, control: str = "off", *extra: str
+    nats: NatsServer,
+    name: str,
+    shards: int = 1,
+    control: str = "off",
+    *extra: str,
+    url: str | None = None,
 ) -> ServeProcess:
     node = ServeProcess(
         *extra,
         "--cluster",
-        nats.url,
+        url or nats.url,
         "--node-name",
         name,
         "--app",
@@ -343,6 +348,56 @@ def test_wsfleet_status_shows_the_cluster(nats: NatsServer, tmp_path: Path) -> N
     finally:
         for node in nodes:
             node.end()
+
+
+@pytest.mark.timeout(120)
+def test_credentials_in_the_url_work_and_stay_out_of_logs(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "auth", None, "--user", "wsf", "--pass", "s3cr3t-pw").start()
+    url = f"nats://wsf:s3cr3t-pw@127.0.0.1:{nats.port}"
+    nodes = [start_node(nats, name, url=url) for name in ("n1", "n2")]
+    try:
+        for node in nodes:
+            node.wait_up(30)
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            await wait_view(a, {a.id, b.id})
+            assert await a.ask(f"send {b.id} authenticated") == "sent 0"
+            await b.until("authenticated")
+            assert (await a.status())["nats_url"] == f"nats://***@127.0.0.1:{nats.port}"
+            await a.close()
+            await b.close()
+
+        asyncio.run(body())
+        for node in nodes:
+            assert "s3cr3t-pw" not in node.log()
+    finally:
+        for node in nodes:
+            node.end()
+        nats.kill()
+
+
+@pytest.mark.timeout(120)
+def test_without_jetstream_a_node_says_so_and_serves_its_own(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "plain", jetstream=False).start()
+    node = start_node(nats, "nojs")
+    try:
+        node.wait_up(30)
+        node.wait_for(r"cannot lease an id slot from NATS' key-value store .*JetStream on")
+        node.wait_for(r"provisional id slot \d+")
+
+        async def body() -> None:
+            client = await Client.open(node.port)
+            assert await client.ask(f"send {client.id} mine") == "sent 0"
+            await client.until("mine")
+            assert (await client.status())["state"] == "joining"
+            await client.close()
+
+        asyncio.run(body())
+    finally:
+        node.end()
+        nats.kill()
 
 
 @pytest.mark.timeout(120)
