@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -348,6 +349,50 @@ def test_wsfleet_status_shows_the_cluster(nats: NatsServer, tmp_path: Path) -> N
     finally:
         for node in nodes:
             node.end()
+
+
+@pytest.mark.timeout(120)
+def test_a_provisional_slot_leased_by_another_node_keeps_this_one_out(tmp_path: Path) -> None:
+    import nats as nats_py
+
+    from wsfleet import cluster_wire as w
+
+    slot = zlib.crc32(b"late") % m.CLUSTER_SLOTS  # the provisional slot of node "late"
+    nats = NatsServer(tmp_path / "taken").start()
+
+    async def take_slot() -> None:  # another node's lease, as a node writes it
+        connection = await nats_py.connect(nats.url)
+        # A longer TTL than the nodes' own (they then use the bucket as it is): the lease
+        # outlives however long the node takes to start on a loaded machine.
+        kv = await connection.jetstream().create_key_value(
+            bucket=w.SLOTS_BUCKET, ttl=120.0, history=1
+        )
+        await kv.create(f"slot.{slot}", b"intruder 1")
+        await connection.close()
+
+    asyncio.run(take_slot())
+    nats.kill()  # the lease stays in the store: the node starts while NATS is away
+    late = start_node(nats, "late")
+    try:
+        late.wait_up(30)
+        assert int(late.wait_for(r"provisional id slot (\d+)").group(1)) == slot
+        nats.start()
+        late.wait_for(
+            rf"id slot {slot} is leased by node intruder: node late stays out of the cluster",
+            WAIT,
+        )
+
+        async def body() -> None:
+            client = await Client.open(late.port)
+            assert await client.ask(f"send {client.id} still-served") == "sent 0"
+            await client.until("still-served")
+            assert (await client.status())["state"] == "conflict"
+            await client.close()
+
+        asyncio.run(body())
+    finally:
+        late.end()
+        nats.kill()
 
 
 @pytest.mark.timeout(120)
