@@ -69,6 +69,9 @@ RESYNC_AFTER = 2.0
 BEHIND_GRACE = 2.0
 #: How long `start` (inside ``listen``) waits for NATS and a slot lease.
 DEFAULT_CONNECT_WAIT = 3.0
+#: Bytes queued for NATS beyond which cross-node sends are refused (ERR_OUT_OF_MEMORY):
+#: NATS slower than the application's sends must not grow the front without bound.
+MAX_BACKLOG = 64 * 1024 * 1024
 #: Most log lines a repeated problem writes: one per this many seconds.
 LOG_EVERY = 10.0
 
@@ -257,6 +260,7 @@ class Cluster:
                 "unknown_records",
                 "sends_refused_down",
                 "sends_refused_too_large",
+                "sends_refused_backlog",
                 "delivered",
                 "dropped_unknown_peer",
                 "dropped_full",
@@ -679,8 +683,20 @@ class Cluster:
             )
         return Error.ERR_CONNECTION_ERROR
 
+    def _refuse_backlog(self, what: str) -> Error:
+        self.counters["sends_refused_backlog"] += 1
+        if self._every("backlog"):
+            log.error(
+                "cluster: %s refused: %d bytes wait for NATS already (ERR_OUT_OF_MEMORY; %d "
+                "refused so far)",
+                what,
+                self._link.backlog,
+                self.counters["sends_refused_backlog"],
+            )
+        return Error.ERR_OUT_OF_MEMORY
+
     def room(self) -> int:
-        if not self.available:
+        if not self.available or self._link.backlog > MAX_BACKLOG:
             return 0
         return self._max_record()
 
@@ -695,6 +711,8 @@ class Cluster:
         node = self.nodes.get(peer.node)
         if node is None or node.peers.get(peer.id) is not peer:
             return Error.FAILED
+        if self._link.backlog > MAX_BACKLOG:
+            return self._refuse_backlog(f"a send to remote peer {peer.id}")
         if len(payload) > self._max_record():
             self.counters["sends_refused_too_large"] += 1
             if self._every("large"):
@@ -729,6 +747,8 @@ class Cluster:
             return Error.OK
         if not self.available:
             return self._refuse_down("a broadcast to the other nodes")
+        if self._link.backlog > MAX_BACKLOG:
+            return self._refuse_backlog("a broadcast to the other nodes")
         if len(payload) > self._max_record() - 4 * (len(exclude) + 1) - len(group or b""):
             self.counters["sends_refused_too_large"] += 1
             return Error.ERR_OUT_OF_MEMORY
@@ -833,4 +853,5 @@ class Cluster:
             ],
             **self.counters,
             "publish_failed": link.publish_failed if link is not None else 0,
+            "backlog_bytes": link.backlog if link is not None else 0,
         }

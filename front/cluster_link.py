@@ -84,6 +84,10 @@ class NatsLink:
         self.lease_held = False
         self.conflict = False
         self.publish_failed = 0
+        #: Bytes handed to `publish` (the front's thread only) and put on the wire (this
+        #: thread only): their difference is what waits here (`backlog`).
+        self.enqueued_bytes = 0
+        self.sent_bytes = 0
         #: The slot this node uses for good: the first it leased, or the provisional one the
         #: front chose when NATS could not be reached in time (`fix_slot`).
         self._fixed: int | None = None
@@ -111,8 +115,14 @@ class NatsLink:
                 self._fixed = slot
             return self._fixed
 
+    @property
+    def backlog(self) -> int:
+        """Bytes given to `publish` that are not on the wire yet."""
+        return self.enqueued_bytes - self.sent_bytes
+
     def publish(self, items: list[tuple[str, bytes]]) -> None:
-        """Put ``(subject, data)`` messages on the wire, in order (from any thread)."""
+        """Put ``(subject, data)`` messages on the wire, in order (from the front's thread)."""
+        self.enqueued_bytes += sum(len(data) for _subject, data in items)
         try:
             self._loop.call_soon_threadsafe(self._enqueue, items)
         except RuntimeError:  # the loop is closed: stopping
@@ -243,13 +253,16 @@ class NatsLink:
     async def _sender(self) -> None:
         assert self._outq is not None
         while True:
-            items = await self._outq.get()
-            for subject, data in items:
-                try:
-                    await self._nc.publish(subject, data)
-                except Exception as exc:
-                    self.publish_failed += 1
-                    log.debug("cluster: publish to %s failed: %s", subject, exc)
+            await self._publish(await self._outq.get())
+
+    async def _publish(self, items: list[tuple[str, bytes]]) -> None:
+        for subject, data in items:
+            try:
+                await self._nc.publish(subject, data)
+            except Exception as exc:
+                self.publish_failed += 1
+                log.debug("cluster: publish to %s failed: %s", subject, exc)
+            self.sent_bytes += len(data)
 
     # -- the lease and the heartbeat -------------------------------------------------------
 
@@ -359,6 +372,9 @@ class NatsLink:
         if nc is None:
             return
         try:
+            if self._outq is not None:  # what the last poll() sent goes before the goodbye
+                while not self._outq.empty():
+                    await self._publish(self._outq.get_nowait())
             if self.lease_held and nc.is_connected:
                 slot = self._fixed or 0
                 header = w.encode_header(w.BYE, slot, self.incarnation, self.name.encode())

@@ -89,7 +89,8 @@ class RemotePeer:
         ``OK`` once queued for the owner node (it leaves at the end of this
         ``poll``); ``FAILED`` once the peer is gone; ``ERR_CONNECTION_ERROR``
         while NATS is unreachable; ``ERR_OUT_OF_MEMORY`` for a packet larger
-        than one NATS message may carry (``max_payload``, 1 MiB by default).
+        than one NATS message may carry (``max_payload``, 1 MiB by default), or
+        while more than 64 MiB wait for a slow NATS.
         """
         if type(data) is bytes:
             payload = data

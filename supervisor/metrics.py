@@ -147,11 +147,12 @@ def _cluster_families(cluster: dict[str, Any]) -> Iterator[Any]:
         yield CounterMetricFamily(f"wsfleet_cluster_{field}", text, value=cluster[field])
     refused = CounterMetricFamily(
         "wsfleet_cluster_sends_refused",
-        "Cross-node sends refused, by reason (down: NATS unreachable; too_large).",
+        "Cross-node sends refused, by reason (down: NATS unreachable; too_large; backlog).",
         labels=["reason"],
     )
     refused.add_metric(["down"], cluster["sends_refused_down"])
     refused.add_metric(["too_large"], cluster["sends_refused_too_large"])
+    refused.add_metric(["backlog"], cluster["sends_refused_backlog"])
     yield refused
     dropped = CounterMetricFamily(
         "wsfleet_cluster_dropped",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -36,6 +37,7 @@ APP = "tests.apps.cluster_app:setup"
 DEAD_BOUND = 5.0
 WAIT = 20.0
 ERR_CONNECTION_ERROR = 27
+ERR_OUT_OF_MEMORY = 6
 
 
 def start_node(
@@ -393,6 +395,43 @@ def test_a_provisional_slot_leased_by_another_node_keeps_this_one_out(tmp_path: 
     finally:
         late.end()
         nats.kill()
+
+
+@pytest.mark.timeout(120)
+def test_sends_beyond_what_waits_for_nats_are_refused(nats: NatsServer) -> None:
+    nodes = [start_node(nats, "n1"), start_node(nats, "n2")]
+    try:
+        for node in nodes:
+            node.wait_up(30)
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            await wait_view(a, {a.id, b.id})
+            assert nats.proc is not None
+            nats.proc.send_signal(signal.SIGSTOP)  # NATS stops reading: n1's sends pile up
+            try:
+                # 70 MB in one poll: taken (the cap counts what earlier polls left waiting).
+                assert await a.ask(f"flood {b.id} 70 1000000") == "sent 0"
+                async with asyncio.timeout(WAIT):
+                    while (await a.status())["backlog_bytes"] < 64 * 1024 * 1024:
+                        await asyncio.sleep(0.1)
+                assert await a.ask(f"send {b.id} one-more") == f"sent {ERR_OUT_OF_MEMORY}"
+                assert (await a.status())["sends_refused_backlog"] == 1
+            finally:
+                nats.proc.send_signal(signal.SIGCONT)
+            async with asyncio.timeout(WAIT):  # the backlog drains, sends are taken again
+                while (await a.ask(f"send {b.id} after")) != "sent 0":
+                    await asyncio.sleep(0.2)
+            await b.until("after")
+            await a.close()
+            await b.close()
+
+        asyncio.run(body())
+        nodes[0].wait_for(r"refused: \d+ bytes wait for NATS already \(ERR_OUT_OF_MEMORY")
+    finally:
+        for node in nodes:
+            node.end()
 
 
 @pytest.mark.timeout(120)

@@ -14,6 +14,8 @@ peers send it):
 * ``join GROUP`` -> ``join(me, GROUP)``; ``join ERROR``
 * ``sendmany ID N`` -> ``0`` .. ``N-1`` to peer ID, in one handler (one ``poll``);
   ``sent ERROR`` (the last one's)
+* ``flood ID COUNT SIZE`` -> COUNT binary packets of SIZE bytes to peer ID in one handler;
+  ``sent ERROR`` (the largest error number)
 * ``var ID`` -> ``put_var([1, "two", 3.5])`` to peer ID; ``sent ERROR``
 * ``addr ID`` -> ``addr HOST PORT has_peer`` for peer ID, of any node
 * ``peers`` -> ``peers [ids of the cluster]`` (JSON); ``status`` -> ``status {...}``
@@ -48,6 +50,13 @@ def setup(server):
                 other = server.get_peer(int(target))
                 other.set_write_mode(other.WRITE_MODE_TEXT)
                 errors = [int(other.put_packet(str(i))) for i in range(int(count))]
+                peer.put_packet(f"sent {max(errors)}")
+            elif command == "flood":
+                target, count, size = (int(x) for x in rest.split(" "))
+                other = server.get_peer(target)
+                other.set_write_mode(other.WRITE_MODE_BINARY)
+                packet = bytes(size)
+                errors = [int(other.put_packet(packet)) for _ in range(count)]
                 peer.put_packet(f"sent {max(errors)}")
             elif command == "var":
                 other = server.get_peer(int(rest))
