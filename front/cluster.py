@@ -153,6 +153,12 @@ class ClusterDelivery(Protocol):
 
     def local_peers(self) -> list[tuple[int, str, int, str]]: ...
 
+    def remote_peer(self, peer_id: int, node: str, connected: bool) -> None:
+        """A peer of another node came or went (signals; the relay's SYS_ADD / SYS_DEL)."""
+
+    def mp_frame(self, sender: int, frame: bytes) -> None:
+        """Multiplayer mode: another node relays a client frame to this node's peers."""
+
     def emit(self, signal: str, *args: Any) -> None: ...
 
 
@@ -265,6 +271,7 @@ class Cluster:
                 "dropped_unknown_peer",
                 "dropped_full",
                 "nodes_lost",
+                "mp_unknown_sender",
             ),
             0,
         )
@@ -548,6 +555,13 @@ class Cluster:
                 delivery.broadcast_local(
                     bytes(message), bool(flags & w.FLAG_TEXT), excluded, bytes(group)
                 )
+            elif kind == w.R_MP_FRAME:
+                # Only from a peer this node knows (so after its SYS_ADD here: the join and
+                # the snapshot come in this same ordered stream), or from that node's server.
+                if peer_id in node.peers or peer_id == m.SERVER_ID:
+                    delivery.mp_frame(peer_id, payload)
+                else:
+                    counters["mp_unknown_sender"] += 1
             elif kind == w.R_SNAPSHOT_REQUEST:
                 self._queue_record(node.name, self._snapshot_record())
             elif kind == w.R_SNAPSHOT:
@@ -605,7 +619,7 @@ class Cluster:
         peer = RemotePeer(self, node.name, peer_id, ip, port, protocol)
         node.peers[peer_id] = peer
         self.remote[peer_id] = peer
-        self._delivery.emit("remote_peer_connected", peer_id, node.name)
+        self._delivery.remote_peer(peer_id, node.name, True)
 
     def _remove_remote(self, node: RemoteNode, peer_id: int) -> None:
         peer = node.peers.pop(peer_id, None)
@@ -613,7 +627,7 @@ class Cluster:
             return
         self.remote.pop(peer_id, None)
         peer.gone()
-        self._delivery.emit("remote_peer_disconnected", peer_id, node.name)
+        self._delivery.remote_peer(peer_id, node.name, False)
 
     def _node_down(self, node: RemoteNode, reason: str) -> None:
         if self.nodes.get(node.name) is not node:
@@ -765,6 +779,17 @@ class Cluster:
                 body = m.encode_group_broadcast(group, payload, excluded)
                 record = w.encode_record(w.R_GROUP_BROADCAST, flags, 0, body)
             self._queue_record(node.name, record)
+        return Error.OK
+
+    def mp_forward(self, node: str | None, sender: int, frame: bytes) -> Error:
+        """Multiplayer mode: relay a frame to node ``node``'s peers (None: every other node)."""
+        if not self.available:
+            return self._refuse_down("a multiplayer frame for another node")
+        if self._link.backlog > MAX_BACKLOG:
+            return self._refuse_backlog("a multiplayer frame for another node")
+        record = w.encode_record(w.R_MP_FRAME, 0, sender, frame)
+        for name in (node,) if node is not None else tuple(self.nodes):
+            self._queue_record(name, record)
         return Error.OK
 
     def _queue_record(self, name: str, record: bytes) -> None:

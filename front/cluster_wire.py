@@ -69,6 +69,11 @@ R_SNAPSHOT_REQUEST = 7
 #: Every peer the sender holds now: payload `encode_snapshot`.
 R_SNAPSHOT = 8
 
+#: Multiplayer mode (``gd_mp_api``): a client frame (payload: the whole frame, 9-byte header
+#: included) from the sender's peer ``peer`` (or 1: the sender node's own server), for the
+#: receiving node's peers by its ``to`` field (n: that peer; 0 or -n: every peer but -n).
+R_MP_FRAME = 9
+
 FLAG_TEXT = 1
 
 _HEADER = struct.Struct("<2sBBHQB")

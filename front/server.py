@@ -513,6 +513,8 @@ class WebSocketServer(SignalEmitter):
         if self._cluster is not None:
             fleet.attach_cluster(self._cluster)
             self._cluster.status_sink = fleet.publish_front
+            if gd_mp_api:
+                self._relay.cluster = self._cluster
         self._fleet = fleet
         self._port = port
         self._addresses = [(address.host, port) for address in addresses]
@@ -1152,6 +1154,18 @@ class _ClusterDelivery:
             (peer_id, peer.get_connected_host(), peer.get_connected_port(), peer.protocol)
             for peer_id, peer in self._server._peers.items()
         ]
+
+    def remote_peer(self, peer_id: int, node: str, connected: bool) -> None:
+        server = self._server
+        if server._gd_mp_api:
+            server._relay.remote_peer(peer_id, connected)
+        signal = "remote_peer_connected" if connected else "remote_peer_disconnected"
+        server.emit_signal(signal, peer_id, node)
+
+    def mp_frame(self, sender: int, frame: bytes) -> None:
+        server = self._server
+        if server._gd_mp_api:
+            server._relay.remote_frame(sender, frame)
 
     def emit(self, signal: str, *args: Any) -> None:
         self._server.emit_signal(signal, *args)
