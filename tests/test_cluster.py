@@ -523,13 +523,34 @@ def test_a_killed_node_s_peers_are_reported_gone(nodes: list[ServeProcess]) -> N
         for client in clients[::3]:
             await wait_view(client, ids)
         dead = {client.id for client in clients if client.node == "n3"}
+        a, b = clients[0], clients[3]  # on n1 and n2
+        stop = asyncio.Event()
+
+        async def stream(source: Client, target: Client, tag: str) -> int:
+            """Numbered messages, one after another, until `stop`: how many were sent."""
+            sent = 0
+            while not stop.is_set():
+                assert await source.ask(f"send {target.id} {tag}-{sent}") == "sent 0"
+                sent += 1
+            return sent
+
+        # Numbered traffic both ways between the survivors while n3 dies.
+        streams = [
+            asyncio.ensure_future(stream(a, b, "ab")),
+            asyncio.ensure_future(stream(b, a, "ba")),
+        ]
+        await asyncio.sleep(0.3)
         kill_tree(nodes[2])
-        for client in clients[:6]:  # n1's and n2's
+        for client in (clients[1], clients[2], clients[4], clients[5]):  # n1's and n2's
+            await wait_view(client, ids - dead)  # (a and b ask only for their stream)
+        stop.set()
+        counts = await asyncio.gather(*streams)
+        for client in (a, b):
             await wait_view(client, ids - dead)
-        # The survivors still reach each other.
-        a, b = clients[0], clients[3]
-        assert await a.ask(f"send {b.id} still-here") == "sent 0"
-        await b.until("still-here")
+        assert counts[0] > 0 and counts[1] > 0
+        # Nothing lost among the survivors, nothing twice, in order.
+        assert await b.until(f"ab-{counts[0] - 1}") == [f"ab-{i}" for i in range(counts[0])]
+        assert await a.until(f"ba-{counts[1] - 1}") == [f"ba-{i}" for i in range(counts[1])]
         for client in clients[:6]:
             await client.close()
 
