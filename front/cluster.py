@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -489,7 +490,7 @@ class Cluster:
         elif sender.kind == w.BATCH:
             try:
                 self._batch(node, data, pos)
-            except (w.WireError, ValueError) as exc:
+            except (w.WireError, ValueError, struct.error) as exc:
                 self._bad(f"bad batch from {sender.name}: {exc}")
         else:
             self._bad(f"unknown message kind {sender.kind} from {sender.name}")

@@ -532,6 +532,13 @@ class WebSocketServer(SignalEmitter):
             log.error("listen: cluster= needs nats-py: pip install 'wsfleet[cluster]'")
             return Error.ERR_UNAVAILABLE
         try:
+            check_cluster_url(self.cluster)  # set as an attribute after the constructor?
+            if self.node_name is not None:
+                check_node_name(self.node_name)
+        except ValueError as exc:
+            log.error("listen: %s", exc)
+            return Error.ERR_INVALID_PARAMETER
+        try:
             cluster = Cluster(
                 str(self.cluster), self.node_name, self.shards, _ClusterDelivery(self)
             )

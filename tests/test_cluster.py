@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -208,6 +209,19 @@ def test_without_cluster_nothing_of_nats_is_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_bad_cluster_settings_are_refused() -> None:
+    from wsfleet import Error, WebSocketServer
+
+    for bad in ({"cluster": "localhost:4222"}, {"cluster": ""}, {"node_name": "a.b"}):
+        with pytest.raises(ValueError):
+            WebSocketServer(shards=1, control=False, **bad)
+    server = WebSocketServer(shards=1, control=False, cluster="nats://127.0.0.1:1")
+    server.node_name = "has space"
+    assert server.listen(0) == Error.ERR_INVALID_PARAMETER
+    assert not server.is_listening()
 
 
 @pytest.mark.timeout(180)
@@ -485,7 +499,9 @@ def test_without_jetstream_a_node_says_so_and_serves_its_own(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(120)
-def test_a_message_of_another_wire_version_is_refused(nats: NatsServer, tmp_path: Path) -> None:
+def test_a_message_of_another_wire_version_or_malformed_is_refused(
+    nats: NatsServer, tmp_path: Path
+) -> None:
     import nats as nats_py
 
     from wsfleet import cluster_wire as w
@@ -501,12 +517,24 @@ def test_a_message_of_another_wire_version_is_refused(nats: NatsServer, tmp_path
             future = future[:2] + bytes([w.WIRE_VERSION + 1]) + future[3:]
             await connection.publish(w.inbox_subject("solo"), future + b"whatever")
             await connection.publish(w.inbox_subject("solo"), b"not wsfleet at all")
+            # Well-formed headers, bad bodies: each is counted, and nothing else happens.
+            odd = w.encode_header(w.BATCH, 5, 7, b"odd")
+            for body in (
+                struct.pack("<BBiI", w.R_SEND, 0, client.id, 100) + b"cut",  # truncated
+                w.encode_record(w.R_CLOSE, 0, client.id, b"\x03"),  # no room for a code
+                w.encode_record(w.R_JOIN, 0, 5 * 8388607 + 9, b"??"),  # no join in it
+                w.encode_record(200, 0, 0, b"from a later version"),  # unknown: skipped
+            ):
+                await connection.publish(w.inbox_subject("solo"), odd + body)
             await connection.flush()
             await connection.close()
             async with asyncio.timeout(WAIT):
-                while (status := await client.status())["bad_messages"] < 1:
+                while (status := await client.status())["bad_messages"] < 4:
                     await asyncio.sleep(0.1)
-            assert status["refused_version"] == 1
+            assert status["refused_version"] == 1 and status["unknown_records"] == 1
+            assert await client.ask(f"send {client.id} still-fine") == "sent 0"
+            await client.until("still-fine")
+            assert client.closed is None
             await client.close()
 
         asyncio.run(body())
