@@ -286,6 +286,13 @@ def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
         default=None,
         help="this node's name in the cluster (letters, digits, _ and -; default hostname-pid)",
     )
+    group.add_argument(
+        "--cluster-tls-ca",
+        metavar="FILE",
+        default=None,
+        help="PEM file of the CA(s) that signed the NATS server's certificate (tls://); "
+        "default: the system's CAs",
+    )
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -516,6 +523,12 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
         return "--tls-cert and --tls-key go together"
     if args.node_name is not None and args.cluster is None:
         return "--node-name needs --cluster"
+    if args.cluster_tls_ca is not None:
+        if args.cluster is None:
+            return "--cluster-tls-ca needs --cluster"
+        problem = _read_pem("--cluster-tls-ca", args.cluster_tls_ca)
+        if problem:
+            return problem
     if args.tls_cert:
         for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             problem = _read_pem(option, path)
@@ -587,6 +600,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         message_burst=args.message_burst,
         cluster=args.cluster,
         node_name=args.node_name,
+        cluster_tls_ca=args.cluster_tls_ca,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -222,8 +223,11 @@ class Cluster:
         shards: int,
         delivery: ClusterDelivery,
         connect_wait: float = DEFAULT_CONNECT_WAIT,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        #: The TLS context for NATS (None: nats-py's default for ``tls://``, the system's CAs).
+        self.tls = tls
         self.name = check_node_name(node_name) if node_name is not None else default_node_name()
         self._name_b = self.name.encode()
         self.incarnation = secrets.randbits(63) or 1
@@ -290,7 +294,13 @@ class Cluster:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         first = zlib.crc32(self._name_b) % m.CLUSTER_SLOTS
         self._link = link = NatsLink(
-            self.url, self.name, self.incarnation, self._notify, self._heartbeat_body, first
+            self.url,
+            self.name,
+            self.incarnation,
+            self._notify,
+            self._heartbeat_body,
+            first,
+            tls=self.tls,
         )
         link.start()
         deadline = time.monotonic() + self.connect_wait

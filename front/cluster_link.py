@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -70,8 +71,10 @@ class NatsLink:
         notify: Callable[[tuple[Any, ...]], None],
         heartbeat_body: Callable[[], bytes],
         first_slot: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self._tls = tls
         self.name = name
         self.incarnation = incarnation
         self._notify = notify
@@ -190,8 +193,10 @@ class NatsLink:
         stopping = self._stopping
         assert stopping is not None
         while not stopping.is_set():
+            extra: dict[str, Any] = {} if self._tls is None else {"tls": self._tls}
             connect = asyncio.ensure_future(
                 nats.connect(
+                    **extra,
                     servers=self.url,
                     name=self.name,
                     no_echo=True,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -188,6 +189,9 @@ class WebSocketServer(SignalEmitter):
         nothing of it is imported.  `get_cluster_status` says how it stands.
     ``node_name`` (None: ``hostname-pid``)
         This node's name in the cluster: letters, digits, ``_``, ``-``.
+    ``cluster_tls_ca`` (None: the system's CAs)
+        A PEM file of the CA(s) that signed the NATS server's certificate, for a
+        ``tls://`` URL (or a server that requires TLS).
 
     Operations (README "Operations", docs/METRICS.md):
 
@@ -276,6 +280,7 @@ class WebSocketServer(SignalEmitter):
         message_burst: int = 0,
         cluster: str | None = None,
         node_name: str | None = None,
+        cluster_tls_ca: str | None = None,
     ) -> None:
         super().__init__()
         if cluster is not None:
@@ -285,6 +290,9 @@ class WebSocketServer(SignalEmitter):
         #: The NATS URL of the cluster (None: a lone server) and this node's name in it.
         self.cluster = cluster
         self.node_name = node_name
+        #: A PEM file of the CA(s) that signed NATS' certificate (``tls://``); None: the
+        #: system's CAs.
+        self.cluster_tls_ca = cluster_tls_ca
         self._cluster: Any = None
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -538,9 +546,16 @@ class WebSocketServer(SignalEmitter):
         except ValueError as exc:
             log.error("listen: %s", exc)
             return Error.ERR_INVALID_PARAMETER
+        tls = None
+        if self.cluster_tls_ca:
+            try:
+                tls = ssl.create_default_context(cafile=self.cluster_tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("listen: cluster_tls_ca %s: %s", self.cluster_tls_ca, exc)
+                return Error.ERR_CANT_CREATE
         try:
             cluster = Cluster(
-                str(self.cluster), self.node_name, self.shards, _ClusterDelivery(self)
+                str(self.cluster), self.node_name, self.shards, _ClusterDelivery(self), tls=tls
             )
             cluster.start()
         except (ValueError, OSError) as exc:

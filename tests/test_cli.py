@@ -226,6 +226,11 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--cluster", "http://127.0.0.1:4222"],
         ["--cluster", "nats://127.0.0.1:port"],
     ],
+    "--cluster-tls-ca": [
+        ["--cluster-tls-ca", "{cert}"],  # without --cluster
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/nonexistent/ca.pem"],
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/etc/hostname"],
+    ],
     "--node-name": [
         ["--node-name", "a"],  # without --cluster
         ["--cluster", "nats://127.0.0.1:4222", "--node-name", "a.b"],

@@ -449,6 +449,47 @@ def test_sends_beyond_what_waits_for_nats_are_refused(nats: NatsServer) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_nats_over_tls_with_a_private_ca(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    for name, pem in (
+        ("ca.pem", ca.cert_pem),
+        ("cert.pem", cert.cert_chain_pems[0]),
+        ("key.pem", cert.private_key_pem),
+    ):
+        pem.write_to_path(str(tmp_path / name))
+    nats = NatsServer(
+        tmp_path / "tls", None, "--tls", "--tlscert", str(tmp_path / "cert.pem"),
+        "--tlskey", str(tmp_path / "key.pem"),
+    ).start()  # fmt: skip
+    url = f"tls://127.0.0.1:{nats.port}"
+    ca_option = ("--cluster-tls-ca", str(tmp_path / "ca.pem"))
+    nodes = [start_node(nats, name, 1, "off", *ca_option, url=url) for name in ("t1", "t2")]
+    stranger = start_node(nats, "stranger", url=url)  # without the CA: NATS is not trusted
+    try:
+        for node in (*nodes, stranger):
+            node.wait_up(30)
+        stranger.wait_for(r"cannot reach NATS at tls://127\.0\.0\.1:\d+ .*(SSL|certificate)")
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            await wait_view(a, {a.id, b.id})
+            assert await a.ask(f"send {b.id} over-tls") == "sent 0"
+            await b.until("over-tls")
+            await a.close()
+            await b.close()
+
+        asyncio.run(body())
+    finally:
+        for node in (*nodes, stranger):
+            node.end()
+        nats.kill()
+
+
+@pytest.mark.timeout(120)
 def test_credentials_in_the_url_work_and_stay_out_of_logs(tmp_path: Path) -> None:
     nats = NatsServer(tmp_path / "auth", None, "--user", "wsf", "--pass", "s3cr3t-pw").start()
     url = f"nats://wsf:s3cr3t-pw@127.0.0.1:{nats.port}"
