@@ -30,7 +30,13 @@ from contextlib import contextmanager
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from wsfleet.ipc.config import DEFAULT_SHARD_TIMEOUT, MIN_SHARD_TIMEOUT
+from wsfleet.ipc.config import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_COMPRESSION_MEM_LEVEL,
+    DEFAULT_COMPRESSION_WINDOW_BITS,
+    DEFAULT_SHARD_TIMEOUT,
+    MIN_SHARD_TIMEOUT,
+)
 from wsfleet.ipc.logconfig import FORMATS, LEVELS, LogConfig
 from wsfleet.ipc.logconfig import apply as apply_logging
 from wsfleet.ipc.proctitle import set_title
@@ -115,6 +121,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     convert.__name__ = "integer"  # argparse names the type in some of its messages
+    return convert
+
+
+def bounded(minimum: int, maximum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        value = int(_number(text, int))
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} to {maximum}: {value}")
+        return value
+
+    convert.__name__ = "integer"
     return convert
 
 
@@ -238,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ops_options(serve)
     _add_limit_options(serve)
     _add_cluster_options(serve)
+    _add_compression_options(serve)
     serve.set_defaults(serve_parser=serve)  # for messages that name its options
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
     loadtest = commands.add_parser(
@@ -378,6 +396,51 @@ def _add_operations_options(serve: argparse.ArgumentParser) -> None:
         metavar="S",
         help="replace a shard whose loop has not turned for S seconds "
         f"(default {DEFAULT_SHARD_TIMEOUT:g}, at least {MIN_SHARD_TIMEOUT:g})",
+    )
+
+
+def _add_compression_options(serve: argparse.ArgumentParser) -> None:
+    """permessage-deflate (RFC 7692): off unless --compression."""
+    group = serve.add_argument_group(
+        "compression",
+        "permessage-deflate (RFC 7692) for clients that offer it; off by default: it costs "
+        "memory per connection, and Godot 3.2's client cannot compress",
+    )
+    group.add_argument(
+        "--compression",
+        action="store_true",
+        help="negotiate permessage-deflate with clients that offer it (browsers); messages "
+        "are checked against --max-message-size after inflation",
+    )
+    group.add_argument(
+        "--compression-no-context-takeover",
+        action="store_true",
+        help="ask for server_no_context_takeover and client_no_context_takeover: a fresh "
+        "zlib context per message (less memory, worse ratio); only such connections survive "
+        "`wsfleet reload`, others are closed with 1012 (default: context takeover)",
+    )
+    group.add_argument(
+        "--compression-window-bits",
+        type=bounded(9, 15),
+        default=DEFAULT_COMPRESSION_WINDOW_BITS,
+        metavar="N",
+        help="server_max_window_bits (and client_max_window_bits when offered), 9-15 "
+        f"(default {DEFAULT_COMPRESSION_WINDOW_BITS})",
+    )
+    group.add_argument(
+        "--compression-mem-level",
+        type=bounded(1, 9),
+        default=DEFAULT_COMPRESSION_MEM_LEVEL,
+        metavar="N",
+        help=f"zlib memLevel of what the server deflates, 1-9 (default "
+        f"{DEFAULT_COMPRESSION_MEM_LEVEL})",
+    )
+    group.add_argument(
+        "--compression-level",
+        type=bounded(0, 9),
+        default=DEFAULT_COMPRESSION_LEVEL,
+        metavar="N",
+        help=f"zlib level of what the server deflates, 0-9 (default {DEFAULT_COMPRESSION_LEVEL})",
     )
 
 
@@ -601,6 +664,11 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         cluster=args.cluster,
         node_name=args.node_name,
         cluster_tls_ca=args.cluster_tls_ca,
+        compression=args.compression,
+        compression_context_takeover=not args.compression_no_context_takeover,
+        compression_window_bits=args.compression_window_bits,
+        compression_mem_level=args.compression_mem_level,
+        compression_level=args.compression_level,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

@@ -25,6 +25,9 @@ from typing import Any
 
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.config import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_COMPRESSION_MEM_LEVEL,
+    DEFAULT_COMPRESSION_WINDOW_BITS,
     DEFAULT_SHARD_TIMEOUT,
     MAX_MESSAGE_SIZE,
     MIN_SHARD_TIMEOUT,
@@ -82,6 +85,12 @@ __all__ = [
     "WebSocketServer",
     "format_url",
 ]
+
+
+def _int_option(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int: {value!r}")
+    return value
 
 
 def _pow2_at_least(value: int) -> int:
@@ -228,6 +237,35 @@ class WebSocketServer(SignalEmitter):
         per-port probe of a load balancer (the metrics port's ``/healthz`` is
         the fleet-wide one).  Any other plain request gets ``426 Upgrade
         Required``.
+
+    Compression (permessage-deflate, RFC 7692; README "Compression"):
+
+    ``compression`` (False)
+        Negotiate permessage-deflate with clients that offer it (browsers do;
+        Godot 3.2's client cannot compress, and never offers it).  Off by
+        default: each compressing connection keeps zlib contexts in its shard
+        (tens of KiB with context takeover, see ``loadtest/RESULTS.md``) and
+        every message costs a deflate or inflate.  A client that does not
+        offer it gets the plain fast path, as with compression off.  What a
+        compressing client sends is checked against ``max_message_size``
+        after inflation (a larger message closes it with 1009, however small
+        it was compressed).  Messages the server sends to it are deflated
+        (broadcasts per peer, or once per shard for peers without server
+        context takeover); the multiplayer relay's frames are sent
+        uncompressed, which RFC 7692 allows.
+    ``compression_context_takeover`` (True)
+        True: the zlib contexts live as long as the connection (better
+        ratio, more memory). False: the server asks for
+        ``server_no_context_takeover`` and ``client_no_context_takeover``: a
+        fresh context per message and none kept in between.  ``wsfleet
+        reload`` moves a connection only without context takeover both ways
+        (a client may ask for it itself); any other compressing connection is
+        closed with 1012 ("service restart") during the reload.
+    ``compression_window_bits`` (12; 9 to 15)
+        ``server_max_window_bits`` (and ``client_max_window_bits`` for a
+        client that offers it): the LZ77 window, 2**bits bytes each way.
+    ``compression_mem_level`` (5; 1 to 9) and ``compression_level`` (6; 0 to 9)
+        zlib's ``memLevel`` and level for what the server deflates.
     """
 
     SIGNALS = (
@@ -281,6 +319,11 @@ class WebSocketServer(SignalEmitter):
         cluster: str | None = None,
         node_name: str | None = None,
         cluster_tls_ca: str | None = None,
+        compression: bool = False,
+        compression_context_takeover: bool = True,
+        compression_window_bits: int = DEFAULT_COMPRESSION_WINDOW_BITS,
+        compression_mem_level: int = DEFAULT_COMPRESSION_MEM_LEVEL,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     ) -> None:
         super().__init__()
         if cluster is not None:
@@ -330,6 +373,11 @@ class WebSocketServer(SignalEmitter):
         self.health_path = health_path
         self.max_message_rate = max_message_rate
         self.message_burst = message_burst
+        self.compression = compression
+        self.compression_context_takeover = compression_context_takeover
+        self.compression_window_bits = compression_window_bits
+        self.compression_mem_level = compression_mem_level
+        self.compression_level = compression_level
         self._bind_ip = "*"
         #: PEM text or a path to a PEM file. TLS is on when both are set.
         self.private_key: str | None = None
@@ -606,6 +654,13 @@ class WebSocketServer(SignalEmitter):
             max_message_rate=float(self.max_message_rate) if self.max_message_rate else None,
             message_burst=int(self.message_burst or 0),
             hold_upgrades=self._handshake_handler is not None,
+            compression=bool(self.compression),
+            compression_context_takeover=bool(self.compression_context_takeover),
+            compression_window_bits=_int_option(
+                "compression_window_bits", self.compression_window_bits
+            ),
+            compression_mem_level=_int_option("compression_mem_level", self.compression_mem_level),
+            compression_level=_int_option("compression_level", self.compression_level),
         )
         peer_limits = PeerLimits(
             in_packets=self._in_packets_limit,

@@ -30,6 +30,11 @@ DEFAULT_SHARD_TIMEOUT = 30.0
 MIN_SHARD_TIMEOUT = 2.0
 #: The smallest ``max_request_bytes``: a minimal upgrade request is about 200 bytes.
 MIN_REQUEST_BYTES = 256
+#: permessage-deflate's defaults (``websockets``' own ``enable_server_permessage_deflate``):
+#: a 4 KiB LZ77 window each way and zlib's memLevel 5 keep a connection's contexts small.
+DEFAULT_COMPRESSION_WINDOW_BITS = 12
+DEFAULT_COMPRESSION_MEM_LEVEL = 5
+DEFAULT_COMPRESSION_LEVEL = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,17 @@ class Limits:
     max_peers_per_address: int = 0
     #: A handshake handler is set: valid upgrades wait for the front's verdict.
     hold_upgrades: bool = False
+    #: permessage-deflate (RFC 7692), negotiated with clients that offer it (False: never).
+    compression: bool = False
+    #: False: the server asks for ``server_no_context_takeover`` and
+    #: ``client_no_context_takeover`` (a fresh zlib context per message, none kept between
+    #: messages: less memory, worse ratio; such a connection survives ``wsfleet reload``).
+    compression_context_takeover: bool = True
+    #: ``server_max_window_bits`` (and ``client_max_window_bits`` when the client offers it).
+    compression_window_bits: int = DEFAULT_COMPRESSION_WINDOW_BITS
+    #: zlib's ``memLevel`` (1-9) and compression level (0-9) of what the server sends.
+    compression_mem_level: int = DEFAULT_COMPRESSION_MEM_LEVEL
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout > 0:
@@ -89,6 +105,15 @@ class Limits:
             raise ValueError(f"message_burst must be 0 or positive: {self.message_burst}")
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise ValueError(f"health_path must start with '/': {self.health_path!r}")
+        # 8 is refused: zlib cannot compress with an 8-bit raw window (websockets refuses it).
+        if not 9 <= self.compression_window_bits <= 15:
+            raise ValueError(
+                f"compression_window_bits must be 9 to 15: {self.compression_window_bits}"
+            )
+        if not 1 <= self.compression_mem_level <= 9:
+            raise ValueError(f"compression_mem_level must be 1 to 9: {self.compression_mem_level}")
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be 0 to 9: {self.compression_level}")
         for name in ("ping_interval", "ping_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:

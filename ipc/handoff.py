@@ -76,6 +76,9 @@ class MovedConnection:
     #: Welcomed with relay groups (``set_relay_groups``): relayed within its groups only.
     mp_rooms: bool = False
     pending_token: int = 0
+    #: permessage-deflate negotiated without context takeover either way (the only kind
+    #: that moves): ``(client's window bits, server's window bits)``; None: not negotiated.
+    deflate: tuple[int, int] | None = None
 
 
 def send(
@@ -101,6 +104,8 @@ def send(
             "mp_rooms": conn.mp_rooms,
             "unparsed": [len(blob), len(conn.unparsed)],
         }
+        if conn.deflate is not None:
+            state["deflate"] = list(conn.deflate)
         blob += conn.unparsed
         if conn.fragments is not None:
             state["fragments"] = [len(blob), len(conn.fragments)]
@@ -181,6 +186,15 @@ def _read_memory(fd: int, size: int) -> bytes:
         return bytes(view)
 
 
+def _deflate(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    remote, local = value  # ValueError / TypeError: malformed
+    if not (8 <= int(remote) <= 15 and 9 <= int(local) <= 15):  # websockets' own bounds
+        raise ValueError(f"bad deflate window bits: {value!r}")
+    return int(remote), int(local)
+
+
 def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
     try:
         start, length = state["unparsed"]
@@ -201,6 +215,7 @@ def _moved(state: dict[str, Any], blob: bytes) -> MovedConnection:
             groups=tuple(str(group) for group in state.get("groups", ())),
             mp_rooms=bool(state.get("mp_rooms", False)),
             pending_token=int(state.get("pending_token", 0)),
+            deflate=_deflate(state.get("deflate")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"a malformed connection state: {exc}") from None

@@ -69,6 +69,7 @@ SHARD_FIELDS: tuple[str, ...] = (
     "handoff_dropped",
     "health_checks",
     "rate_limited",
+    "deflate_reload_closes",
     "ring_fill",
     "ring_capacity",
     "paused_sockets",

@@ -85,6 +85,7 @@ class _Shard:
         self.select_subprotocol = lambda _protocol, _offered: None
         self.http_answerer = None  # no health path
         self.hold_upgrades = False  # no handshake handler
+        self.wire_factory = ServerWire  # no compression
         self.message_rate = None  # no rate limit
         self.connections: set[Any] = set()
 

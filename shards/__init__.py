@@ -9,7 +9,8 @@ Modules:
 
 * `wire`: one connection's bytes as a Sans-I/O object (`wire.ServerWire`): the
   upgrade, frame delimiting and the fast path for data frames, ``websockets``
-  for the rest, the connection's `wire.Phase`.  Imports only ``websockets``.
+  for the rest, the connection's `wire.Phase`; `wire.DeflateWire` adds
+  permessage-deflate (``websockets``' own extension).  Imports only ``websockets``.
 * `connection`: `connection.PeerConnection`, the asyncio protocol around a
   wire: transport, deadlines, keepalive, pausing, events to the shard.
 * `worker`: the shard process itself (`worker.Shard`, `worker.run`): rings,

@@ -9,7 +9,10 @@ needs a clock or a socket: the handshake and close deadlines, keepalive
 (`keepalive`, called by the shard's sweep), pausing reading, and credits.
 Data frames from the front are built here directly with `frame_header`
 (server frames are unmasked: a 2-10 byte header plus the payload) and
-written with one ``writelines`` per connection per batch of commands.
+written with one ``writelines`` per connection per batch of commands.  A
+connection that negotiated permessage-deflate (its wire a `DeflateWire`, the
+shard's ``compression``) deflates them instead (`_queue_deflated`, which
+replaces `queue_message` on that connection only).
 
 The server's limits apply at handshake or timer time only (nothing is added
 per message): ``max_message`` and ``max_request_bytes`` are the wire's; an
@@ -67,7 +70,7 @@ class PeerConnection(asyncio.Protocol):
         self.shard = shard
         self.transport: asyncio.Transport | None = None
         self.peer_id = 0  # assigned when the handshake completes
-        self.wire = ServerWire(
+        self.wire: ServerWire = shard.wire_factory(
             max_message=shard.max_message,
             max_request_bytes=shard.max_request_bytes,
             select_subprotocol=shard.choose_subprotocol,
@@ -248,6 +251,8 @@ class PeerConnection(asyncio.Protocol):
             self._next_ping = self.shard.first_ping_time()
             if self.shard.message_rate:
                 self._bucket = [self.shard.message_burst, self.shard.loop.time()]
+            if self.wire.deflate is not None:
+                self._deflating()
         elif kind is _ANSWERED:
             self.shard.count("health_checks")
         elif kind is _PENDING_EVENT:
@@ -288,12 +293,20 @@ class PeerConnection(asyncio.Protocol):
         self.mp_welcomed = state.mp_welcomed
         self.mp_rooms = state.mp_rooms
         if state.peer_id:
-            self.wire.resume(state.subprotocol, state.fragments, state.fragments_text)
+            self.wire.resume(
+                state.subprotocol,
+                state.fragments,
+                state.fragments_text,
+                state.deflate,
+                shard.compress_settings,
+            )
             self.peer_id = state.peer_id
             # The old process counted it against max_peers_per_address in this shard's
             # table, which the successor keeps: it is released here when it ends.
             self._address_claimed = bool(shard.max_peers_per_address)
             shard.adopt(self)
+            if state.deflate is not None:
+                self._deflating()
             for group in state.groups:
                 shard.join(self, group.encode())
             self._next_ping = shard.first_ping_time()
@@ -334,6 +347,8 @@ class PeerConnection(asyncio.Protocol):
             self.shard.paused_sockets -= 1
         if self.peer_id:
             shard = self.shard
+            if self.wire.deflate is not None:
+                shard.deflate_peers.discard(self)
             shard.count(close_field(self.wire.close_code()))
             if shard.access or shard.conn_log_level is not None:
                 self._log_departure(exc)
@@ -480,6 +495,24 @@ class PeerConnection(asyncio.Protocol):
         self._credit_bytes += size
         return True
 
+    def _deflating(self) -> None:
+        """permessage-deflate was negotiated (or moved here with the connection): what the
+        front sends is deflated (`_queue_deflated` replaces `queue_message` for this
+        connection only: the others' per-message path stays as it is), and broadcasts
+        deflate for it (`Shard.deflate_peers`)."""
+        self.queue_message = self._queue_deflated  # type: ignore[method-assign]
+        self.shard.deflate_peers.add(self)
+
+    def _queue_deflated(self, payload: bytes, text: bool) -> bool:
+        """`queue_message` for a connection with permessage-deflate: one deflated frame
+        (credited by the payload's size, as the front counts it)."""
+        if self.wire.phase is not _OPEN:
+            return False
+        self.outbox.append(self.wire.compress(payload, text))
+        self._credit_packets += 1
+        self._credit_bytes += len(payload)
+        return True
+
     def queue_frame(self, frame: bytes) -> bool:
         """Queue an already built frame (a broadcast's) for this batch."""
         if self.wire.phase is not _OPEN:
@@ -584,6 +617,18 @@ class PeerConnection(asyncio.Protocol):
             and transport.get_write_buffer_size() == 0
         )
 
+    def deflate_unmovable(self) -> bool:
+        """Open with a permessage-deflate state that cannot move to another process: a
+        zlib context kept between messages (context takeover, either way), or a compressed
+        message half received (`ServerWire.deflate_parameters`)."""
+        if self.wire.deflate is None or self.wire.phase is not _OPEN:
+            return False
+        try:
+            self.wire.deflate_parameters()
+        except ValueError:
+            return True
+        return False
+
     def handoff_state(self) -> MovedConnection:
         """Its state for the successor (`movable` must hold, its credits released)."""
         unparsed, fragments, fragments_text = self.wire.snapshot()
@@ -600,6 +645,7 @@ class PeerConnection(asyncio.Protocol):
             unparsed=unparsed,
             fragments=fragments,
             fragments_text=fragments_text,
+            deflate=self.wire.deflate_parameters(),
         )
 
     def socket_fd(self) -> int:

@@ -9,9 +9,16 @@ then on:
    connections wait in their backlog) and stops taking commands (what the
    front sends meanwhile waits in the commands ring, for the successor), after
    finishing a command that arrives in chunks;
-2. it stops reading from every connection, for good (a full events ring that
-   drains does not resume them): what arrives waits in the kernel, in the
-   socket that moves;
+2. it closes with 1012 ("service restart") every connection whose
+   permessage-deflate keeps a zlib context between messages (context
+   takeover, either way: that memory cannot move), counted in
+   ``deflate_reload_closes`` and logged; those keep reading until their close
+   handshake ends.  It stops reading from every other connection, for good (a
+   full events ring that drains does not resume them): what arrives waits in
+   the kernel, in the socket that moves.  A deflate connection without context
+   takeover moves (its parameters do, `MovedConnection.deflate`), unless a
+   compressed message is half received once reading stops: that one is failed
+   with 1012 (and counted) too;
 3. it waits until every event it has is in the ring, every byte it was to send
    is in the kernel, and every connection that was closing is gone (its
    departure reported).  What is still not settled after `SETTLE_SECONDS`
@@ -80,7 +87,8 @@ async def _hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> No
         server.close()
     reader.stop()
     await _finish_chunked_command(shard)
-    unsettled = await _settle(shard, SETTLE_SECONDS)
+    closing = _close_deflate_contexts(shard)
+    unsettled = await _settle(shard, SETTLE_SECONDS, closing)
     if unsettled:
         log.warning(
             "shard %d: %d connection(s) not settled within %g s of the handoff (unsent data "
@@ -92,7 +100,7 @@ async def _hand_off(shard: Shard, reader: RingReader, link: socket.socket) -> No
         for conn in unsettled:
             shard.count("handoff_dropped")
             conn.abort()
-        if await _settle(shard, SETTLE_SECONDS):  # their departures into the ring
+        if await _settle(shard, SETTLE_SECONDS, closing):  # their departures into the ring
             raise RuntimeError("connections cut at the handoff did not go")
     # From here on nothing awaits: no callback can read, parse or emit between the
     # snapshots and the end of this process.
@@ -128,10 +136,33 @@ async def _finish_chunked_command(shard: Shard) -> None:
         raise RuntimeError("the front did not finish a chunked command; cannot hand off")
 
 
-async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
-    """Stop reading from every connection (again: one accepted meanwhile too), then wait
-    until every event and credit is in the ring and every connection is movable or gone;
-    returns the connections still not movable after ``seconds``.
+def _close_deflate_contexts(shard: Shard) -> set[PeerConnection]:
+    """Close (1012) every open connection whose permessage-deflate state cannot move;
+    returns them (they keep reading, so that their close handshakes end)."""
+    closing = {conn for conn in shard.connections if conn.deflate_unmovable()}
+    for conn in closing:
+        shard.count("deflate_reload_closes")
+        conn.close(1012, "service restart")
+    if closing:
+        log.info(
+            "shard %d: %d connection(s) with permessage-deflate context takeover closed "
+            "(1012) for the reload: their compression state cannot move",
+            shard.index,
+            len(closing),
+        )
+    return closing
+
+
+async def _settle(
+    shard: Shard,
+    seconds: float,
+    closing: set[PeerConnection] | frozenset[PeerConnection] = frozenset(),
+) -> list[PeerConnection]:
+    """Stop reading from every connection (again: one accepted meanwhile too) but those
+    ``closing`` for the reload, then wait until every event and credit is in the ring and
+    every connection is movable or gone; returns the connections still not movable after
+    ``seconds``.  A deflate connection that cannot move once it reads no more (a
+    compressed message half received) is failed with 1012.
 
     Events are never given up: a front that does not take them (an application that
     stopped polling) is waited for, bounded only by the supervisor's handoff deadline
@@ -140,9 +171,22 @@ async def _settle(shard: Shard, seconds: float) -> list[PeerConnection]:
     deadline = time.monotonic() + seconds
     warned = False
     while True:
+        failed = 0
         for conn in shard.connections:
-            conn.stop_reading()
+            if conn not in closing:
+                conn.stop_reading()
+                if conn.deflate_unmovable():
+                    shard.count("deflate_reload_closes")
+                    conn.fail(1012, "service restart")
+                    failed += 1
             conn.release_credits()
+        if failed:
+            log.info(
+                "shard %d: %d connection(s) with permessage-deflate failed (1012) for the "
+                "reload: a compressed message was half received",
+                shard.index,
+                failed,
+            )
         shard.flush()
         pending = [conn for conn in shard.connections if not conn.movable()]
         if not pending and not shard.has_backlog:

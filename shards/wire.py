@@ -28,7 +28,10 @@ Owns:
   them, so the fast path resumes exactly at the next frame boundary;
 * UTF-8: a text message that is not UTF-8 fails the connection with 1007
   (``websockets``' Sans-I/O layer leaves that check to its asyncio layer);
-* server frame headers (`frame_header`) and the keepalive ping.
+* server frame headers (`frame_header`) and the keepalive ping;
+* permessage-deflate (RFC 7692) in `DeflateWire` only (a shard with ``compression``):
+  negotiated, inflated and deflated by ``websockets``' own extension; ``max_message``
+  holds for the inflated size.  A plain `ServerWire` runs none of it.
 
 ``websockets``' ``ServerProtocol``, kept inside, stays the authority for the
 handshake rules of any request the fast path does not take, for control
@@ -39,7 +42,8 @@ differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
 1. a close frame inside a fragmented message (Autobahn 7.1.5) is a normal close:
    the unfinished message is dropped and the close echoed (RFC 6455 5.4 lets
    control frames interleave with fragments); ``websockets`` fails with 1002;
-2. a frame whose header alone breaks RFC 6455 (reserved bits, a control frame
+2. a frame whose header alone breaks RFC 6455 (reserved bits - but RSV1 on a data
+   message's first frame once permessage-deflate is negotiated -, a control frame
    over 125 bytes or fragmented) fails the connection (1002) at its header;
    ``websockets`` waits for the payload first, which may be megabytes;
 3. text messages must be UTF-8 (1007), see above;
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 import hashlib
 import logging
 import re
@@ -65,6 +70,8 @@ from types import MappingProxyType
 from typing import Any
 
 from websockets.exceptions import NegotiationError
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import State
@@ -73,6 +80,7 @@ from websockets.server import ServerProtocol
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "DEFAULT_MAX_REQUEST_BYTES",
+    "DeflateWire",
     "PING_FRAME",
     "Event",
     "EventKind",
@@ -200,6 +208,7 @@ _OP_TEXT, _OP_BINARY, _OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OP_CLOSE, _OP_PONG = Opcode.CLOSE, Opcode.PONG
 _WS_OPEN, _WS_CONNECTING = State.OPEN, State.CONNECTING
 _TEXT_BYTE, _BINARY_BYTE = 0x81, 0x82  # FIN + opcode
+_DEFLATED_TEXT, _DEFLATED_BINARY = 0xC1, 0xC2  # FIN + RSV1 (permessage-deflate) + opcode
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 _LEN16 = struct.Struct("!BBH")
@@ -235,7 +244,8 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_LINE = MAX_LINE_LENGTH - 2  # websockets' limit counts the CRLF
 _TOO_LARGE = "Request headers too large.\n"
 _SMALL_HEADERS = {
-    first: [bytes((first, n)) for n in range(126)] for first in (_TEXT_BYTE, _BINARY_BYTE)
+    first: [bytes((first, n)) for n in range(126)]
+    for first in (_TEXT_BYTE, _BINARY_BYTE, _DEFLATED_TEXT, _DEFLATED_BINARY)
 }
 _NO_CLOSE = Close(1006, "")
 #: The logger websockets gives every server protocol (``websockets.server``), looked up once:
@@ -291,6 +301,22 @@ def _header_violation(first: int, length: int) -> str | None:
         if not first & 0x80:
             return "fragmented control frame"
     return None
+
+
+def _deflate_header_violation(deflate: PerMessageDeflate, first: int, length: int) -> str | None:
+    """`_header_violation` on a connection that negotiated permessage-deflate: RSV1 may mark
+    the first frame of a data message, which is a text or binary frame (RFC 7692 6): such a
+    frame goes to websockets, which inflates it before it judges RSV2 and RSV3 (so it says
+    why, as it would).  On a continuation frame RSV1 is refused at the header, with
+    websockets' reason (its inflater's inside a compressed message); on a control frame
+    as before."""
+    if first & 0x40:
+        opcode = first & 0x0F
+        if 0 < opcode < 3:
+            return None
+        if opcode == 0 and deflate.decode_cont_data:
+            return "RSV1 bit set in continuation frame"
+    return _header_violation(first, length)
 
 
 def _offered(head: bytes) -> list[str]:
@@ -350,7 +376,17 @@ class ServerWire:
       once: the wire waits in `Phase.PENDING` (`EventKind.PENDING`) for
       `accept_pending` (101, then `EventKind.OPENED`) or `refuse_pending` (an
       HTTP refusal); bytes that come meanwhile are kept for after the 101.
+
+    permessage-deflate is `DeflateWire`'s; on this class `deflate` stays None
+    unless a moved connection brings it (`resume`).
     """
+
+    #: The negotiated permessage-deflate extension (``websockets``' ``PerMessageDeflate``,
+    #: which inflates what websockets reads and deflates what `compress` builds); None: none.
+    deflate: PerMessageDeflate | None = None
+    # The header check of the frames the fast path leaves to websockets (deviation 2); a
+    # connection with deflate gets `_deflate_header_violation` (`_use_deflate`).
+    _check_header = staticmethod(_header_violation)
 
     def __init__(
         self,
@@ -491,7 +527,7 @@ class ServerWire:
                 continue
             # Any other frame: checked on its header, then websockets reads it.
             if length <= max_message - self._fragments_size:
-                refusal = _header_violation(first, length)
+                refusal = self._check_header(first, length)
                 if refusal is not None:
                     # websockets would wait for the payload first: fail on the header now.
                     self._fail(1002, refusal, events)
@@ -517,13 +553,17 @@ class ServerWire:
         RFC 6455 lets control frames come between fragments and wants the close
         echoed; websockets fails with 1002 ("incomplete fragmented message").  The
         unfinished message is dropped, and a fresh ``ServerProtocol`` takes the close
-        frame: in the OPEN state the open message is the only state websockets keeps
-        between frames (no extensions are negotiated), and its parser is at a frame
-        boundary here, its output already taken.
+        frame: in the OPEN state the open message and the extensions are the only state
+        websockets keeps between frames, and its parser is at a frame boundary here, its
+        output already taken.  A permessage-deflate extension moves to the fresh one (a
+        close frame is not inflated; the message it was inflating is dropped).
         """
         self._fragments = []
         self._fragments_size = 0
         self._ws = self._new_ws(_WS_OPEN)
+        if self.deflate is not None:
+            self.deflate.decode_cont_data = False
+            self._ws.extensions = [self.deflate]
 
     def _to_websockets(self, data: bytes, events: list[Event]) -> None:
         """Let websockets parse ``data`` (whole frames, or the rest of a closing stream)."""
@@ -740,6 +780,8 @@ class ServerWire:
                 return
             ws.send_response(response)
             if response.status_code == 101:
+                if ws.extensions:
+                    self._use_deflate(ws.extensions[0])
                 self._take_output(events)
                 self.request_head = request[:end]
                 self._opened(response.headers.get("Sec-WebSocket-Protocol", ""), events)
@@ -811,21 +853,68 @@ class ServerWire:
         fragments = b"".join(self._fragments) if self._fragments else None
         return unparsed, fragments, self._fragments_text
 
-    def resume(self, subprotocol: str, fragments: bytes | None, fragments_text: bool) -> None:
+    def resume(
+        self,
+        subprotocol: str,
+        fragments: bytes | None,
+        fragments_text: bool,
+        deflate: tuple[int, int] | None = None,
+        compress_settings: Mapping[str, int] | None = None,
+    ) -> None:
         """Continue an open connection another shard had (a fresh wire, in HANDSHAKE).
 
         Feed it the ``unparsed`` bytes of the `snapshot` next, with
-        `receive_data`: they start at a frame boundary.
+        `receive_data`: they start at a frame boundary.  ``deflate``: the
+        connection has permessage-deflate without context takeover either way
+        (`deflate_parameters`), re-created here with ``compress_settings``.
         """
         self._move(_RESUME)
         self.subprotocol = subprotocol
         self._ws = self._new_ws(_WS_OPEN)
+        if deflate is not None:
+            remote_bits, local_bits = deflate
+            settings = dict(compress_settings or {})
+            self._use_deflate(PerMessageDeflate(True, True, remote_bits, local_bits, settings))
         if fragments is not None:
             self._fragments = [fragments]
             self._fragments_size = len(fragments)
             self._fragments_text = fragments_text
             # websockets checks continuation frames against its own running size.
             self._ws.current_size = len(fragments)
+
+    def deflate_parameters(self) -> tuple[int, int] | None:
+        """What a successor needs to re-create this connection's permessage-deflate:
+        ``(client's window bits, server's window bits)``; None without deflate.
+
+        ValueError when the extension cannot move: it keeps a zlib context
+        between messages (context takeover, either way), or a compressed
+        message is half received (its inflater holds the message so far).
+        """
+        deflate = self.deflate
+        if deflate is None:
+            return None
+        if not (deflate.remote_no_context_takeover and deflate.local_no_context_takeover):
+            raise ValueError("permessage-deflate with context takeover cannot move")
+        if deflate.decode_cont_data:
+            raise ValueError("a compressed message is half received")
+        return deflate.remote_max_window_bits, deflate.local_max_window_bits
+
+    def _use_deflate(self, extension: Any) -> None:
+        """permessage-deflate was negotiated (or moved here): RSV1 may mark a data frame."""
+        assert self._ws is not None and isinstance(extension, PerMessageDeflate)
+        self.deflate = extension
+        self._ws.extensions = [extension]
+        # A partial of the extension, not a bound method: no reference cycle through the wire.
+        self._check_header = functools.partial(_deflate_header_violation, extension)  # type: ignore[method-assign]
+
+    def compress(self, payload: bytes, text: bool) -> bytes:
+        """A whole data frame for ``payload``, deflated (RSV1 set) by the negotiated
+        extension (`deflate` must be set).  With context takeover the extension's zlib
+        stream goes on from the last message: frames must be sent in the order built."""
+        deflate = self.deflate
+        assert deflate is not None
+        data = deflate.encode(Frame(_OP_TEXT if text else _OP_BINARY, payload)).data
+        return frame_header(_DEFLATED_TEXT if text else _DEFLATED_BINARY, len(data)) + data
 
     def accept_pending(
         self, protocol: str | None = None, headers: Sequence[tuple[str, str]] = ()
@@ -859,6 +948,8 @@ class ServerWire:
             chosen = response.headers.get("Sec-WebSocket-Protocol", "")
             assert self._ws is not None
             self._ws.send_response(response)
+            if self._ws.extensions:
+                self._use_deflate(self._ws.extensions[0])
             self._take_output(events)
         self._opened(chosen, events)
         rest, self._partial = self._partial, b""
@@ -939,3 +1030,34 @@ class ServerWire:
         if self.phase is _OPEN:
             self._out.append(PING_FRAME)
             self.wants_write = True
+
+
+class DeflateWire(ServerWire):
+    """A `ServerWire` that negotiates permessage-deflate (RFC 7692) with clients offering it.
+
+    ``extensions``: websockets' ``ServerPerMessageDeflateFactory`` (its parameters are
+    the server's).  An upgrade request with ``Sec-WebSocket-Extensions`` goes whole to
+    websockets' handshake, which negotiates (or, for a malformed header, refuses with
+    400); one without it takes the fast upgrade, as on a `ServerWire`, and its connection
+    has no extension.  Once negotiated, a frame with RSV1 (a compressed message) leaves
+    the fast path for websockets, which inflates it, checking ``max_message`` against
+    the inflated size (whole or fragmented: no zip bombs, 1009); `compress` deflates what
+    the server sends.
+    """
+
+    def __init__(self, *, extensions: Sequence[ServerExtensionFactory], **options: Any) -> None:
+        super().__init__(**options)
+        self._extensions = extensions  # the shard's one list, shared by its connections
+
+    def _plain_request(self, head: bytes) -> tuple[str, list[str], bytes] | None:
+        # A conservative test (a header value naming it also goes to websockets, which is
+        # always right): the fast upgrade answers without extensions.
+        if b"sec-websocket-extensions" in head.lower():
+            return None
+        return super()._plain_request(head)
+
+    def _new_ws(self, state: State) -> ServerProtocol:
+        ws = super()._new_ws(state)
+        if state is _WS_CONNECTING:
+            ws.available_extensions = self._extensions
+        return ws

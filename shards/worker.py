@@ -26,6 +26,11 @@ A full events ring is backpressure, never loss: the shard keeps the records
 it could not push, stops reading from every socket, and resumes once the
 front has made room.
 
+With ``compression`` each connection's wire is a `DeflateWire` (a plain
+`ServerWire` otherwise): peers that negotiate permessage-deflate get what is
+sent to them deflated, broadcasts included (`_broadcast_mixed`, only while the
+shard has such a peer); the relay's frames stay uncompressed.
+
 Limits (the `Limits` of its `ShardConfig`, see ``WebSocketServer``) cost
 nothing per message: the handshake checks them (`admit`, `origin_allowed`,
 ``max_request_bytes``), and keepalive is one timer per shard that sweeps every
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -48,6 +54,7 @@ from typing import Any
 
 import uvloop
 from websockets.exceptions import NegotiationError
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
 from wsfleet.ipc import Consumer, Producer, Record, ShardState, SharedRing, control
 from wsfleet.ipc import messages as m
@@ -63,6 +70,7 @@ from wsfleet.ipc.tls import TlsError, server_context
 
 from .connection import PeerConnection, frame_header
 from .handoff import hand_off, take_over
+from .wire import DeflateWire, Phase, ServerWire
 
 log = logging.getLogger("wsfleet.shard")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -78,6 +86,7 @@ GRACEFUL_CLOSE_SECONDS = 2.0
 #: Bounds of the keepalive sweep's period (1/16 of the shorter of interval and timeout):
 #: an idle sweep costs ~0.2 us per connection, a ping ~5 us (its write).
 _SWEEP_MIN_SECONDS, _SWEEP_MAX_SECONDS = 0.05, 1.0
+_OPEN = Phase.OPEN
 
 
 class Shard:
@@ -118,6 +127,27 @@ class Shard:
             limits.message_burst or max(1, math.ceil(limits.max_message_rate or 0))
         )
         self.health_header = [("X-Wsfleet-Shard", str(self.index))]
+        #: zlib's settings for what the server deflates (permessage-deflate).
+        self.compress_settings = {
+            "memLevel": limits.compression_mem_level,
+            "level": limits.compression_level,
+        }
+        #: What each connection's wire is made by: a `DeflateWire` (negotiating
+        #: permessage-deflate) only with ``compression``, else the plain `ServerWire`.
+        self.wire_factory: Any = ServerWire
+        if limits.compression:
+            no_takeover = not limits.compression_context_takeover
+            factory = ServerPerMessageDeflateFactory(
+                server_no_context_takeover=no_takeover,
+                client_no_context_takeover=no_takeover,
+                server_max_window_bits=limits.compression_window_bits,
+                client_max_window_bits=limits.compression_window_bits,
+                compress_settings=self.compress_settings,
+            )
+            self.wire_factory = functools.partial(DeflateWire, extensions=[factory])
+        #: The open peers that negotiated permessage-deflate: a broadcast deflates for them
+        #: (`_broadcast_mixed`); while there is none it is the plain loop over one frame.
+        self.deflate_peers: set[PeerConnection] = set()
         #: What each connection's wire calls for a plain HTTP request: bound once here, not
         #: per connection (None: no health path, every one gets 426).
         self.http_answerer = self.answer_http if self.health_path else None
@@ -632,12 +662,19 @@ class Shard:
                 if flags & m.FLAG_GROUP:
                     group, excluded, message = m.decode_group_broadcast(payload)
                     frame = frame_header(first, len(message)) + message
+                    if self.deflate_peers:
+                        members = self.groups.get(group, ())
+                        self._broadcast_mixed(members, excluded, frame, message, first)
+                        continue
                     for conn in self.groups.get(group, ()):
                         if conn.peer_id not in excluded:
                             self._queue_frame(conn, frame)
                 else:
                     excluded, message = m.decode_broadcast(payload)
                     frame = frame_header(first, len(message)) + message
+                    if self.deflate_peers:
+                        self._broadcast_mixed(peers.values(), excluded, frame, message, first)
+                        continue
                     for conn_id, conn in peers.items():
                         if conn_id not in excluded:
                             self._queue_frame(conn, frame)
@@ -664,6 +701,38 @@ class Shard:
                 else:
                     log.error("shard %d: unknown command kind %d", self.index, kind)
         self._write_touched()
+
+    def _broadcast_mixed(
+        self,
+        conns: Any,
+        excluded: Any,
+        frame: bytes,
+        message: bytes,
+        first: int,
+    ) -> None:
+        """A broadcast while some peers of this shard use permessage-deflate: the others get
+        the one prebuilt ``frame``; a deflate peer gets the message deflated, by its own
+        zlib stream when it has context takeover, else from one deflation per broadcast
+        shared by every such peer with the same window (a fresh context per message gives
+        the same bytes for all of them)."""
+        text = first == 0x81
+        shared: dict[int, bytes] = {}
+        for conn in conns:
+            if conn.peer_id in excluded:
+                continue
+            deflate = conn.wire.deflate
+            if deflate is None:
+                self._queue_frame(conn, frame)
+            elif conn.wire.phase is not _OPEN:
+                continue
+            elif deflate.local_no_context_takeover:
+                bits = deflate.local_max_window_bits
+                deflated = shared.get(bits)
+                if deflated is None:
+                    deflated = shared[bits] = conn.wire.compress(message, text)
+                self._queue_frame(conn, deflated)
+            else:
+                self._queue_frame(conn, conn.wire.compress(message, text))
 
     # -- counters -------------------------------------------------------------------------
 

@@ -78,6 +78,10 @@ class FleetCollector(Collector):
             ("handoff_dropped", "Connections cut at a reload: not settled in time."),
             ("health_checks", "Plain GETs of the health path answered on the WebSocket port."),
             ("rate_limited", "Peers closed (1008) for sending over max_message_rate."),
+            (
+                "deflate_reload_closes",
+                "Compressing peers closed (1012) at a reload: their zlib context cannot move.",
+            ),
         ):
             yield family(CounterMetricFamily, f"wsfleet_{field}", text, field)
         closes = CounterMetricFamily(

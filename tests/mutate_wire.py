@@ -31,9 +31,11 @@ WIRE = ROOT / "shards" / "wire.py"
 #: Fast ones first: a mutant is usually killed within seconds.
 TESTS = [
     "tests/test_wire_phases.py",
+    "tests/test_wire_deflate.py",
     "tests/test_conformance.py",
     "tests/test_wire_differential.py",
     "tests/test_shard_frames.py",
+    "tests/test_wire_deflate_differential.py",
 ]
 #: The package layout pyproject.toml installs: import name -> folder of the repository.
 LAYOUT = {
@@ -169,6 +171,33 @@ MUTANTS = [
         "control frame length limit off by one",
         "        if length > 125:",
         "        if length > 126:",
+    ),
+    # permessage-deflate (DeflateWire).
+    Mutant(
+        "deflate: RSV1 accepted on a continuation frame",
+        "        if 0 < opcode < 3:\n            return None",
+        "        if opcode < 3:\n            return None",
+    ),
+    Mutant(
+        "deflate: RSV1 accepted without the extension",
+        "    _check_header = staticmethod(_header_violation)",
+        "    _check_header = staticmethod("
+        "lambda f, n: None if f & 0x40 else _header_violation(f, n))",
+    ),
+    Mutant(
+        "deflate: an offer takes the fast upgrade (never negotiated)",
+        'if b"sec-websocket-extensions" in head.lower():',
+        "if False:",
+    ),
+    Mutant(
+        "deflate: a half-received compressed message may move",
+        "        if deflate.decode_cont_data:\n            raise",
+        "        if False:\n            raise",
+    ),
+    Mutant(
+        "deflate: deflated frames sent without RSV1",
+        "frame_header(_DEFLATED_TEXT if text else _DEFLATED_BINARY, len(data))",
+        "frame_header(_TEXT_BYTE if text else _BINARY_BYTE, len(data))",
     ),
 ]
 

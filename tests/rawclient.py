@@ -17,11 +17,14 @@ import struct
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def client_frame(payload: bytes, opcode: int = OP_BINARY, *, fin: bool = True) -> bytes:
-    """One masked client frame (``fin`` False: a fragment that more frames continue)."""
+def client_frame(
+    payload: bytes, opcode: int = OP_BINARY, *, fin: bool = True, rsv: int = 0
+) -> bytes:
+    """One masked client frame (``fin`` False: a fragment that more frames continue; ``rsv``:
+    reserved bits of the first byte, 0x40 for a permessage-deflate message)."""
     mask = os.urandom(4)
     size = len(payload)
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | rsv | opcode
     if size < 126:
         header = struct.pack("!BB", first, 0x80 | size)
     elif size < 1 << 16:
@@ -37,9 +40,19 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY, *, fin: bool = True) -
 
 
 class RawClient:
-    """One connection to ``host:port``; ``rcvbuf`` shrinks the receive buffer before connecting."""
+    """One connection to ``host:port``; ``rcvbuf`` shrinks the receive buffer before connecting,
+    ``headers`` are extra request header lines (each ending in CRLF); ``response_head`` is
+    the 101's head."""
 
-    def __init__(self, host: str, port: int, *, rcvbuf: int | None = None, timeout: float = 10):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        rcvbuf: int | None = None,
+        timeout: float = 10,
+        headers: str = "",
+    ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if rcvbuf is not None:
@@ -50,12 +63,14 @@ class RawClient:
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{headers}\r\n"
         )
         self.sock.sendall(request.encode())
         while b"\r\n\r\n" not in self._buffer:
             self._fill()
         head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        self.response_head = head
         if not head.startswith(b"HTTP/1.1 101"):
             raise ConnectionError(f"no upgrade: {head[:80]!r}")
 
@@ -79,6 +94,11 @@ class RawClient:
 
     def recv_frame(self) -> tuple[int, bytes]:
         """The next frame from the server: (opcode, payload). Fragments are not joined."""
+        opcode, payload, _rsv = self.recv_frame_rsv()
+        return opcode, payload
+
+    def recv_frame_rsv(self) -> tuple[int, bytes, int]:
+        """`recv_frame` with the frame's reserved bits (``first byte & 0x70``)."""
         first, second = self._take(2)
         size = second & 0x7F
         if size == 126:
@@ -87,7 +107,7 @@ class RawClient:
             size = struct.unpack("!Q", self._take(8))[0]
         if second & 0x80:
             raise ConnectionError("the server masked a frame")
-        return first & 0x0F, self._take(size)
+        return first & 0x0F, self._take(size), first & 0x70
 
     def read_until_close(self) -> tuple[list[tuple[int, bytes]], int | None]:
         """Every data frame up to the server's close frame (answered), and its code.

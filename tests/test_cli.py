@@ -190,6 +190,18 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--allowed-origins", "https://game.example:port"],
     ],
     "--require-origin": [["--require-origin"], ["--require-origin=1"]],
+    "--compression": [["--compression=yes"]],
+    "--compression-no-context-takeover": [["--compression-no-context-takeover=1"]],
+    "--compression-window-bits": [
+        ["--compression-window-bits", "8"],
+        ["--compression-window-bits", "16"],
+        ["--compression-window-bits", "x"],
+    ],
+    "--compression-mem-level": [
+        ["--compression-mem-level", "0"],
+        ["--compression-mem-level", "10"],
+    ],
+    "--compression-level": [["--compression-level", "-1"], ["--compression-level", "10"]],
     "--ping-interval": [
         ["--ping-interval", "-1"],
         ["--ping-interval", "x"],

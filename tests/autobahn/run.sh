@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Autobahn|Testsuite (fuzzingclient) against `wsfleet serve`'s echo, no compression.
+# Autobahn|Testsuite (fuzzingclient) against `wsfleet serve`'s echo: without compression, or
+# the permessage-deflate cases (12.*, 13.*) against `wsfleet serve --compression`.
 #
-# usage: tests/autobahn/run.sh [--autobahn DIR] [--outdir DIR] [--9-limit SECONDS] [CASES]
+# usage: tests/autobahn/run.sh [--autobahn DIR] [--outdir DIR] [--9-limit SECONDS]
+#                              [--compression] [--compression-limit SECONDS] [CASES]
 #   --autobahn DIR   the Autobahn wrapper, set up (its setup.sh run): the directory of its
 #                    `run.sh [-q] [--no-compression] [--agent A] [--outdir D] [--timeout S]
 #                    HOST PORT CASES` (default: $AUTOBAHN_DIR; one of the two is required)
 #   --outdir DIR     where the reports go (default: a new temporary directory, printed)
 #   --9-limit S      the 9.* run must finish within S seconds, else this fails
 #                    (default: $AUTOBAHN_9_LIMIT_S or 480, issue 10's 8 minutes)
+#   --compression    start the server with --compression and run the permessage-deflate
+#                    cases: "12.*" then "13.*" (or CASES, one run), each within the limit below
+#   --compression-limit S  each of those runs must finish within S seconds, else this fails
+#                    (default: $AUTOBAHN_COMPRESSION_LIMIT_S or 480, issue 13's 8 minutes;
+#                    docs/CONFORMANCE.md: the suite's own client needs ~7 min for each here)
 #   CASES            one comma-separated pattern list to run instead of the two default runs
 #                    "1.*,2.*,3.*,4.*,5.*,6.*,7.*,10.*" then "9.*" (messages up to 16 MiB)
 # Environment: WSFLEET (the wsfleet command; default: .venv/bin/wsfleet of this checkout
 # if present, else `wsfleet` on PATH), WSFLEET_SHARDS (--shards; default: wsfleet's).
 #
-# Starts `wsfleet serve --max-message-size 16777216` on a free 127.0.0.1 port, runs the
+# Starts `wsfleet serve --max-message-size 16777216` (and --compression) on a free 127.0.0.1 port, runs the
 # cases, stops the server (by pid; its process group if it does not stop) whatever happens,
 # and exits 0 only when no case FAILED and 9.* kept within its limit (1: a FAILED case or
 # too slow; 2: usage or setup; 3: the server or the suite did not run to the end, as when
@@ -25,11 +32,14 @@ REPO=$(cd "$HERE/../.." && pwd)
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 autobahn=${AUTOBAHN_DIR:-} outdir= limit9=${AUTOBAHN_9_LIMIT_S:-480} cases=
+compression= limit_deflate=${AUTOBAHN_COMPRESSION_LIMIT_S:-480}
 while [ $# -gt 0 ]; do
   case "$1" in
     --autobahn) autobahn=$2; shift 2 ;;
     --outdir) outdir=$2; shift 2 ;;
     --9-limit) limit9=$2; shift 2 ;;
+    --compression) compression=1; shift ;;
+    --compression-limit) limit_deflate=$2; shift 2 ;;
     -h|--help) usage ;;
     -*) echo "autobahn: unknown option $1" >&2; usage ;;
     *) [ -z "$cases" ] || usage; cases=$1; shift ;;
@@ -38,6 +48,8 @@ done
 [ -n "$autobahn" ] || { echo "autobahn: give --autobahn DIR or AUTOBAHN_DIR" >&2; exit 2; }
 [ -x "$autobahn/run.sh" ] || { echo "autobahn: no executable $autobahn/run.sh" >&2; exit 2; }
 [[ "$limit9" =~ ^[0-9]+$ ]] || { echo "autobahn: bad --9-limit '$limit9'" >&2; exit 2; }
+[[ "$limit_deflate" =~ ^[0-9]+$ ]] ||
+  { echo "autobahn: bad --compression-limit '$limit_deflate'" >&2; exit 2; }
 
 if [ -z "${WSFLEET:-}" ]; then
   if [ -x "$REPO/.venv/bin/wsfleet" ]; then WSFLEET=$REPO/.venv/bin/wsfleet; else WSFLEET=wsfleet; fi
@@ -51,13 +63,15 @@ outdir=$(cd "$outdir" && pwd)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 shards=()
 [ -z "${WSFLEET_SHARDS:-}" ] || shards=(--shards "$WSFLEET_SHARDS")
+serve_compression=() suite_compression=(--no-compression)
+[ -z "$compression" ] || { serve_compression=(--compression); suite_compression=(); }
 
 check=autobahn
 . "$REPO/tests/stop_server.sh"  # stop_server on exit, whatever happens
 
 # Its own session (setsid): the group id is its pid, so a stuck server's shards go with it.
 setsid "$WSFLEET" serve --port "$port" --bind 127.0.0.1 --max-message-size 16777216 \
-  "${shards[@]}" --quiet >"$outdir/server.log" 2>&1 &
+  "${shards[@]}" "${serve_compression[@]}" --quiet >"$outdir/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 300); do
   kill -0 "$server_pid" 2>/dev/null ||
@@ -79,7 +93,7 @@ run_cases() {
   [ "$limit" -eq 0 ] || kill_after=$(( limit + 60 ))
   started=$(date +%s)
   set +e
-  "$autobahn/run.sh" -q --no-compression --agent wsfleet --outdir "$outdir/$name" \
+  "$autobahn/run.sh" -q "${suite_compression[@]}" --agent wsfleet --outdir "$outdir/$name" \
     --timeout "$kill_after" 127.0.0.1 "$port" "$patterns"
   rc=$?
   set -e
@@ -94,7 +108,12 @@ run_cases() {
     { echo "autobahn: FAIL: the server died during [$patterns]" >&2; worse 3; }
 }
 
-if [ -n "$cases" ]; then
+if [ -n "$compression" ] && [ -n "$cases" ]; then
+  run_cases deflate "$cases" "$limit_deflate"
+elif [ -n "$compression" ]; then
+  run_cases deflate12 "12.*" "$limit_deflate"
+  run_cases deflate13 "13.*" "$limit_deflate"
+elif [ -n "$cases" ]; then
   run_cases custom "$cases" 0
 else
   run_cases core "1.*,2.*,3.*,4.*,5.*,6.*,7.*,10.*" 0

@@ -1,6 +1,9 @@
 // A headless Chromium as a WebSocket client of a wsfleet echo server (run.sh starts one).
 //
-// usage: node check.mjs ws://HOST:PORT [--step-timeout MS]
+// usage: node check.mjs ws://HOST:PORT [--step-timeout MS] [--compression]
+//   --compression  the server negotiates permessage-deflate: the extension step expects
+//                  ws.extensions to name it (without: expects no extension, though
+//                  Chromium always offers it)
 // Environment: CHROMIUM (the browser binary; default /usr/bin/chromium, Debian's).
 //
 // Each step runs in the page (about:blank) on a connection of its own, so that one failed
@@ -12,8 +15,10 @@ import { chromium } from 'playwright-core';
 const args = process.argv.slice(2);
 let url = null;
 let stepTimeout = 10000;
+let compression = false;
 for (let i = 0; i < args.length; i++) {
   if (args[i] === '--step-timeout') stepTimeout = Number(args[++i]);
+  else if (args[i] === '--compression') compression = true;
   else if (!url && /^wss?:\/\//.test(args[i])) url = args[i];
   else {
     console.error(`check.mjs: unexpected argument ${args[i]}`);
@@ -21,13 +26,38 @@ for (let i = 0; i < args.length; i++) {
   }
 }
 if (!url || !(stepTimeout > 0)) {
-  console.error('usage: node check.mjs ws://HOST:PORT [--step-timeout MS]');
+  console.error('usage: node check.mjs ws://HOST:PORT [--step-timeout MS] [--compression]');
   process.exit(2);
 }
 
-// The steps, as page functions: each gets {url, timeout} and resolves to {ok, detail}.
-// Everything they need is defined inside them (they are serialized into the page).
+// The steps, as page functions: each gets {url, timeout, compression} and resolves to
+// {ok, detail}. Everything they need is defined inside them (they are serialized into the page).
 const STEPS = [
+  [
+    'permessage-deflate negotiated as the server is configured, a compressible echo',
+    async ({ url, timeout, compression }) => {
+      const ws = new WebSocket(url);
+      try {
+        const message = 'a compressible message, '.repeat(2000);
+        const reply = await new Promise((resolve, reject) => {
+          const timer = setTimeout(() => reject(new Error(`no echo within ${timeout} ms`)), timeout);
+          ws.onopen = () => ws.send(message);
+          ws.onmessage = (e) => { clearTimeout(timer); resolve(e.data); };
+          ws.onclose = (e) => { clearTimeout(timer); reject(new Error(`closed ${e.code} "${e.reason}" before the echo`)); };
+        });
+        const negotiated = ws.extensions;
+        const deflate = negotiated.startsWith('permessage-deflate');
+        if (deflate !== compression) {
+          return { ok: false, detail: `ws.extensions is ${JSON.stringify(negotiated)}, expected ${compression ? 'permessage-deflate' : 'none'}` };
+        }
+        if (reply !== message) return { ok: false, detail: `the echo differs (${String(reply).length} chars)` };
+        return { ok: true, detail: `ws.extensions ${JSON.stringify(negotiated)}, ${message.length} chars back` };
+      } finally {
+        ws.onclose = null;
+        ws.close();
+      }
+    },
+  ],
   [
     '1 MiB binary echoed byte for byte',
     async ({ url, timeout }) => {
@@ -165,7 +195,7 @@ try {
     let result;
     try {
       result = await Promise.race([
-        page.evaluate(step, { url, timeout: stepTimeout }),
+        page.evaluate(step, { url, timeout: stepTimeout, compression }),
         deadline(stepTimeout + 5000, name),
       ]);
     } catch (err) {

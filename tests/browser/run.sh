@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Headless Chromium against `wsfleet serve`'s echo: check.mjs's steps (1 MiB binary,
-# empty messages, a 200-message burst, close 4000 "bye"), each reported PASS or FAIL.
+# Headless Chromium against `wsfleet serve`'s echo: check.mjs's steps (the negotiated
+# extension, 1 MiB binary, empty messages, a 200-message burst, close 4000 "bye"), each
+# reported PASS or FAIL.
 #
-# usage: tests/browser/run.sh [--url ws://HOST:PORT]
-#   --url URL   check a server that is already running instead of starting one
+# usage: tests/browser/run.sh [--url ws://HOST:PORT] [--compression]
+#   --url URL      check a server that is already running instead of starting one
+#   --compression  start it with --compression (with --url: say that it has it): the
+#                  browser must negotiate permessage-deflate, and every step runs compressed
 # Without --url: starts `wsfleet serve --max-message-size 16777216` on a free 127.0.0.1
 # port and stops it (by pid; its process group if it does not stop) whatever happens.
 # Environment: WSFLEET (the wsfleet command; default: .venv/bin/wsfleet of this checkout
@@ -18,10 +21,11 @@ REPO=$(cd "$HERE/../.." && pwd)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
-url=
+url= compression=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --url) url=$2; shift 2 ;;
+    --compression) compression=(--compression); shift ;;
     -h|--help) usage ;;
     *) echo "browser: unexpected argument $1" >&2; usage ;;
   esac
@@ -47,7 +51,7 @@ if [ -z "$url" ]; then
   log=$(mktemp "${TMPDIR:-/tmp}/wsfleet-browser.XXXXXX.log")
   # Its own session (setsid): the group id is its pid, so a stuck server's shards go with it.
   setsid "$WSFLEET" serve --port "$port" --bind 127.0.0.1 --max-message-size 16777216 \
-    --quiet >"$log" 2>&1 &
+    "${compression[@]}" --quiet >"$log" 2>&1 &
   server_pid=$!
   for _ in $(seq 300); do
     kill -0 "$server_pid" 2>/dev/null ||
@@ -63,7 +67,7 @@ if [ -z "$url" ]; then
 fi
 
 set +e
-CHROMIUM=$chromium timeout -k 5 120 node "$HERE/check.mjs" "$url"
+CHROMIUM=$chromium timeout -k 5 120 node "$HERE/check.mjs" "$url" "${compression[@]}"
 rc=$?
 set -e
 [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || { echo "browser: FAIL: the check did not end within 120 s" >&2; rc=1; }
