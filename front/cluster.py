@@ -178,6 +178,7 @@ class RemoteNode:
         "requested_at",
         "heartbeat_seq",
         "behind_since",
+        "partial",
         "messages_in",
         "bytes_in",
         "messages_out",
@@ -196,6 +197,8 @@ class RemoteNode:
         self.requested_at = 0.0
         self.heartbeat_seq = 0
         self.behind_since: float | None = None
+        #: The parts of a snapshot that comes in several: (its sequence, peers so far).
+        self.partial: tuple[int, list[tuple[int, str, int, str]]] | None = None
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
 
 
@@ -451,7 +454,7 @@ class Cluster:
             return
         for node in self.nodes.values():
             self._request_snapshot(node, time.monotonic())
-            self._queue_record(node.name, self._snapshot_record())
+            self._queue_snapshot(node.name)
 
     def _message(self, arrived: float, data: bytes) -> None:
         counters = self.counters
@@ -574,10 +577,17 @@ class Cluster:
                 else:
                     counters["mp_unknown_sender"] += 1
             elif kind == w.R_SNAPSHOT_REQUEST:
-                self._queue_record(node.name, self._snapshot_record())
+                self._queue_snapshot(node.name)
             elif kind == w.R_SNAPSHOT:
                 seq, peers = w.decode_snapshot(payload)
-                self._apply_snapshot(node, seq, peers)
+                if node.partial is not None and node.partial[0] != seq:
+                    node.partial = None  # the rest of an older one was lost on the way
+                if node.partial is None:
+                    node.partial = (seq, [])
+                node.partial[1].extend(peers)
+                if not flags & w.FLAG_MORE:
+                    self._apply_snapshot(node, seq, node.partial[1])
+                    node.partial = None
             else:
                 counters["unknown_records"] += 1
 
@@ -600,9 +610,24 @@ class Cluster:
         node.behind_since = None
         self._queue_record(node.name, w.encode_record(w.R_SNAPSHOT_REQUEST, 0, 0, b""))
 
-    def _snapshot_record(self) -> bytes:
+    def _queue_snapshot(self, name: str) -> None:
+        """Every local peer for node ``name``: records of at most half a NATS message each
+        (a large snapshot in parts, ``FLAG_MORE`` on all but the last)."""
         peers = self._delivery.local_peers()
-        return w.encode_record(w.R_SNAPSHOT, 0, 0, w.encode_snapshot(self._seq, peers))
+        budget = max(256, self._max_record() // 2)
+        parts: list[list[tuple[int, str, int, str]]] = [[]]
+        size = 0
+        for entry in peers:
+            cost = w.ENTRY_SIZE + len(entry[1]) + len(entry[3])
+            if parts[-1] and size + cost > budget:
+                parts.append([])
+                size = 0
+            parts[-1].append(entry)
+            size += cost
+        for index, part in enumerate(parts):
+            flags = w.FLAG_MORE if index < len(parts) - 1 else 0
+            body = w.encode_snapshot(self._seq, part)
+            self._queue_record(name, w.encode_record(w.R_SNAPSHOT, flags, 0, body))
 
     def _apply_snapshot(
         self, node: RemoteNode, seq: int, peers: list[tuple[int, str, int, str]]
@@ -798,6 +823,9 @@ class Cluster:
             return self._refuse_down("a multiplayer frame for another node")
         if self._link.backlog > MAX_BACKLOG:
             return self._refuse_backlog("a multiplayer frame for another node")
+        if len(frame) > self._max_record():
+            self.counters["sends_refused_too_large"] += 1
+            return Error.ERR_OUT_OF_MEMORY
         record = w.encode_record(w.R_MP_FRAME, 0, sender, frame)
         for name in (node,) if node is not None else tuple(self.nodes):
             self._queue_record(name, record)

@@ -66,7 +66,8 @@ R_JOIN = 5
 R_LEAVE = 6
 #: Send me every peer you hold (a `R_SNAPSHOT` answers, in the same ordered stream).
 R_SNAPSHOT_REQUEST = 7
-#: Every peer the sender holds now: payload `encode_snapshot`.
+#: Every peer the sender holds now: payload `encode_snapshot`.  A large snapshot comes in
+#: parts (records in a row, one view sequence), each but the last with flags `FLAG_MORE`.
 R_SNAPSHOT = 8
 
 #: Multiplayer mode (``gd_mp_api``): a client frame (payload: the whole frame, 9-byte header
@@ -75,6 +76,10 @@ R_SNAPSHOT = 8
 R_MP_FRAME = 9
 
 FLAG_TEXT = 1
+#: R_SNAPSHOT: more parts of this snapshot follow.
+FLAG_MORE = 2
+#: Bytes of one snapshot entry beyond its address and protocol.
+ENTRY_SIZE = 8
 
 _HEADER = struct.Struct("<2sBBHQB")
 _RECORD = struct.Struct("<BBiI")

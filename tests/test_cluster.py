@@ -489,6 +489,45 @@ def test_nats_over_tls_with_a_private_ca(tmp_path: Path) -> None:
         nats.kill()
 
 
+@pytest.mark.timeout(150)
+def test_small_max_payload_snapshots_and_batches_in_parts(tmp_path: Path) -> None:
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 4096\n")
+    nats = NatsServer(tmp_path / "small", None, "-c", str(conf)).start()
+    first = start_node(nats, "big")
+    later: ServeProcess | None = None
+    try:
+        first.wait_up(30)
+
+        async def body() -> None:
+            nonlocal later
+            crowd = await asyncio.gather(*(Client.open(first.port) for _ in range(250)))
+            later = start_node(nats, "late")  # asks "big" for a snapshot: ~7 KB of peers
+            later.wait_up(30)
+            newcomer = await Client.open(later.port)
+            ids = {c.id for c in crowd} | {newcomer.id}
+            await wait_view(newcomer, ids)
+            status = await newcomer.status()
+            assert status["bad_messages"] == 0 and status["publish_failed"] == 0
+            # Ten 3,000-byte packets in one poll: several NATS messages, all delivered.
+            assert await crowd[0].ask(f"flood {newcomer.id} 10 3000") == "sent 0"
+            async with asyncio.timeout(WAIT):
+                while len(newcomer.binary) < 10:
+                    await asyncio.sleep(0.05)
+            assert newcomer.binary == [bytes(3000)] * 10
+            # One larger than a NATS message carries: refused, counted.
+            assert await crowd[0].ask(f"flood {newcomer.id} 1 5000") == f"sent {ERR_OUT_OF_MEMORY}"
+            assert (await crowd[0].status())["sends_refused_too_large"] == 1
+            await asyncio.gather(*(c.close() for c in (*crowd, newcomer)))
+
+        asyncio.run(body())
+    finally:
+        first.end()
+        if later is not None:
+            later.end()
+        nats.kill()
+
+
 @pytest.mark.timeout(120)
 def test_credentials_in_the_url_work_and_stay_out_of_logs(tmp_path: Path) -> None:
     nats = NatsServer(tmp_path / "auth", None, "--user", "wsf", "--pass", "s3cr3t-pw").start()
