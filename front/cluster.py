@@ -376,11 +376,12 @@ class Cluster:
 
     def drain(self) -> int:
         """Handle what came from NATS (inside ``poll``); how many items."""
-        try:
-            os.eventfd_read(self._fd)
-        except (BlockingIOError, OSError):
-            pass
         queue = self._queue
+        if queue:  # the link appends, then rings: a ring without an item cannot be
+            try:
+                os.eventfd_read(self._fd)
+            except (BlockingIOError, OSError):
+                pass
         count = 0
         while queue:
             item = queue.popleft()

@@ -712,6 +712,43 @@ def test_nats_restart_traffic_resumes_and_nothing_stale(nats: NatsServer) -> Non
             node.end()
 
 
+@pytest.mark.timeout(150)
+def test_a_nats_outage_longer_than_the_lease_rebuilds_the_cluster(nats: NatsServer) -> None:
+    """Down for longer than the dead bound and the lease's TTL: each node drops the other
+    (this node lost NATS), takes its slot again when NATS is back, and both views refill."""
+    nodes = [start_node(nats, "n1"), start_node(nats, "n2")]
+    try:
+        for node in nodes:
+            node.wait_up(30)
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            await wait_view(a, {a.id, b.id})
+            nats.kill()
+            await wait_view(a, {a.id})  # b's node is silent: gone
+            await wait_view(b, {b.id})
+            await asyncio.sleep(11)  # past the slot lease's 10 s TTL
+            nats.start()
+            await wait_view(a, {a.id, b.id})
+            await wait_view(b, {a.id, b.id})
+            assert await b.ask(f"send {a.id} after-the-outage") == "sent 0"
+            await a.until("after-the-outage")
+            for client in (a, b):
+                status = await client.status()
+                assert status["state"] == "member" and status["slot"] == m.slot_of(client.id)
+            await a.close()
+            await b.close()
+
+        asyncio.run(body())
+        for node in nodes:
+            node.wait_for(r"left \(silent for 3 s: this node lost NATS\)")
+            assert not any("stays out of the cluster" in line for line in node.lines)
+    finally:
+        for node in nodes:
+            node.end()
+
+
 @pytest.mark.timeout(120)
 def test_a_node_that_cannot_reach_nats_serves_its_own_then_joins(tmp_path: Path) -> None:
     nats = NatsServer(tmp_path / "late")  # not started yet: nothing listens on its port
