@@ -376,12 +376,13 @@ class Cluster:
 
     def drain(self) -> int:
         """Handle what came from NATS (inside ``poll``); how many items."""
+        # Always read (reset) the eventfd: a ring that comes after its item was popped
+        # would otherwise wake every later wait at once.
+        try:
+            os.eventfd_read(self._fd)
+        except (BlockingIOError, OSError):
+            pass
         queue = self._queue
-        if queue:  # the link appends, then rings: a ring without an item cannot be
-            try:
-                os.eventfd_read(self._fd)
-            except (BlockingIOError, OSError):
-                pass
         count = 0
         while queue:
             item = queue.popleft()
