@@ -272,9 +272,14 @@ class NatsLink:
     # -- the lease and the heartbeat -------------------------------------------------------
 
     async def _beat(self) -> None:
+        """The heartbeat first (a slow key-value answer must not delay it past the others'
+        dead bound), then the lease: refreshed, or taken."""
         nc = self._nc
         if nc is None or not nc.is_connected or self.conflict:
             return
+        held = self.lease_held
+        if held:
+            await self._heartbeat(nc)
         try:
             if self._kv is None:
                 js = nc.jetstream(timeout=2.0)
@@ -292,13 +297,18 @@ class NatsLink:
             log.debug("cluster: lease: %s: %s", type(exc).__name__, exc)
             if not self.lease_held:  # the front logs it (rate-limited): no lease, no cluster
                 self._notify(("lease_error", f"{type(exc).__name__}: {exc}"))
-        if self.lease_held and nc.is_connected:
-            slot = self._fixed or 0
-            header = w.encode_header(w.HEARTBEAT, slot, self.incarnation, self.name.encode())
-            try:
-                await nc.publish(w.HEARTBEAT_SUBJECT, header + self._heartbeat_body())
-            except Exception as exc:
-                log.debug("cluster: heartbeat: %s", exc)
+        if not held and self.lease_held:  # just leased: the others hear of it now
+            await self._heartbeat(nc)
+
+    async def _heartbeat(self, nc: Any) -> None:
+        if not nc.is_connected:
+            return
+        slot = self._fixed or 0
+        header = w.encode_header(w.HEARTBEAT, slot, self.incarnation, self.name.encode())
+        try:
+            await nc.publish(w.HEARTBEAT_SUBJECT, header + self._heartbeat_body())
+        except Exception as exc:
+            log.debug("cluster: heartbeat: %s", exc)
 
     async def _lease(self) -> None:
         """Take a slot: the fixed one if any, else the first free from `_first_slot` on."""
