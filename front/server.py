@@ -699,7 +699,9 @@ class WebSocketServer(SignalEmitter):
         tick that the commands rings could not take yet.  Bounded: at most
         ``_STOP_DRAIN_TIMEOUT`` waiting for shards to take the queued
         commands, then ``_STOP_TIMEOUT`` for the supervisor (which gives the
-        shards its own grace, then kills them) before it is killed.
+        shards its own grace, then kills them) before it is killed.  In a
+        cluster, then the goodbye to the other nodes (they drop this node's
+        peers at once) and the slot's release: at most 3 s more.
         """
         if not self._listening:
             return
