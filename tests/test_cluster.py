@@ -425,11 +425,15 @@ def test_sends_beyond_what_waits_for_nats_are_refused(nats: NatsServer) -> None:
             assert nats.proc is not None
             nats.proc.send_signal(signal.SIGSTOP)  # NATS stops reading: n1's sends pile up
             try:
-                # 70 MB in one poll: taken (the cap counts what earlier polls left waiting).
-                assert await a.ask(f"flood {b.id} 70 1000000") == "sent 0"
+                # 100 MB in one poll: taken (the cap counts what earlier polls left waiting).
+                assert await a.ask(f"flood {b.id} 100 1000000") == "sent 0"
+                # Until what waits stands still (the sockets' buffers took what they could).
                 async with asyncio.timeout(WAIT):
-                    while (await a.status())["backlog_bytes"] < 64 * 1024 * 1024:
-                        await asyncio.sleep(0.1)
+                    before = -1
+                    while (backlog := (await a.status())["backlog_bytes"]) != before:
+                        before = backlog
+                        await asyncio.sleep(0.3)
+                assert backlog > 64 * 1024 * 1024
                 assert await a.ask(f"send {b.id} one-more") == f"sent {ERR_OUT_OF_MEMORY}"
                 assert (await a.status())["sends_refused_backlog"] == 1
             finally:
