@@ -18,6 +18,12 @@ Owns the processes' side of the front, and nothing of Godot's API:
   rest: a message larger than the ring goes through even if nothing else
   happens meanwhile.
 
+In a cluster (``cluster=``) the node's `ClusterHooks` (`wsfleet.cluster`) is
+polled here too: its eventfd sits in the same epoll, its messages are handled
+after the shards' events, and what the tick sent to other nodes leaves after
+the shards' commands; the node's id range (its leased slot) comes with the
+`FleetConfig`, and `shard_of` computes a peer's shard from it.
+
 The per-message path (`_dispatch`, `ShardLink.command`) binds its names
 once per batch and calls nothing per message but the application's
 ``data_received`` handlers.
