@@ -779,13 +779,12 @@ class WebSocketServer(SignalEmitter):
         return list(self._peers)
 
     def get_cluster_status(self) -> dict[str, Any]:
-        """The cluster as this node sees it ({} without ``cluster=``): ``node``, ``slot``,
-        ``state`` (``member``, ``joining``, ``disconnected``: NATS is away, ``conflict``:
-        out of the cluster), ``nats_connected``, ``nodes`` (name, slot, peers, traffic),
-        and the counters: ``messages_in``/``bytes_in``/``messages_out``/``bytes_out``
-        (NATS messages), ``refused_version``, ``bad_messages``,
-        ``sends_refused_down``, ``sends_refused_too_large``, ``delivered``,
-        ``dropped_unknown_peer``, ``dropped_full``, ``nodes_lost``."""
+        """The cluster as this node sees it ({} without ``cluster=``), read live: ``node``,
+        ``slot``, ``provisional``, ``state`` (``member``, ``joining``, ``disconnected``:
+        NATS is away, ``conflict``: out of the cluster), ``nats_url`` (credentials
+        hidden), ``nats_connected``, ``peers``, ``remote_peers``, ``nodes`` (name, slot,
+        peers, synced, last seen, traffic to and from it) and the cross-node counters
+        (docs/METRICS.md: messages and bytes in and out, refusals by reason, drops)."""
         return self._cluster.status() if self._cluster is not None else {}
 
     def get_peer_shard(self, peer_id: int) -> int:
