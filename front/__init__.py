@@ -20,6 +20,10 @@ Its parts, each a module with one job:
   behind a trusted proxy (``forwarded_allow_ips``); `handshake`: the application's
   verdict on an upgrade before its 101 (``set_handshake_handler``);
 * `binding`: ``bind_ip`` -> addresses -> listening sockets, and ``format_url``;
+* `cluster`, `cluster_link`, `cluster_wire`, `remote_peer`: a node of a
+  cluster over NATS (``cluster=``): the view of the other nodes and their
+  peers, nats-py in a thread (the only module that imports nats, and only
+  with ``cluster=``), the messages between nodes, ``RemotePeer``;
 * `signals`, `errors`, `variant`, `aio`: Godot's signals, ``Error``, Variant
   encoding, and polling from asyncio; `cli`: the ``wsfleet`` command.
 

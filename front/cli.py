@@ -44,6 +44,7 @@ from wsfleet.ipc.proctitle import set_title
 from . import __version__, config_file, userapp
 from . import ops as ops_commands
 from .binding import format_url
+from .cluster import check_cluster_url, check_node_name
 from .errors import Error
 from .peer import WebSocketPeer
 from .server import (
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operations_options(serve)
     _add_ops_options(serve)
     _add_limit_options(serve)
+    _add_cluster_options(serve)
     _add_compression_options(serve)
     serve.set_defaults(serve_parser=serve)  # for messages that name its options
     # Its options are wsfleet.loadtest.cli's, parsed there (imported only when it runs).
@@ -265,6 +267,50 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
     ops_commands.add_commands(commands)  # status, stop, drain, reload
     return parser
+
+
+def cluster_url(text: str) -> str:
+    try:
+        return check_cluster_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def node_name(text: str) -> str:
+    try:
+        return check_node_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
+    """A cluster of nodes over NATS (README "Cluster"; needs wsfleet[cluster])."""
+    group = serve.add_argument_group(
+        "cluster (several hosts, over NATS; pip install wsfleet[cluster])"
+    )
+    group.add_argument(
+        "--cluster",
+        metavar="URL",
+        type=cluster_url,
+        default=None,
+        help="join the wsfleet nodes of this NATS server (JetStream on), e.g. "
+        "nats://10.0.0.5:4222 (several: comma-separated): unique peer ids over the "
+        "cluster, and every node reaches every peer",
+    )
+    group.add_argument(
+        "--node-name",
+        metavar="NAME",
+        type=node_name,
+        default=None,
+        help="this node's name in the cluster (letters, digits, _ and -; default hostname-pid)",
+    )
+    group.add_argument(
+        "--cluster-tls-ca",
+        metavar="FILE",
+        default=None,
+        help="PEM file of the CA(s) that signed the NATS server's certificate (tls://); "
+        "default: the system's CAs",
+    )
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -538,6 +584,14 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
         return "--require-origin needs --allowed-origins"
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together"
+    if args.node_name is not None and args.cluster is None:
+        return "--node-name needs --cluster"
+    if args.cluster_tls_ca is not None:
+        if args.cluster is None:
+            return "--cluster-tls-ca needs --cluster"
+        problem = _read_pem("--cluster-tls-ca", args.cluster_tls_ca)
+        if problem:
+            return problem
     if args.tls_cert:
         for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             problem = _read_pem(option, path)
@@ -607,6 +661,9 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         health_path=args.health_path,
         max_message_rate=args.max_message_rate,
         message_burst=args.message_burst,
+        cluster=args.cluster,
+        node_name=args.node_name,
+        cluster_tls_ca=args.cluster_tls_ca,
         compression=args.compression,
         compression_context_takeover=not args.compression_no_context_takeover,
         compression_window_bits=args.compression_window_bits,
@@ -773,6 +830,15 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         url("wss" if args.tls_cert else "ws", args.bind, server.port),
         server.shards,
     )  # fmt: skip
+    if server.cluster:
+        state = server.get_cluster_status()
+        log.info(
+            "cluster node %s (id slot %d%s), NATS %s",
+            state["node"],
+            state["slot"],
+            ", provisional" if state["provisional"] else "",
+            state["nats_url"],
+        )
     log.info(
         "open files limit %d (was %d): about %d connections per shard, %d in all",
         after,

@@ -18,6 +18,12 @@ Owns the processes' side of the front, and nothing of Godot's API:
   rest: a message larger than the ring goes through even if nothing else
   happens meanwhile.
 
+In a cluster (``cluster=``) the node's `ClusterHooks` (`wsfleet.cluster`) is
+polled here too: its eventfd sits in the same epoll, its messages are handled
+after the shards' events, and what the tick sent to other nodes leaves after
+the shards' commands; the node's id range (its leased slot) comes with the
+`FleetConfig`, and `shard_of` computes a peer's shard from it.
+
 The per-message path (`_dispatch`, `ShardLink.command`) binds its names
 once per batch and calls nothing per message but the application's
 ``data_received`` handlers.
@@ -38,6 +44,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import orjson
 
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
@@ -107,6 +115,24 @@ class OpsSockets:
                 os.unlink(self.control_path)
             except OSError:
                 pass
+
+
+class ClusterHooks(Protocol):
+    """The cluster link's share of `Fleet.poll` (`wsfleet.cluster`, ``cluster=``).
+
+    ``fileno`` is in the fleet's epoll (readable when cluster messages wait);
+    ``drain`` handles them inside ``poll`` (returns how many); ``flush`` sends
+    what the tick queued for other nodes, one NATS message per node;
+    ``deferred`` is True inside ``poll`` (sends wait for its end).
+    """
+
+    deferred: bool
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class RelayHooks(Protocol):
@@ -204,6 +230,8 @@ class Fleet:
         self.limits = limits
         self.budget = budget
         self.relay: RelayHooks | None = None
+        #: The node's side of a cluster (`attach_cluster`), None without ``cluster=``.
+        self.cluster: ClusterHooks | None = None
         self.links: list[ShardLink | None] = [None] * shards
         self.channels: dict[int, PeerChannel] = {}
         self.failed: dict[int, str] = {}
@@ -212,6 +240,7 @@ class Fleet:
         self.refusing = False
         #: The supervisor exited on its own (the control channel closed) while running.
         self.supervisor_lost = False
+        self._id_base = m.FIRST_PEER_ID
         self._id_span = m.id_span(shards)
         self._control: socket.socket | None = None
         self._lifeline: Lifeline | None = None
@@ -233,6 +262,8 @@ class Fleet:
         The caller closes ``sockets`` (and ``ops``' sockets) afterwards: the
         supervisor holds them then.
         """
+        self._id_base = config.id_base
+        self._id_span = m.id_span(self.shards, config.id_total)
         self.stats = Stats.create(self.shards)
         ops_fds = [self.stats.fd]
         ops_args = ["--stats-fd", str(self.stats.fd)]
@@ -287,6 +318,23 @@ class Fleet:
         self._epoll = select.epoll()
         self._epoll.register(ours.fileno(), select.EPOLLIN)
 
+    def attach_cluster(self, cluster: ClusterHooks) -> None:
+        """Poll ``cluster`` with the shards (after `start`)."""
+        self.cluster = cluster
+        if self._epoll is not None:
+            self._epoll.register(cluster.fileno(), select.EPOLLIN)
+
+    def publish_front(self, document: dict[str, Any]) -> None:
+        """What only the front knows (a cluster's view), for ``wsfleet status`` and /metrics:
+        merged into the status document by whoever reads it."""
+        if self.stats is not None:
+            if not self.stats.write_front(orjson.dumps(document)):
+                log.warning("status: the front's section is over %d bytes", len(document))
+
+    def shard_of(self, peer_id: int) -> int:
+        """The index of the shard that owns ``peer_id`` (computed from the node's range)."""
+        return m.owner_of(peer_id, self._id_span, self._id_base)
+
     def stop(self) -> None:
         """Stop the supervisor and every shard (they close their peers with 1001).
 
@@ -333,6 +381,7 @@ class Fleet:
             self._lifeline.close()
             self._lifeline = None
         self._select_mode = False
+        self.cluster = None
         if self.stats is not None:
             self.stats.close()
             self.stats = None
@@ -361,7 +410,7 @@ class Fleet:
         """One message to every peer but ``exclude``: one record per shard, encoded there."""
         by_shard: dict[int, list[int]] = {}
         for peer_id in exclude:
-            by_shard.setdefault(m.owner_of(peer_id, self._id_span), []).append(peer_id)
+            by_shard.setdefault(self.shard_of(peer_id), []).append(peer_id)
         for link in self.links:
             if link is not None and link.peers:
                 body = m.encode_broadcast(payload, by_shard.get(link.index, ()))
@@ -373,7 +422,7 @@ class Fleet:
         """One message to the members of ``group``: one record to each shard in ``shards``."""
         by_shard: dict[int, list[int]] = {}
         for peer_id in exclude:
-            by_shard.setdefault(m.owner_of(peer_id, self._id_span), []).append(peer_id)
+            by_shard.setdefault(self.shard_of(peer_id), []).append(peer_id)
         for index in shards:
             link = self.links[index] if 0 <= index < len(self.links) else None
             if link is not None:
@@ -438,22 +487,37 @@ class Fleet:
         return self._epoll.fileno()
 
     def poll(self, timeout: float | None) -> None:
-        """Take every event the shards have and report it; wait up to ``timeout`` for one."""
+        """Take every event the shards have and report it; wait up to ``timeout`` for one.
+
+        With a cluster, its messages are handled here too (after the shards'
+        events), and what the tick sent to other nodes leaves at the end.
+        """
         self._defer_commands(True)
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.deferred = True
         try:
             if self._select_mode:
                 self._disarm_all()
             self._flush_commands()
             handled = self._read_control() + self._drain_events()
+            if cluster is not None:
+                handled += cluster.drain()
             if not handled and timeout and self._epoll is not None:
                 if not self._yield_for_events() and not self._arm_all():
                     self._epoll.poll(timeout)
                 self._disarm_all()
                 self._read_control()
                 self._drain_events()
+                if self.cluster is not None:
+                    self.cluster.drain()
             self._flush_commands()
+            if self.cluster is not None:
+                self.cluster.flush()
         finally:
             self._defer_commands(False)
+            if cluster is not None:
+                cluster.deferred = False
             # Even when a handler raised out of poll(): a select()ing caller
             # (wsfleet.aio.polling) is woken only by armed doorbells.
             if self._select_mode and self.running and self._epoll is not None:

@@ -196,11 +196,43 @@ def format_status(doc: dict[str, Any], since: tuple[float, dict[str, Any]] | Non
         )
         if row.get("reason"):
             lines.append(f"      shard {row['index']} {row['state']}: {row['reason']}")
+    cluster = doc.get("cluster")
+    if cluster:
+        lines.extend(_format_cluster(cluster))
     closes = {k[7:]: v for k, v in doc["totals"].items() if k.startswith("closes_") and v}
     refusals = {k[8:]: v for k, v in doc["totals"].items() if k.startswith("refused_") and v}
     lines.append("closes: " + (", ".join(f"{k} {v}" for k, v in closes.items()) or "none"))
     lines.append("refused: " + (", ".join(f"{k} {v}" for k, v in refusals.items()) or "none"))
     return "\n".join(lines) + "\n"
+
+
+def _format_cluster(cluster: dict[str, Any]) -> list[str]:
+    """The cluster section: this node, NATS, the other nodes and the cross-node traffic."""
+    lines = [
+        f"cluster node {cluster['node']} (id slot {cluster['slot']}"
+        f"{', provisional' if cluster.get('provisional') else ''}) {cluster['state']}  "
+        f"NATS {'connected' if cluster['nats_connected'] else 'NOT CONNECTED'} "
+        f"{cluster['nats_url']}  peers {cluster['peers']} here, "
+        f"{cluster['remote_peers']} on {len(cluster['nodes'])} other nodes"
+    ]
+    lines.append(
+        f"{'node':>16} {'slot':>5} {'peers':>7} {'synced':>6} {'seen s':>7} "
+        f"{'msg in':>9} {'msg out':>9} {'B in':>10} {'B out':>10}"
+    )
+    for node in cluster["nodes"]:
+        lines.append(
+            f"{node['name']:>16} {node['slot']:>5} {node['peers']:>7} "
+            f"{'yes' if node['synced'] else 'no':>6} {node['last_seen_s']:>7.1f} "
+            f"{node['messages_in']:>9} {node['messages_out']:>9} "
+            f"{_size(node['bytes_in']):>10} {_size(node['bytes_out']):>10}"
+        )
+    lines.append(
+        f"cross-node: in {cluster['messages_in']} messages ({_size(cluster['bytes_in'])}), "
+        f"out {cluster['messages_out']} ({_size(cluster['bytes_out'])}); "
+        f"refused sends (NATS down) {cluster['sends_refused_down']}, "
+        f"wrong wire version {cluster['refused_version']}, bad {cluster['bad_messages']}"
+    )
+    return lines
 
 
 def _final_answer(

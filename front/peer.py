@@ -118,6 +118,11 @@ class WebSocketPeer:
             return Error.ERR_INVALID_PARAMETER
         return self._channel.send(_SEND_TEXT, payload)
 
+    def put_message(self, payload: bytes, text: bool) -> Error:
+        """Send ``payload`` as a text (UTF-8 already checked by the caller) or binary
+        message, whatever the write mode: what other nodes of a cluster send this peer."""
+        return self._channel.send(_SEND_TEXT if text else _SEND_BINARY, payload)
+
     def get_packet(self) -> bytes:
         """The oldest received message (b"" and an error from `get_packet_error` if none)."""
         channel = self._channel

@@ -22,6 +22,17 @@ delivers to each member once).  Membership comes from the front's mirror
 (`wsfleet.groups.Groups`), which is updated before the commands go, so each
 shard applies every change before any frame the front relays after it.
 
+In a cluster (``cluster=``, `wsfleet.cluster`), the other nodes' peers are
+peers of the relay too (without relay groups): each node's peers get
+``SYS_ADD`` / ``SYS_DEL`` of them (`remote_peer`), a frame for one of them
+(``to`` = n) goes to its node's inbox, a frame for everyone (``to`` 0 or -n)
+to every other node, which delivers it to its own peers (`remote_frame`);
+each in the one ordered stream from node to node, so a peer's ``SYS_ADD``
+comes before its frames.  Packets for the server (``to`` = 1) stay with the
+client's own node; the server's own packets reach another node's peer when
+addressed to it (``to`` = n), and this node's peers only for ``to`` 0 / -n.
+Relay groups stay within one node for now.
+
 It reaches the shards through the `Fleet` (its links and peer channels) and
 emits ``peer_packet`` through the callable it is given.  Packets for the
 server that are RPC traffic go to Godot's RPC layer instead
@@ -63,6 +74,8 @@ class MultiplayerRelay:
         #: welcomed with (in its shard: ``mp_rooms``).
         self.rooms = False
         self._fleet: Fleet | None = None
+        #: The node's cluster (``cluster=``), set by the server; None for a lone server.
+        self.cluster: Any = None
         self._inbox: deque[tuple[int, bytes]] = deque()  # (sender, payload) for the server
         self._ids: list[int] = []  # every welcomed peer, ascending (Godot's join order)
         self._drops = [0] * len(m.DropReason)
@@ -83,6 +96,7 @@ class MultiplayerRelay:
         if self._fleet is not None:
             self._fleet.relay = None
         self._fleet = None
+        self.cluster = None
         self._inbox.clear()
         self._ids.clear()
         self.api.clear()
@@ -117,6 +131,35 @@ class MultiplayerRelay:
             self._sys_all(m.SYS_DEL, peer_id)
         self.api.peer_left(peer_id)
 
+    def remote_peer(self, peer_id: int, connected: bool) -> None:
+        """A peer of another node came (``SYS_ADD`` to this node's peers) or went (``SYS_DEL``).
+        Not with relay groups (they stay within a node for now)."""
+        if self.rooms:
+            return
+        index = bisect.bisect_left(self._ids, peer_id)
+        known = index < len(self._ids) and self._ids[index] == peer_id
+        if connected and not known:
+            self._ids.insert(index, peer_id)
+            self._sys_all(m.SYS_ADD, peer_id)
+        elif not connected and known:
+            del self._ids[index]
+            self._sys_all(m.SYS_DEL, peer_id)
+
+    def remote_frame(self, sender: int, frame: bytes) -> None:
+        """Another node relays a frame (from one of its peers, or its server) to ours."""
+        fleet = self._fleet
+        if fleet is None or not fleet.running or self.rooms or len(frame) < m.MP_HEADER_SIZE:
+            return
+        to = m.MP_HEADER.unpack_from(frame)[2]
+        if to > 1:
+            target = fleet.channels.get(to)
+            if target is None:
+                self._drops[m.DropReason.TARGET] += 1
+            else:
+                target.link.command(m.CMD_MP_FORWARD, sender, 0, frame)
+        elif to != 1:  # 0 or -n: every peer of this node but -n (never its server)
+            fleet.command_each(m.CMD_MP_FORWARD, sender, 0, frame)
+
     def membership(self, peer_id: int, shard: int, group: str, name: bytes, join: bool) -> bool:
         """Relay groups: ``peer_id`` joins or leaves ``group`` (``name``: its UTF-8) in the
         mirror, and the shards apply it and tell both sides of every pair of peers that
@@ -145,11 +188,10 @@ class MultiplayerRelay:
         fleet = self._fleet
         if fleet is None:
             return
-        span = m.id_span(fleet.shards)
-        home = m.owner_of(peer_id, span)
+        home = fleet.shard_of(peer_id)
         by_shard: dict[int, list[int]] = {}
         for other in others:
-            by_shard.setdefault(m.owner_of(other, span), []).append(other)
+            by_shard.setdefault(fleet.shard_of(other), []).append(other)
         for index, link in enumerate(fleet.links):
             if link is None:
                 continue
@@ -188,7 +230,7 @@ class MultiplayerRelay:
         if to > 1:
             target = fleet.channels.get(to)
             if target is None:
-                self._drops[m.DropReason.TARGET] += 1
+                self._to_other_node(sender, to, frame)
             elif self.rooms and not self._groups.share(sender, to):
                 self._drops[m.DropReason.GROUP] += 1
             else:
@@ -199,6 +241,8 @@ class MultiplayerRelay:
                 self._forward_to_groups(fleet, source, sender, frame)
             else:
                 fleet.command_each(m.CMD_MP_FORWARD, sender, 0, frame, skip=source)
+                if self.cluster is not None and self.cluster.nodes:
+                    self.cluster.mp_forward(None, sender, frame)
         if to == -1:
             return  # "everyone but the server" (Godot 3.2 delivers it to itself too: a bug)
         payload = frame[m.MP_HEADER_SIZE :]
@@ -209,6 +253,15 @@ class MultiplayerRelay:
         self._emit("peer_packet", sender)
         if payload[:1] == _RAW_BYTE:
             self.api.raw(sender, payload)
+
+    def _to_other_node(self, sender: int, to: int, frame: bytes) -> Error:
+        """A frame for ``to``, which is not here: to its node if it is another node's peer."""
+        cluster = self.cluster
+        peer = cluster.remote.get(to) if cluster is not None and not self.rooms else None
+        if peer is None:
+            self._drops[m.DropReason.TARGET] += 1
+            return Error.FAILED
+        return cluster.mp_forward(peer.node, sender, frame)
 
     def _forward_to_groups(
         self, fleet: Fleet, source: ShardLink, sender: int, frame: bytes
@@ -249,6 +302,9 @@ class MultiplayerRelay:
         if target > 1:
             channel = fleet.channels.get(target)
             if channel is None:
+                cluster = self.cluster
+                if cluster is not None and not self.rooms and target in cluster.remote:
+                    return cluster.mp_forward(cluster.remote[target].node, m.SERVER_ID, frame)
                 log.error("put_packet: no peer %d", target)
                 return Error.FAILED
             return channel.send(m.CMD_SEND_BINARY, frame)

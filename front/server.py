@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,6 +40,7 @@ from wsfleet.ipc.tls import TlsError, load_tls
 from . import binding
 from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
+from .cluster import check_cluster_url, check_node_name
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
 from .groups import Groups
@@ -48,6 +50,7 @@ from .multiplayer import MultiplayerAPI
 from .ops import bind_ops_sockets
 from .peer import WebSocketPeer, check_close
 from .relay import MultiplayerRelay
+from .remote_peer import RemotePeer
 from .request import ForwardedPolicy, HandshakeRequest
 from .signals import SignalEmitter
 
@@ -179,6 +182,26 @@ class WebSocketServer(SignalEmitter):
         buffer.  Refusals are counted (`get_outbound_stats`)
         and logged, at most every 10 s.
 
+    A cluster (README "Cluster"):
+
+    ``cluster`` (None: a lone server; ``"nats://host:4222"``, several comma-separated)
+        Join the other wsfleet nodes that use this NATS server (with JetStream
+        on): each node leases an id slot (so peer ids are unique across the
+        cluster), keeps its own ``poll()`` stream for its own peers, and
+        reaches every peer of the cluster: `has_peer`, `get_peer` (a
+        `wsfleet.remote_peer.RemotePeer` for a peer of another node),
+        `disconnect_peer`, `broadcast` (groups too), ``get_peers(cluster=True)``.
+        Signals: ``remote_peer_connected(id, node)``,
+        ``remote_peer_disconnected(id, node)`` (it left, or its node died: within
+        5 s), ``cluster_node_joined(node)``, ``cluster_node_left(node, reason)``.
+        Needs ``pip install wsfleet[cluster]`` (nats-py); without ``cluster``
+        nothing of it is imported.  `get_cluster_status` says how it stands.
+    ``node_name`` (None: ``hostname-pid``)
+        This node's name in the cluster: letters, digits, ``_``, ``-``.
+    ``cluster_tls_ca`` (None: the system's CAs)
+        A PEM file of the CA(s) that signed the NATS server's certificate, for a
+        ``tls://`` URL (or a server that requires TLS).
+
     Operations (README "Operations", docs/METRICS.md):
 
     ``control`` (None: on, at the default path for the port; a path; False: off)
@@ -256,6 +279,11 @@ class WebSocketServer(SignalEmitter):
         "peer_connected",
         "peer_disconnected",
         "peer_packet",
+        # A cluster (cluster=): peers of other nodes, and the nodes.
+        "remote_peer_connected",
+        "remote_peer_disconnected",
+        "cluster_node_joined",
+        "cluster_node_left",
     )
 
     # NetworkedMultiplayerPeer's constants.
@@ -288,6 +316,9 @@ class WebSocketServer(SignalEmitter):
         health_path: str | None = DEFAULT_HEALTH_PATH,
         max_message_rate: float | None = None,
         message_burst: int = 0,
+        cluster: str | None = None,
+        node_name: str | None = None,
+        cluster_tls_ca: str | None = None,
         compression: bool = False,
         compression_context_takeover: bool = True,
         compression_window_bits: int = DEFAULT_COMPRESSION_WINDOW_BITS,
@@ -295,6 +326,17 @@ class WebSocketServer(SignalEmitter):
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     ) -> None:
         super().__init__()
+        if cluster is not None:
+            check_cluster_url(cluster)
+        if node_name is not None:
+            check_node_name(node_name)
+        #: The NATS URL of the cluster (None: a lone server) and this node's name in it.
+        self.cluster = cluster
+        self.node_name = node_name
+        #: A PEM file of the CA(s) that signed NATS' certificate (``tls://``); None: the
+        #: system's CAs.
+        self.cluster_tls_ca = cluster_tls_ca
+        self._cluster: Any = None
         if shards is None:
             shards = len(os.sched_getaffinity(0))
         if shards < 1:
@@ -455,6 +497,12 @@ class WebSocketServer(SignalEmitter):
             return Error.ERR_CANT_CREATE
         if tls is None and self.ca_chain:
             log.warning("listen: ca_chain is set but TLS is off (no certificate and key)")
+        id_range = range(m.FIRST_PEER_ID, m.ID_LIMIT)
+        if self.cluster:
+            error = self._join_cluster()
+            if error != Error.OK:
+                return error
+            id_range = m.slot_range(self._cluster.slot)
         try:
             config = FleetConfig(
                 protocols,
@@ -464,14 +512,18 @@ class WebSocketServer(SignalEmitter):
                 self.ring_capacity,
                 log=self.log_config or LogConfig(),
                 shard_timeout=self.shard_timeout,
+                id_base=id_range.start,
+                id_total=len(id_range),
             )
         except ValueError as exc:
             log.error("listen: %s", exc)
+            self._leave_cluster()
             return Error.ERR_INVALID_PARAMETER
         try:
             addresses = binding.resolve(self._bind_ip)
             port, sockets = binding.bind(addresses, port, self.shards)
         except BindError as exc:
+            self._leave_cluster()
             return exc.error  # logged
         config = dataclasses.replace(config, port=port)  # the port bound (listen(0))
         self._budget = OutboundBudget(budget_limit)
@@ -498,6 +550,7 @@ class WebSocketServer(SignalEmitter):
                 for sock in socks:
                     sock.close()
             self._relay.detach()
+            self._leave_cluster()
             return Error.ERR_ALREADY_IN_USE if exc.errno == 98 else Error.ERR_CANT_CREATE
         try:
             fleet.start(sockets, config, ops)
@@ -506,18 +559,63 @@ class WebSocketServer(SignalEmitter):
             fleet.close()
             ops.unlink()
             self._relay.detach()
+            self._leave_cluster()
             return Error.ERR_CANT_CREATE
         finally:
             for socks in sockets:
                 for sock in socks:
                     sock.close()  # the supervisor and the shards hold them now
             ops.close()
+        if self._cluster is not None:
+            fleet.attach_cluster(self._cluster)
+            self._cluster.status_sink = fleet.publish_front
+            if gd_mp_api:
+                self._relay.cluster = self._cluster
         self._fleet = fleet
         self._port = port
         self._addresses = [(address.host, port) for address in addresses]
         self._gd_mp_api = bool(gd_mp_api)
         self._listening = True
         return Error.OK
+
+    def _join_cluster(self) -> Error:
+        """Start the cluster link (nats-py) and lease an id slot (``cluster=``)."""
+        try:
+            import nats  # noqa: F401  (only to say what is missing)
+
+            from .cluster import Cluster
+        except ImportError:
+            log.error("listen: cluster= needs nats-py: pip install 'wsfleet[cluster]'")
+            return Error.ERR_UNAVAILABLE
+        try:
+            check_cluster_url(self.cluster)  # set as an attribute after the constructor?
+            if self.node_name is not None:
+                check_node_name(self.node_name)
+        except ValueError as exc:
+            log.error("listen: %s", exc)
+            return Error.ERR_INVALID_PARAMETER
+        tls = None
+        if self.cluster_tls_ca:
+            try:
+                tls = ssl.create_default_context(cafile=self.cluster_tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("listen: cluster_tls_ca %s: %s", self.cluster_tls_ca, exc)
+                return Error.ERR_CANT_CREATE
+        try:
+            cluster = Cluster(
+                str(self.cluster), self.node_name, self.shards, _ClusterDelivery(self), tls=tls
+            )
+            cluster.start()
+        except (ValueError, OSError) as exc:
+            log.error("listen: cannot start the cluster link: %s", exc)
+            return Error.ERR_CANT_CREATE
+        self._cluster = cluster
+        return Error.OK
+
+    def _leave_cluster(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
 
     def _check_limits(self) -> tuple[Limits, PeerLimits, int]:
         """The limits as the shards take them, the peers' and the buffered-bytes cap.
@@ -601,7 +699,9 @@ class WebSocketServer(SignalEmitter):
         tick that the commands rings could not take yet.  Bounded: at most
         ``_STOP_DRAIN_TIMEOUT`` waiting for shards to take the queued
         commands, then ``_STOP_TIMEOUT`` for the supervisor (which gives the
-        shards its own grace, then kills them) before it is killed.
+        shards its own grace, then kills them) before it is killed.  In a
+        cluster, then the goodbye to the other nodes (they drop this node's
+        peers at once) and the slot's release: at most 3 s more.
         """
         if not self._listening:
             return
@@ -609,6 +709,7 @@ class WebSocketServer(SignalEmitter):
         fleet = self._fleet
         if fleet is not None:
             fleet.stop()
+        self._leave_cluster()  # BYE: the other nodes drop this node's peers at once
         self._peers.clear()
         self._groups.clear()
         self._waiting.clear()
@@ -625,37 +726,66 @@ class WebSocketServer(SignalEmitter):
         return self._listening
 
     def has_peer(self, peer_id: int) -> bool:
-        return peer_id in self._peers
+        """Whether the peer is connected: to this node, or (in a cluster) to another."""
+        if peer_id in self._peers:
+            return True
+        cluster = self._cluster
+        return cluster is not None and peer_id in cluster.remote
 
-    def get_peer(self, peer_id: int) -> WebSocketPeer | None:
+    def _any_peer(self, peer_id: int) -> WebSocketPeer | RemotePeer | None:
         peer = self._peers.get(peer_id)
+        if peer is None and self._cluster is not None:
+            return self._cluster.remote.get(peer_id)
+        return peer
+
+    def get_peer(self, peer_id: int) -> WebSocketPeer | RemotePeer | None:
+        """The peer: a `WebSocketPeer` for one of this node's, a
+        `wsfleet.remote_peer.RemotePeer` for a peer of another node of the cluster
+        (same method names); None (logged) for an unknown id."""
+        peer = self._any_peer(peer_id)
         if peer is None:
             log.error("get_peer: no peer %d", peer_id)
         return peer
 
     def get_peer_address(self, peer_id: int) -> str:
-        peer = self._peers.get(peer_id)
+        peer = self._any_peer(peer_id)
         if peer is None:
             log.error("get_peer_address: no peer %d", peer_id)
             return ""
         return peer.get_connected_host()
 
     def get_peer_port(self, peer_id: int) -> int:
-        peer = self._peers.get(peer_id)
+        peer = self._any_peer(peer_id)
         return 0 if peer is None else peer.get_connected_port()
 
     def disconnect_peer(self, peer_id: int, code: int = 1000, reason: str = "") -> None:
-        """Start the close handshake with a peer; it leaves in a later `poll`."""
-        peer = self._peers.get(peer_id)
+        """Start the close handshake with a peer; it leaves in a later `poll`.
+
+        A peer of another node: its node closes it (the client sees ``code``
+        and ``reason``) and ``remote_peer_disconnected`` follows here; while
+        NATS is unreachable nothing is sent (counted and logged).
+        """
+        peer = self._any_peer(peer_id)
         if peer is None:
             check_close(code, reason)
             log.error("disconnect_peer: no peer %d", peer_id)
             return
         peer.close(code, reason)
 
-    def get_peers(self) -> list[int]:
-        """The ids of every connected peer."""
+    def get_peers(self, cluster: bool = False) -> list[int]:
+        """The ids of this node's connected peers; ``cluster=True``: of every node's."""
+        if cluster and self._cluster is not None:
+            return [*self._peers, *self._cluster.remote]
         return list(self._peers)
+
+    def get_cluster_status(self) -> dict[str, Any]:
+        """The cluster as this node sees it ({} without ``cluster=``), read live: ``node``,
+        ``slot``, ``provisional``, ``state`` (``member``, ``joining``, ``disconnected``:
+        NATS is away, ``conflict``: out of the cluster), ``nats_url`` (credentials
+        hidden), ``nats_connected``, ``peers``, ``remote_peers``, ``nodes`` (name, slot,
+        peers, synced, last seen, traffic to and from it) and the cross-node counters
+        (docs/METRICS.md: messages and bytes in and out, refusals by reason, drops)."""
+        return self._cluster.status() if self._cluster is not None else {}
 
     def get_peer_shard(self, peer_id: int) -> int:
         """The index of the shard that holds the peer's connection (-1 if unknown)."""
@@ -782,7 +912,13 @@ class WebSocketServer(SignalEmitter):
         group: str | None = None,
     ) -> Error:
         """Send one message to every peer, or to the members of ``group``, but ``exclude``:
-        one command per shard (that holds members), encoded once there."""
+        one command per shard (that holds members), encoded once there.
+
+        In a cluster it reaches every node's peers once: one record per other
+        node (encoded once there, then once per shard); a group's members are
+        found by the node that holds each.  ``ERR_CONNECTION_ERROR`` when NATS
+        is unreachable (this node's peers got it all the same).
+        """
         if not self._listening or self._fleet is None:
             return Error.ERR_UNCONFIGURED
         payload = data.encode() if isinstance(data, str) else bytes(data)
@@ -797,12 +933,15 @@ class WebSocketServer(SignalEmitter):
             log.error("broadcast: %d bytes is more than a message may hold", len(payload))
             return Error.ERR_OUT_OF_MEMORY
         flags = m.FLAG_TEXT if text else 0
+        name = None
         if group is None:
             self._fleet.broadcast(payload, flags, excluded)
         else:
             name = check_group_name(group)
             shards = self._groups.shards_of(group)
             self._fleet.broadcast_group(name, payload, flags, excluded, shards)
+        if self._cluster is not None:
+            return self._cluster.broadcast(payload, text, excluded, name)
         return Error.OK
 
     # -- polling ------------------------------------------------------------------------------
@@ -928,6 +1067,8 @@ class WebSocketServer(SignalEmitter):
         elif self._forwarded:  # only then is the request parsed here
             ip, proxy = self._forwarded.addresses(ip, HandshakeRequest(head))
         self._peers[peer_id] = WebSocketPeer(channel, ip, port, protocol, head, proxy)
+        if self._cluster is not None:
+            self._cluster.local_joined(peer_id, ip, port, protocol)
         if self._gd_mp_api:
             self._relay.welcome(channel)
             self.emit_signal("peer_connected", peer_id)
@@ -943,6 +1084,8 @@ class WebSocketServer(SignalEmitter):
             self._groups.mates(peer_id) if self._gd_mp_api and self._relay.rooms else frozenset()
         )
         self._groups.peer_left(peer_id, peer.shard_index())
+        if self._cluster is not None:
+            self._cluster.local_left(peer_id, clean)
         if self._gd_mp_api:
             self._relay.peer_left(peer_id, mates)
             self.emit_signal("peer_disconnected", peer_id)
@@ -1041,3 +1184,66 @@ class WebSocketServer(SignalEmitter):
                 self.stop()
             except Exception:
                 pass
+
+
+class _ClusterDelivery:
+    """What the cluster (`wsfleet.cluster`) asks of the server: other nodes' sends,
+    closes and broadcasts for this node's peers, the snapshot of them, the signals."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self._server = server
+
+    def deliver(self, peer_id: int, text: bool, payload: bytes) -> Error:
+        peer = self._server._peers.get(peer_id)
+        if peer is None:
+            return Error.ERR_DOES_NOT_EXIST
+        return peer.put_message(payload, text)
+
+    def close_local(self, peer_id: int, code: int, reason: bytes) -> Error:
+        peer = self._server._peers.get(peer_id)
+        if peer is None:
+            return Error.ERR_DOES_NOT_EXIST
+        try:
+            peer.close(code, reason.decode(errors="replace"))
+        except ValueError as exc:
+            log.error("cluster: a close of peer %d from another node: %s", peer_id, exc)
+            return Error.ERR_INVALID_PARAMETER
+        return Error.OK
+
+    def broadcast_local(
+        self, payload: bytes, text: bool, exclude: frozenset[int], group: bytes | None
+    ) -> None:
+        server = self._server
+        fleet = server._fleet
+        if fleet is None:
+            return
+        flags = m.FLAG_TEXT if text else 0
+        if group is None:
+            fleet.broadcast(payload, flags, list(exclude))
+        else:
+            shards = server._groups.shards_of(group.decode(errors="replace"))
+            if shards:
+                fleet.broadcast_group(group, payload, flags, list(exclude), shards)
+
+    def local_peers(self) -> list[tuple[int, str, int, str]]:
+        return [
+            (peer_id, peer.get_connected_host(), peer.get_connected_port(), peer.protocol)
+            for peer_id, peer in self._server._peers.items()
+        ]
+
+    def remote_peer(self, peer_id: int, node: str, connected: bool) -> None:
+        server = self._server
+        if server._gd_mp_api:
+            server._relay.remote_peer(peer_id, connected)
+        signal = "remote_peer_connected" if connected else "remote_peer_disconnected"
+        server.emit_signal(signal, peer_id, node)
+
+    def mp_frame(self, sender: int, frame: bytes) -> None:
+        server = self._server
+        if server._gd_mp_api:
+            server._relay.remote_frame(sender, frame)
+
+    def emit(self, signal: str, *args: Any) -> None:
+        self._server.emit_signal(signal, *args)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .logconfig import LogConfig
-from .messages import id_range
+from .messages import ALL_IDS, FIRST_PEER_ID, id_range
 from .ring import DEFAULT_MAX_MESSAGE, MIN_CAPACITY
 
 #: The largest ``max_message_size``: what one ring record may carry.
@@ -155,8 +155,14 @@ class FleetConfig:
     shard_timeout: float = DEFAULT_SHARD_TIMEOUT
     #: Port the front listens on, for process titles ("wsfleet shard 3/8 :9080").
     port: int = 0
+    #: The node's peer ids, which its shards split among them: every id for a lone
+    #: server, the leased slot's (`wsfleet.ipc.messages.slot_range`) in a cluster.
+    id_base: int = FIRST_PEER_ID
+    id_total: int = ALL_IDS
 
     def __post_init__(self) -> None:
+        if self.id_base < FIRST_PEER_ID or self.id_total < 1:
+            raise ValueError(f"bad node id range: {self.id_base}, {self.id_total}")
         capacity = self.ring_capacity
         if capacity < MIN_CAPACITY or capacity & (capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= {MIN_CAPACITY}: {capacity}")
@@ -167,7 +173,7 @@ class FleetConfig:
 
     def for_shard(self, index: int, shards: int) -> ShardConfig:
         """Shard ``index`` of ``shards``: this configuration and its own peer id range."""
-        ids = id_range(index, shards)
+        ids = id_range(index, shards, self.id_base, self.id_total)
         return ShardConfig(
             index=index,
             id_base=ids.start,

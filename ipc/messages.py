@@ -334,18 +334,42 @@ FIRST_PEER_ID = 2
 ID_LIMIT = 1 << 31
 
 
-def id_span(shards: int) -> int:
-    """How many ids each shard owns."""
-    return (ID_LIMIT - FIRST_PEER_ID) // shards
+#: A cluster (``WebSocketServer(cluster=...)``) splits the id space into this many slots;
+#: each node leases one and carves its shards' ranges from it.  A peer id's slot, and so
+#: its node, is computed from the id (`slot_of`), never looked up.
+CLUSTER_SLOTS = 256
+#: Ids per slot: 8,388,607 (each slot holds only valid Godot ids, all above 1).
+SLOT_SPAN = (ID_LIMIT - FIRST_PEER_ID) // CLUSTER_SLOTS
+#: Every id a lone server (no cluster) hands out: the whole space.
+ALL_IDS = ID_LIMIT - FIRST_PEER_ID
 
 
-def id_range(index: int, shards: int) -> range:
-    """The ids shard ``index`` of ``shards`` hands out."""
-    span = id_span(shards)
-    base = FIRST_PEER_ID + index * span
-    return range(base, base + span)
+def id_span(shards: int, total: int = ALL_IDS) -> int:
+    """How many ids each shard owns, when the node owns ``total`` ids."""
+    return total // shards
 
 
-def owner_of(peer_id: int, span: int) -> int:
-    """The shard that owns ``peer_id``, computed, not looked up."""
-    return (peer_id - FIRST_PEER_ID) // span
+def id_range(index: int, shards: int, base: int = FIRST_PEER_ID, total: int = ALL_IDS) -> range:
+    """The ids shard ``index`` of ``shards`` hands out, of the node's ``base`` + ``total``."""
+    span = id_span(shards, total)
+    start = base + index * span
+    return range(start, start + span)
+
+
+def owner_of(peer_id: int, span: int, base: int = FIRST_PEER_ID) -> int:
+    """The shard that owns ``peer_id``, computed, not looked up (``base``: the node's first id)."""
+    return (peer_id - base) // span
+
+
+def slot_range(slot: int) -> range:
+    """The ids of cluster slot ``slot`` (0 <= slot < `CLUSTER_SLOTS`)."""
+    if not 0 <= slot < CLUSTER_SLOTS:
+        raise ValueError(f"cluster slot out of range: {slot}")
+    start = FIRST_PEER_ID + slot * SLOT_SPAN
+    return range(start, start + SLOT_SPAN)
+
+
+def slot_of(peer_id: int) -> int:
+    """The cluster slot (so the node) that owns ``peer_id``; -1 for an id of no slot."""
+    slot = (peer_id - FIRST_PEER_ID) // SLOT_SPAN
+    return slot if 0 <= slot < CLUSTER_SLOTS else -1

@@ -10,6 +10,10 @@ fleet's (word 1: the drain flag, written by the supervisor, read by every
 shard at each handshake); block ``1 + i`` is shard ``i``'s, written by that
 shard only (`ShardStats.publish`), word 0 a sequence number (a seqlock: odd
 while a write is under way; readers retry), then `SHARD_FIELDS` in order.
+After the shards' blocks, the front's region (`FRONT_BYTES`): a seqlock word,
+a length word, then a JSON object the front publishes (`Stats.write_front`,
+e.g. its ``"cluster"`` section, once a second) and `status_document` merges
+into the document.
 
 A shard counts into plain int attributes in its own loops (no call per
 message) and publishes the lot every `PUBLISH_SECONDS` from a loop timer:
@@ -19,7 +23,8 @@ only ever grow while the server runs; gauges (``peers``, ``ring_fill``,
 ``paused_sockets``) start again from 0, and the supervisor zeroes them when a
 shard dies (`Stats.clear_gauges`).
 
-Imports the standard library, psutil (CPU and memory of the processes) and
+Imports the standard library, orjson (the front's region), psutil (CPU and memory of the
+processes) and
 `wsfleet.ipc.atomic` only.
 """
 
@@ -32,6 +37,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psutil
 
 from .atomic import AtomicWord
@@ -73,6 +79,8 @@ GAUGES = frozenset({"peers", "ring_fill", "ring_capacity", "paused_sockets"})
 assert len(SHARD_FIELDS) < _WORDS
 _GAUGE_INDEXES = tuple(i for i, name in enumerate(SHARD_FIELDS) if name in GAUGES)
 _DRAIN_WORD = 1
+#: The front's region: what the front alone knows (a cluster's view), as JSON.
+FRONT_BYTES = 64 * 1024
 
 
 def refuse_field(status: int | None) -> str:
@@ -99,22 +107,25 @@ class Stats:
     def __init__(self, fd: int, shards: int) -> None:
         self.fd = fd
         self.shards = shards
-        self._map = mmap.mmap(fd, BLOCK_BYTES * (1 + shards))
+        self._map = mmap.mmap(fd, _size(shards))
         self._words = memoryview(self._map).cast("Q")
         view = memoryview(self._map)
         self._drain = AtomicWord(view[_DRAIN_WORD * 8 :][:8])
         self._seqs = [AtomicWord(view[(1 + i) * BLOCK_BYTES :][:8]) for i in range(shards)]
+        self._front_at = BLOCK_BYTES * (1 + shards)
+        self._front_seq = AtomicWord(view[self._front_at :][:8])
 
     @classmethod
     def create(cls, shards: int) -> Stats:
         """A new zeroed mapping; its fd is inheritable-by-``pass_fds`` (close-on-exec)."""
         fd = os.memfd_create("wsfleet-stats", os.MFD_CLOEXEC)
-        os.ftruncate(fd, BLOCK_BYTES * (1 + shards))
+        os.ftruncate(fd, _size(shards))
         return cls(fd, shards)
 
     def close(self) -> None:
         """Unmap and close the fd (after every reader and writer of this process is done)."""
         self._drain.close()
+        self._front_seq.close()
         for seq in self._seqs:
             seq.close()
         self._words.release()
@@ -132,6 +143,35 @@ class Stats:
     @draining.setter
     def draining(self, value: bool) -> None:
         self._drain.store(int(value))
+
+    # -- the front's region ------------------------------------------------------------------
+
+    def write_front(self, document: bytes) -> bool:
+        """Publish the front's JSON object (the front only); False if it does not fit."""
+        if len(document) > FRONT_BYTES - 16:
+            return False
+        seq = self._front_seq
+        current = seq.load()
+        seq.store(current + 1)
+        start = self._front_at
+        self._words[start // 8 + 1] = len(document)
+        self._map[start + 16 : start + 16 + len(document)] = document
+        seq.store(current + 2)
+        return True
+
+    def read_front(self) -> bytes:
+        """The front's JSON object as last published (b"" if none yet)."""
+        start = self._front_at
+        data = b""
+        for _ in range(1000):
+            before = self._front_seq.load()
+            if before & 1:
+                continue
+            size = min(self._words[start // 8 + 1], FRONT_BYTES - 16)
+            data = bytes(self._map[start + 16 : start + 16 + size])
+            if self._front_seq.load() == before:
+                break
+        return data
 
     # -- shard blocks ------------------------------------------------------------------------
 
@@ -170,6 +210,10 @@ class Stats:
         seq.store(current + 1)  # odd: readers wait
         self._words[start : start + len(values)] = values
         seq.store(current + 2)
+
+
+def _size(shards: int) -> int:
+    return BLOCK_BYTES * (1 + shards) + FRONT_BYTES
 
 
 class ShardStats:
@@ -251,9 +295,17 @@ def status_document(
     ``{"version", "peers", "draining", "shards": [{"index", "pid", "state",
     "reason", "restarts", "uptime", "cpu_percent", "rss", <SHARD_FIELDS>}],
     "totals": {<SHARD_FIELDS>, "restarts", "cpu_percent", "rss"}}`` plus the
-    ``fleet`` keywords (``port``, ``supervisor_pid``...).
+    ``fleet`` keywords (``port``, ``supervisor_pid``...), plus what the front
+    published (`Stats.write_front`: ``"cluster"`` for a node of a cluster).
     """
     now = time.time()
+    front: dict[str, Any] = {}
+    raw = stats.read_front()
+    if raw:
+        try:
+            front = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            front = {}
     rows = []
     for view in shards:
         row: dict[str, Any] = {
@@ -283,4 +335,5 @@ def status_document(
         "peers": totals["peers"],
         "shards": rows,
         "totals": totals,
+        **front,
     }

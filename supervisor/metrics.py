@@ -115,6 +115,57 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily(
             "wsfleet_draining", "1 while the server is draining.", value=int(doc["draining"])
         )
+        cluster = doc.get("cluster")
+        if cluster:
+            yield from _cluster_families(cluster)
+
+
+def _cluster_families(cluster: dict[str, Any]) -> Iterator[Any]:
+    """The front's cluster section (``cluster=``) as ``wsfleet_cluster_*`` families."""
+    yield GaugeMetricFamily(
+        "wsfleet_cluster_connected",
+        "1 while this node is connected to NATS.",
+        value=int(bool(cluster["nats_connected"])),
+    )
+    yield GaugeMetricFamily(
+        "wsfleet_cluster_member",
+        "1 while this node is in the cluster (connected, its id slot leased).",
+        value=int(cluster["state"] == "member"),
+    )
+    yield GaugeMetricFamily(
+        "wsfleet_cluster_nodes", "Other nodes this node sees.", value=len(cluster["nodes"])
+    )
+    yield GaugeMetricFamily(
+        "wsfleet_cluster_remote_peers", "Peers of the other nodes.", value=cluster["remote_peers"]
+    )
+    for field, text in (
+        ("messages_in", "NATS messages received from other nodes."),
+        ("bytes_in", "Bytes of the NATS messages received from other nodes."),
+        ("messages_out", "NATS messages sent to other nodes (one per node per poll)."),
+        ("bytes_out", "Bytes of the NATS messages sent to other nodes."),
+        ("refused_version", "Cluster messages refused: another wire version."),
+        ("bad_messages", "Cluster messages that could not be read."),
+        ("nodes_lost", "Nodes that left or went silent."),
+        ("delivered", "Messages from other nodes put on this node's peers."),
+    ):
+        yield CounterMetricFamily(f"wsfleet_cluster_{field}", text, value=cluster[field])
+    refused = CounterMetricFamily(
+        "wsfleet_cluster_sends_refused",
+        "Cross-node sends refused, by reason (down: NATS unreachable; too_large; backlog).",
+        labels=["reason"],
+    )
+    refused.add_metric(["down"], cluster["sends_refused_down"])
+    refused.add_metric(["too_large"], cluster["sends_refused_too_large"])
+    refused.add_metric(["backlog"], cluster["sends_refused_backlog"])
+    yield refused
+    dropped = CounterMetricFamily(
+        "wsfleet_cluster_dropped",
+        "Messages from other nodes not delivered, by reason (unknown_peer, full).",
+        labels=["reason"],
+    )
+    dropped.add_metric(["unknown_peer"], cluster["dropped_unknown_peer"])
+    dropped.add_metric(["full"], cluster["dropped_full"])
+    yield dropped
 
 
 def health(doc: dict[str, Any]) -> tuple[int, str]:

@@ -232,6 +232,23 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--app", "os:no_such_attr"],
         ["--app", "os:sep"],  # not callable
     ],
+    "--cluster": [
+        ["--cluster", ""],
+        ["--cluster", "127.0.0.1:4222"],  # no scheme
+        ["--cluster", "http://127.0.0.1:4222"],
+        ["--cluster", "nats://127.0.0.1:port"],
+    ],
+    "--cluster-tls-ca": [
+        ["--cluster-tls-ca", "{cert}"],  # without --cluster
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/nonexistent/ca.pem"],
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/etc/hostname"],
+    ],
+    "--node-name": [
+        ["--node-name", "a"],  # without --cluster
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", "a.b"],
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", ""],
+        ["--cluster", "nats://127.0.0.1:4222", "--node-name", "x" * 65],
+    ],
     "--config": [
         ["--config", "/nonexistent/wsfleet.toml"],
         ["--config", "{not_toml}"],

@@ -135,6 +135,31 @@ def test_each_shard_gets_its_own_id_range() -> None:
         assert m.owner_of(shard.id_base + shard.id_span - 1, m.id_span(3)) == shard.index
 
 
+def test_a_cluster_node_s_shards_split_its_slot() -> None:
+    """Cluster slots cover valid Godot ids only, never overlap, and a node's shards carve
+    their ranges from its slot (the owner shard and slot computed from an id)."""
+    slots = [m.slot_range(slot) for slot in range(m.CLUSTER_SLOTS)]
+    assert slots[0].start == m.FIRST_PEER_ID and slots[-1].stop <= m.ID_LIMIT
+    assert all(a.stop == b.start for a, b in zip(slots, slots[1:], strict=False))
+    assert m.slot_of(1) == -1 and m.slot_of(m.ID_LIMIT) == -1
+    with pytest.raises(ValueError):
+        m.slot_range(m.CLUSTER_SLOTS)
+    for slot in (0, 77, m.CLUSTER_SLOTS - 1):
+        ids = m.slot_range(slot)
+        config = dataclasses.replace(fleet_config(), id_base=ids.start, id_total=len(ids))
+        shards = [config.for_shard(index, 3) for index in range(3)]
+        span = m.id_span(3, len(ids))
+        for shard in shards:
+            first, last = shard.id_base, shard.id_base + shard.id_span - 1
+            assert ids.start <= first and last < ids.stop
+            assert m.slot_of(first) == m.slot_of(last) == slot
+            assert m.owner_of(first, span, ids.start) == shard.index
+            assert m.owner_of(last, span, ids.start) == shard.index
+        assert [s.id_base + s.id_span for s in shards[:-1]] == [s.id_base for s in shards[1:]]
+    with pytest.raises(ValueError):
+        dataclasses.replace(fleet_config(), id_base=1)
+
+
 def test_only_shard_up_carries_descriptors_over_a_real_socket() -> None:
     front, supervisor = control.socketpair()
     try:
