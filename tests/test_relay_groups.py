@@ -7,7 +7,7 @@ whose sharing changed, a departure tells only its room mates; frames reach only 
 (``to`` = n for another room is dropped and counted as ``group``), and the server's own
 packets reach everyone. The Python clients speak Godot's multiplayer framing
 (tests/test_mp_protocol.py's `MPClient`); the last test runs real Godot 3.2.3 clients
-(tests/godot/mp_client.gd, as tests/test_godot_multiplayer.py) in two rooms.
+(tests/godot/mp_client.gd, with tests/godot_mp.py's harness) in two rooms.
 
 Absence ("nobody else got it") is checked after `settle`: every client sends a marker to
 the server, and once the server has them all it sends one to every client. A client's
@@ -34,10 +34,8 @@ from websockets.exceptions import ConnectionClosed
 
 from wsfleet import Error, WebSocketServer
 
-from . import test_godot_multiplayer as godot_mp
-from .godot_runner import GodotProcess, GodotProcesses, options, wait_until
-from .opsproc import wsfleet
-from .test_godot_multiplayer import (
+from . import godot_mp
+from .godot_mp import (
     CLIENTS,
     WAIT,
     FleetScript,
@@ -45,6 +43,8 @@ from .test_godot_multiplayer import (
     expected_part,
     server_expects,
 )
+from .godot_runner import GodotProcess, GodotProcesses, options, wait_until
+from .opsproc import wsfleet
 from .test_mp_protocol import (
     HEADER_SIZE,
     MARKER,
