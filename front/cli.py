@@ -44,7 +44,7 @@ from wsfleet.ipc.proctitle import set_title
 from . import __version__, config_file, userapp
 from . import ops as ops_commands
 from .binding import format_url
-from .cluster import check_cluster_url, check_node_name
+from .cluster import check_cluster_url, check_node_name, credentials_problem
 from .errors import Error
 from .peer import WebSocketPeer
 from .server import (
@@ -310,6 +310,13 @@ def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
         default=None,
         help="PEM file of the CA(s) that signed the NATS server's certificate (tls://); "
         "default: the system's CAs",
+    )
+    group.add_argument(
+        "--cluster-creds",
+        metavar="FILE",
+        default=None,
+        help="a NATS credentials file (.creds: a user JWT and its nkey seed), for a NATS "
+        "server in operator mode; default: none (or credentials in the URL)",
     )
 
 
@@ -592,6 +599,12 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
         problem = _read_pem("--cluster-tls-ca", args.cluster_tls_ca)
         if problem:
             return problem
+    if args.cluster_creds is not None:
+        if args.cluster is None:
+            return "--cluster-creds needs --cluster"
+        problem = credentials_problem(args.cluster_creds)
+        if problem:
+            return f"--cluster-creds {args.cluster_creds}: {problem}"
     if args.tls_cert:
         for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             problem = _read_pem(option, path)
@@ -664,6 +677,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         cluster=args.cluster,
         node_name=args.node_name,
         cluster_tls_ca=args.cluster_tls_ca,
+        cluster_credentials=args.cluster_creds,
         compression=args.compression,
         compression_context_takeover=not args.compression_no_context_takeover,
         compression_window_bits=args.compression_window_bits,

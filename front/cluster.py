@@ -84,6 +84,7 @@ __all__ = [
     "ClusterDelivery",
     "check_cluster_url",
     "check_node_name",
+    "credentials_problem",
     "default_node_name",
 ]
 
@@ -119,6 +120,23 @@ def check_cluster_url(url: str) -> str:
                 f"({'|'.join(NATS_SCHEMES)}://host:port)"
             )
     return url
+
+
+def credentials_problem(path: str) -> str | None:
+    """Why the NATS credentials file at ``path`` cannot be used, or None: readable, with a
+    user JWT and an nkey seed in it, and ``nkeys`` (which nats-py signs with) installed."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read it: {exc}"
+    if "BEGIN NATS USER JWT" not in text or "NKEY SEED" not in text:
+        return "not a NATS credentials file (no user JWT and nkey seed in it)"
+    try:
+        import nkeys  # noqa: F401  (nats-py needs it for credentials files)
+    except ImportError:
+        return "credentials files need the nkeys package: pip install 'wsfleet[cluster]'"
+    return None
 
 
 def default_node_name() -> str:
@@ -227,10 +245,13 @@ class Cluster:
         delivery: ClusterDelivery,
         connect_wait: float = DEFAULT_CONNECT_WAIT,
         tls: ssl.SSLContext | None = None,
+        credentials: str | None = None,
     ) -> None:
         self.url = url
         #: The TLS context for NATS (None: nats-py's default for ``tls://``, the system's CAs).
         self.tls = tls
+        #: A NATS credentials file (``.creds``), or None.
+        self.credentials = credentials
         self.name = check_node_name(node_name) if node_name is not None else default_node_name()
         self._name_b = self.name.encode()
         self.incarnation = secrets.randbits(63) or 1
@@ -304,6 +325,7 @@ class Cluster:
             self._heartbeat_body,
             first,
             tls=self.tls,
+            credentials=self.credentials,
         )
         link.start()
         deadline = time.monotonic() + self.connect_wait

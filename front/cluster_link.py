@@ -72,9 +72,11 @@ class NatsLink:
         heartbeat_body: Callable[[], bytes],
         first_slot: int,
         tls: ssl.SSLContext | None = None,
+        credentials: str | None = None,
     ) -> None:
         self.url = url
         self._tls = tls
+        self._credentials = credentials
         self.name = name
         self.incarnation = incarnation
         self._notify = notify
@@ -194,6 +196,8 @@ class NatsLink:
         assert stopping is not None
         while not stopping.is_set():
             extra: dict[str, Any] = {} if self._tls is None else {"tls": self._tls}
+            if self._credentials is not None:
+                extra["user_credentials"] = self._credentials
             connect = asyncio.ensure_future(
                 nats.connect(
                     **extra,

@@ -40,7 +40,7 @@ from wsfleet.ipc.tls import TlsError, load_tls
 from . import binding
 from .binding import BindError, format_url
 from .channel import OutboundBudget, PeerChannel, PeerLimits
-from .cluster import check_cluster_url, check_node_name
+from .cluster import check_cluster_url, check_node_name, credentials_problem
 from .errors import Error
 from .fleet import STOP_DRAIN_TIMEOUT, STOP_TIMEOUT, Fleet, FleetListener
 from .groups import Groups
@@ -201,6 +201,11 @@ class WebSocketServer(SignalEmitter):
     ``cluster_tls_ca`` (None: the system's CAs)
         A PEM file of the CA(s) that signed the NATS server's certificate, for a
         ``tls://`` URL (or a server that requires TLS).
+    ``cluster_credentials`` (None)
+        A NATS credentials file (``.creds``: a user JWT and its nkey seed, as
+        ``nsc`` writes them) for a NATS server in operator (JWT) mode; nats-py
+        reads it with ``nkeys`` (part of ``wsfleet[cluster]``).  A user and a
+        password can go in the URL instead (``nats://user:pass@host:4222``).
 
     Operations (README "Operations", docs/METRICS.md):
 
@@ -319,6 +324,7 @@ class WebSocketServer(SignalEmitter):
         cluster: str | None = None,
         node_name: str | None = None,
         cluster_tls_ca: str | None = None,
+        cluster_credentials: str | None = None,
         compression: bool = False,
         compression_context_takeover: bool = True,
         compression_window_bits: int = DEFAULT_COMPRESSION_WINDOW_BITS,
@@ -336,6 +342,8 @@ class WebSocketServer(SignalEmitter):
         #: A PEM file of the CA(s) that signed NATS' certificate (``tls://``); None: the
         #: system's CAs.
         self.cluster_tls_ca = cluster_tls_ca
+        #: A NATS credentials file (``.creds``) for a NATS server in operator mode.
+        self.cluster_credentials = cluster_credentials
         self._cluster: Any = None
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -601,9 +609,20 @@ class WebSocketServer(SignalEmitter):
             except (OSError, ssl.SSLError) as exc:
                 log.error("listen: cluster_tls_ca %s: %s", self.cluster_tls_ca, exc)
                 return Error.ERR_CANT_CREATE
+        credentials = self.cluster_credentials
+        if credentials:
+            problem = credentials_problem(credentials)
+            if problem:
+                log.error("listen: cluster_credentials %s: %s", credentials, problem)
+                return Error.ERR_CANT_OPEN
         try:
             cluster = Cluster(
-                str(self.cluster), self.node_name, self.shards, _ClusterDelivery(self), tls=tls
+                str(self.cluster),
+                self.node_name,
+                self.shards,
+                _ClusterDelivery(self),
+                tls=tls,
+                credentials=credentials or None,
             )
             cluster.start()
         except (ValueError, OSError) as exc:

@@ -243,6 +243,11 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/nonexistent/ca.pem"],
         ["--cluster", "nats://127.0.0.1:4222", "--cluster-tls-ca", "/etc/hostname"],
     ],
+    "--cluster-creds": [
+        ["--cluster-creds", "{cert}"],  # without --cluster
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-creds", "/nonexistent/node.creds"],
+        ["--cluster", "nats://127.0.0.1:4222", "--cluster-creds", "{cert}"],  # no JWT in it
+    ],
     "--node-name": [
         ["--node-name", "a"],  # without --cluster
         ["--cluster", "nats://127.0.0.1:4222", "--node-name", "a.b"],

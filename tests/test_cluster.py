@@ -28,7 +28,7 @@ from wsfleet.ipc import messages as m
 from wsfleet.variant import encode_variant
 
 from .conftest import TESTS_DIR, free_port
-from .natsproc import NatsServer
+from .natsproc import NatsServer, operator_mode
 from .serveproc import ServeProcess
 
 APP = "tests.apps.cluster_app:setup"
@@ -221,6 +221,11 @@ def test_bad_cluster_settings_are_refused() -> None:
     server = WebSocketServer(shards=1, control=False, cluster="nats://127.0.0.1:1")
     server.node_name = "has space"
     assert server.listen(0) == Error.ERR_INVALID_PARAMETER
+    assert not server.is_listening()
+    server = WebSocketServer(
+        shards=1, control=False, cluster="nats://127.0.0.1:1", cluster_credentials="/no/such.creds"
+    )
+    assert server.listen(0) == Error.ERR_CANT_OPEN
     assert not server.is_listening()
 
 
@@ -558,6 +563,55 @@ def test_credentials_in_the_url_work_and_stay_out_of_logs(tmp_path: Path) -> Non
         for node in nodes:
             node.end()
         nats.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_credentials_file_joins_a_nats_server_in_operator_mode(tmp_path: Path) -> None:
+    """``--cluster-creds``: nodes with a user of the server's account form the cluster (JWT
+    auth, JetStream for the leases); a user of an account the server does not know is
+    refused, says so, and serves its own peers."""
+    config, creds, stranger_creds = operator_mode(tmp_path / "jwt")
+    nats = NatsServer(tmp_path / "op", None, "-c", config).start()
+    nodes = [
+        start_node(nats, name, 1, "off", "--cluster-creds", str(creds)) for name in ("c1", "c2")
+    ]
+    stranger = start_node(nats, "c3", 1, "off", "--cluster-creds", str(stranger_creds))
+    try:
+        for node in (*nodes, stranger):
+            node.wait_up(30)
+        stranger.wait_for(r"cannot reach NATS at nats://127\.0\.0\.1:\d+ .*[Aa]uthoriz")
+
+        async def body() -> None:
+            a = await Client.open(nodes[0].port)
+            b = await Client.open(nodes[1].port)
+            c = await Client.open(stranger.port)
+            await wait_view(a, {a.id, b.id})
+            assert await a.ask(f"send {b.id} signed") == "sent 0"
+            await b.until("signed")
+            assert await c.ask(f"send {c.id} alone") == "sent 0"  # its own peers: served
+            await c.until("alone")
+            assert c.id not in await a.peers()
+            for client in (a, b, c):
+                await client.close()
+
+        asyncio.run(body())
+    finally:
+        for node in (*nodes, stranger):
+            node.end()
+        nats.kill()
+
+
+def test_a_bad_credentials_file_is_refused_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.creds"
+    bad.write_text("not a credentials file\n")
+    for creds in (bad, tmp_path / "missing.creds"):
+        result = subprocess.run(
+            [sys.executable, "-m", "wsfleet", "serve", "--cluster", "nats://127.0.0.1:1",
+             "--cluster-creds", str(creds), "--port", "0"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 2, result
+        assert f"--cluster-creds {creds}:" in result.stderr
 
 
 @pytest.mark.timeout(120)
