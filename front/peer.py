@@ -47,6 +47,19 @@ def check_close(code: int, reason: str) -> bytes:
     return encoded
 
 
+def var_packet(value: Any, full_objects: bool = False) -> bytes | Error:
+    """``value`` in Godot 3.2's Variant encoding for ``put_var`` (a peer's, local or
+    remote), or the error it returns (logged)."""
+    try:
+        encoded = encode_variant(value, full_objects)
+    except VariantError as exc:
+        log.error("put_var: %s", exc)
+        return Error(exc.error)
+    if len(encoded) > MAX_ENCODED_SIZE:
+        return Error.ERR_OUT_OF_MEMORY
+    return encoded
+
+
 class WebSocketPeer:
     """A connected client. Obtain it with ``server.get_peer(id)``."""
 
@@ -145,14 +158,8 @@ class WebSocketPeer:
 
     def put_var(self, value: Any, full_objects: bool = False) -> Error:
         """Send ``value`` in Godot 3.2's Variant encoding, as one binary-or-text message."""
-        try:
-            encoded = encode_variant(value, full_objects)
-        except VariantError as exc:
-            log.error("put_var: %s", exc)
-            return Error(exc.error)
-        if len(encoded) > MAX_ENCODED_SIZE:
-            return Error.ERR_OUT_OF_MEMORY
-        return self.put_packet(encoded)
+        encoded = var_packet(value, full_objects)
+        return encoded if isinstance(encoded, Error) else self.put_packet(encoded)
 
     def get_var(self, allow_objects: bool = False) -> Any:
         """Decode the next message as a Godot Variant (None and an error if it is not one)."""

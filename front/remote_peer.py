@@ -24,8 +24,7 @@ import logging
 from typing import Any, Protocol
 
 from .errors import Error
-from .peer import check_close
-from .variant import MAX_ENCODED_SIZE, VariantError, encode_variant
+from .peer import check_close, var_packet
 
 log = logging.getLogger("wsfleet")
 
@@ -111,14 +110,8 @@ class RemotePeer:
 
     def put_var(self, value: Any, full_objects: bool = False) -> Error:
         """Send ``value`` in Godot 3.2's Variant encoding."""
-        try:
-            encoded = encode_variant(value, full_objects)
-        except VariantError as exc:
-            log.error("put_var: %s", exc)
-            return Error(exc.error)
-        if len(encoded) > MAX_ENCODED_SIZE:
-            return Error.ERR_OUT_OF_MEMORY
-        return self.put_packet(encoded)
+        encoded = var_packet(value, full_objects)
+        return encoded if isinstance(encoded, Error) else self.put_packet(encoded)
 
     def get_packet(self) -> bytes:
         """Always ``b""``: a remote peer's packets arrive at its own node."""
