@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from websockets.exceptions import NegotiationError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -51,6 +50,7 @@ from .test_wire_differential import (
     mutate,
     random_cuts,
     read_output,
+    reference_upgrade,
     server_frames,
     split,
     split_response,
@@ -126,21 +126,8 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
         select_subprotocol=lambda _protocol, offered: config.select(offered),
         max_size=config.max_message,
     )
-    end = head_end(stream)
-    ws.receive_data(stream if end < 0 else stream[:end])
-    out = ws.data_to_send()
+    end, out = reference_upgrade(ws, stream, admit)
     outcome = Outcome()
-    parsed = ws.events_received()
-    if parsed:
-        request = parsed[0]
-        assert isinstance(request, Request)
-        response = ws.accept(request)
-        if response.status_code == 101:
-            refusal = admit(request.headers.get_all("Origin"))
-            if refusal is not None:
-                response = ws.reject(*refusal)
-        ws.send_response(response)
-        out += ws.data_to_send()
     if ws.state is not State.OPEN:
         read_output(out, outcome, stream)
         return outcome

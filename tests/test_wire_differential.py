@@ -45,7 +45,7 @@ import os
 import random
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 
@@ -243,21 +243,14 @@ def head_end(stream: bytes) -> int:
     return -1 if end < 0 else end + 4
 
 
-def run_websockets(config: Config, stream: bytes) -> Outcome:
-    """The reference: websockets' ServerProtocol reads the head, is asked to accept it (with
-    the same policy), then reads the frames; then the named deviations apply."""
-    if deviation_request_too_large(config, stream):
-        return Outcome(status=431, eof=True)
-    if deviation_head_unfinished(config, stream):
-        return Outcome()
-    ws = ServerProtocol(
-        select_subprotocol=lambda _protocol, offered: config.select(offered),
-        max_size=config.max_message,
-    )
+def reference_upgrade(
+    ws: ServerProtocol, stream: bytes, admit: Callable[[Sequence[str]], object]
+) -> tuple[int, list[bytes]]:
+    """websockets' side of the upgrade in ``stream`` (the server's ``admit`` rule applied
+    to a request it accepts): (where the head ends, or -1; what it sent so far)."""
     end = head_end(stream)
     ws.receive_data(stream if end < 0 else stream[:end])
     out = ws.data_to_send()
-    outcome = Outcome()
     parsed = ws.events_received()
     if parsed:
         request = parsed[0]
@@ -269,6 +262,22 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
                 response = ws.reject(*refusal)
         ws.send_response(response)
         out += ws.data_to_send()
+    return end, out
+
+
+def run_websockets(config: Config, stream: bytes) -> Outcome:
+    """The reference: websockets' ServerProtocol reads the head, is asked to accept it (with
+    the same policy), then reads the frames; then the named deviations apply."""
+    if deviation_request_too_large(config, stream):
+        return Outcome(status=431, eof=True)
+    if deviation_head_unfinished(config, stream):
+        return Outcome()
+    ws = ServerProtocol(
+        select_subprotocol=lambda _protocol, offered: config.select(offered),
+        max_size=config.max_message,
+    )
+    end, out = reference_upgrade(ws, stream, admit)
+    outcome = Outcome()
     if ws.state is not State.OPEN:
         read_output(out, outcome, stream)
         return outcome
