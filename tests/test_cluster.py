@@ -161,6 +161,19 @@ async def wait_view(client: Client, expected: set[int]) -> None:
             await asyncio.sleep(0.1)
 
 
+def serves_its_own(node: ServeProcess, state: str) -> None:
+    """A node outside the cluster (in ``state``) still serves its own peers."""
+
+    async def body() -> None:
+        client = await Client.open(node.port)
+        assert await client.ask(f"send {client.id} still-served") == "sent 0"
+        await client.until("still-served")
+        assert (await client.status())["state"] == state
+        await client.close()
+
+    asyncio.run(body())
+
+
 def kill_tree(node: ServeProcess) -> None:
     """SIGKILL a node: its front, supervisor and shards at once (by pid)."""
     for process in node.record_tree():
@@ -402,15 +415,7 @@ def test_a_provisional_slot_leased_by_another_node_keeps_this_one_out(tmp_path: 
             rf"id slot {slot} is leased by node intruder: node late stays out of the cluster",
             WAIT,
         )
-
-        async def body() -> None:
-            client = await Client.open(late.port)
-            assert await client.ask(f"send {client.id} still-served") == "sent 0"
-            await client.until("still-served")
-            assert (await client.status())["state"] == "conflict"
-            await client.close()
-
-        asyncio.run(body())
+        serves_its_own(late, "conflict")
     finally:
         late.end()
         nats.kill()
@@ -622,15 +627,7 @@ def test_without_jetstream_a_node_says_so_and_serves_its_own(tmp_path: Path) -> 
         node.wait_up(30)
         node.wait_for(r"cannot lease an id slot from NATS' key-value store .*JetStream on")
         node.wait_for(r"provisional id slot \d+")
-
-        async def body() -> None:
-            client = await Client.open(node.port)
-            assert await client.ask(f"send {client.id} mine") == "sent 0"
-            await client.until("mine")
-            assert (await client.status())["state"] == "joining"
-            await client.close()
-
-        asyncio.run(body())
+        serves_its_own(node, "joining")
     finally:
         node.end()
         nats.kill()
