@@ -1,0 +1,176 @@
+"""``--shard-handler module:attr``: application code inside every shard, against real
+``wsfleet serve`` processes and real clients (handlers in tests/apps/shard_apps.py, whose
+answers start with ``PID:INDEX:``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from .opsproc import Served, wsfleet
+
+APPS = "tests.apps.shard_apps"
+
+
+def _handler(name: str) -> tuple[str, str]:
+    return ("--shard-handler", f"{APPS}:{name}")
+
+
+def _origin(answer: str) -> tuple[int, int, str]:
+    pid, index, rest = answer.split(":", 2)
+    return int(pid), int(index), rest
+
+
+@pytest.mark.timeout(60)
+def test_an_echo_handler_answers_in_every_shard_and_nothing_reaches_the_front(
+    tmp_path: Path,
+) -> None:
+    with Served(tmp_path, 2, *_handler("echo")) as served:
+
+        async def body() -> tuple[set[int], list[str]]:
+            clients = [await connect(served.url(), ping_interval=None) for _ in range(16)]
+            indexes = set()
+            for n, ws in enumerate(clients):
+                await ws.send(f"hi{n}")
+                pid, index, rest = _origin(await asyncio.wait_for(ws.recv(), 10))
+                assert rest == f"hi{n}"
+                indexes.add(index)
+            await clients[0].send(b"bin")
+            binary = await asyncio.wait_for(clients[0].recv(), 10)
+            assert isinstance(binary, bytes) and binary.endswith(b":bin")
+            # The front's echo would answer each message a second time: nothing more comes.
+            extra = []
+            for ws in clients:
+                try:
+                    extra.append(await asyncio.wait_for(ws.recv(), 0.05))
+                except TimeoutError:
+                    pass
+                await ws.close()
+            return indexes, extra
+
+        indexes, extra = asyncio.run(body())
+        assert indexes == {0, 1}  # 16 connections over 2 shards: both run the handler
+        assert extra == []
+
+
+@pytest.mark.timeout(60)
+def test_a_filter_forwards_some_messages_in_order_and_consumes_the_others(
+    tmp_path: Path,
+) -> None:
+    with Served(tmp_path, 1, *_handler("filtering")) as served:
+
+        async def body() -> list[str]:
+            async with connect(served.url(), ping_interval=None) as ws:
+                for n in range(200):
+                    await ws.send(f"front{n}" if n % 2 else f"shard{n}")
+                return [await asyncio.wait_for(ws.recv(), 10) for _ in range(200)]
+
+        got = asyncio.run(body())
+        from_front = [text for text in got if text.startswith("front")]
+        from_shard = [_origin(text)[2] for text in got if not text.startswith("front")]
+        assert from_front == [f"front{n}" for n in range(1, 200, 2)]  # poll() in order
+        assert from_shard == [f"shard{n}" for n in range(0, 200, 2)]
+        time.sleep(0.3)  # counters are published every 0.1 s
+        totals = served.status()["totals"]
+        assert totals["messages_in"] == 200 and totals["shard_handler_errors"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_is_logged_counted_and_the_connection_goes_on(tmp_path: Path) -> None:
+    with Served(tmp_path, 1, *_handler("raising")) as served:
+
+        async def body() -> list[str]:
+            async with connect(served.url(), ping_interval=None) as ws:
+                got = []
+                for text in ("a", "boom", "b", "boom", "c"):
+                    await ws.send(text)
+                for _ in range(3):
+                    got.append(_origin(await asyncio.wait_for(ws.recv(), 10))[2])
+                return got
+
+        # The message it raised on is dropped: neither the shard nor the front answers it.
+        assert asyncio.run(body()) == ["a", "b", "c"]
+        time.sleep(0.3)
+        assert served.status()["totals"]["shard_handler_errors"] == 2
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(20)
+        log = served.proc.stderr.read()
+        # The second within 10 s is counted, not logged again.
+        assert log.count("tests.apps.shard_apps:raising: on_message raised") == 1, log
+        assert "the test handler's boom" in log
+
+
+@pytest.mark.timeout(90)
+def test_the_handler_is_made_again_after_a_reload_and_after_a_restart(tmp_path: Path) -> None:
+    with Served(tmp_path, 1, *_handler("echo")) as served:
+
+        async def ask(ws, text: str) -> int:
+            await ws.send(text)
+            pid, _index, rest = _origin(await asyncio.wait_for(ws.recv(), 10))
+            assert rest == text
+            return pid
+
+        async def body() -> tuple[int, int, int, int]:
+            async with connect(served.url(), ping_interval=None) as ws:
+                first = await ask(ws, "before")
+                result = await asyncio.to_thread(
+                    wsfleet, "reload", "--control", served.control, timeout=60
+                )
+                assert result.returncode == 0, result.stdout + result.stderr
+                reloaded = await ask(ws, "after the reload")  # the same connection
+            os.kill(reloaded, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while True:
+                rows = (await asyncio.to_thread(served.status))["shards"]
+                if rows[0]["state"] == "running" and rows[0]["pid"] not in (first, reloaded):
+                    break
+                assert time.monotonic() < deadline, rows
+                await asyncio.sleep(0.05)
+            async with connect(served.url(), ping_interval=None) as ws:
+                restarted = await ask(ws, "after the restart")
+            return first, reloaded, restarted, rows[0]["pid"]
+
+        first, reloaded, restarted, shard_pid = asyncio.run(body())
+        assert first != reloaded  # the successor, a fresh interpreter, imported it again
+        assert restarted not in (first, reloaded) and restarted == shard_pid
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("no_such_module_here:make", "cannot import no_such_module_here"),
+        (f"{APPS}:missing", "has no missing"),
+        (f"{APPS}:not_a_factory", "not_a_factory is not callable"),
+        ("no-colon", "expected module:attr"),
+    ],
+)
+def test_a_bad_handler_is_refused_at_start(spec: str, why: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsfleet", "serve", "--port", "0", "--shard-handler", spec],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--shard-handler" in result.stderr and why in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_handler_with_the_multiplayer_relay_is_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsfleet", "serve", "--port", "0", "--gd-mp-api",
+         "--shard-handler", f"{APPS}:echo"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot be used with --gd-mp-api" in result.stderr
