@@ -84,6 +84,39 @@ def test_a_filter_forwards_some_messages_in_order_and_consumes_the_others(
 
 
 @pytest.mark.timeout(60)
+def test_a_handler_fans_out_within_its_groups(tmp_path: Path) -> None:
+    with Served(tmp_path, 1, *_handler("rooms")) as served:
+
+        async def body() -> None:
+            a, b, c = [await connect(served.url(), ping_interval=None) for _ in range(3)]
+            for ws in (a, b):
+                await ws.send("join:r")
+                assert await asyncio.wait_for(ws.recv(), 10) == "joined:r"
+            await a.send("say:r:hello")
+            assert await asyncio.wait_for(a.recv(), 10) == "sent:1"
+            assert await asyncio.wait_for(b.recv(), 10) == "hello"
+            # c is in no room: the first thing it gets is the front's echo of its message.
+            await c.send("front-check")
+            assert await asyncio.wait_for(c.recv(), 10) == "front-check"
+            await b.close()
+            deadline = time.monotonic() + 10
+            while True:  # b leaves its group once the shard sees its TCP connection end
+                await a.send("members:r")
+                answer = await asyncio.wait_for(a.recv(), 10)
+                assert answer.startswith("members:")
+                if answer[8:].isdigit():  # only a itself
+                    break
+                assert time.monotonic() < deadline, answer
+                await asyncio.sleep(0.02)
+            await a.send("say:r:alone")
+            assert await asyncio.wait_for(a.recv(), 10) == "sent:0"
+            await a.close()
+            await c.close()
+
+        asyncio.run(body())
+
+
+@pytest.mark.timeout(60)
 def test_an_exception_is_logged_counted_and_the_connection_goes_on(tmp_path: Path) -> None:
     with Served(tmp_path, 1, *_handler("raising")) as served:
 

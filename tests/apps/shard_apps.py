@@ -38,6 +38,34 @@ class _Raising(_Echo):
         return super().on_message(peer_id, data, is_text)
 
 
+class _Rooms:
+    """``join:ROOM`` joins, ``say:ROOM:TEXT`` reaches the room's other members on this shard,
+    ``members:ROOM`` answers them; anything else goes to the front."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def on_message(self, peer_id: int, data: bytes, is_text: bool) -> bool:
+        verb, _, rest = data.decode().partition(":")
+        if verb == "join":
+            self.ctx.join(peer_id, rest)
+            self.ctx.put_packet(peer_id, f"joined:{rest}".encode(), True)
+        elif verb == "say":
+            room, _, text = rest.partition(":")
+            sent = self.ctx.broadcast(text.encode(), True, group=room, exclude=(peer_id,))
+            self.ctx.put_packet(peer_id, f"sent:{sent}".encode(), True)
+        elif verb == "members":
+            members = ",".join(map(str, self.ctx.group_members(rest)))
+            self.ctx.put_packet(peer_id, f"members:{members}".encode(), True)
+        else:
+            return True
+        return False
+
+
+def rooms(ctx: Any) -> _Rooms:
+    return _Rooms(ctx)
+
+
 def echo(ctx: Any) -> _Echo:
     return _Echo(ctx)
 
