@@ -864,7 +864,11 @@ def run(
         try:
             shard.start_app(config.shard_handler)
         except Exception:
-            log.exception("shard %d: shard handler %s", config.index, config.shard_handler)
+            log.exception(
+                "shard %d: cannot make the shard handler %s: its factory raised",
+                config.index,
+                config.shard_handler,
+            )
             loop.close()
             return EXIT_BOOT_FAILED
     reader = RingReader(loop, shard.commands, shard.on_commands)

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
+from wsfleet import Error, WebSocketServer
+
 from .opsproc import Served, wsfleet
+from .wsserver import Recorder, polling, until
 
 APPS = "tests.apps.shard_apps"
 
@@ -207,3 +210,55 @@ def test_a_handler_with_the_multiplayer_relay_is_refused() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "cannot be used with --gd-mp-api" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_factory_that_raises_keeps_its_shard_from_booting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsfleet", "serve", "--port", "0", "--shards", "1",
+         "--shard-handler", f"{APPS}:broken"],
+        capture_output=True, text=True, timeout=50, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot make the shard handler {APPS}:broken: its factory raised" in result.stderr
+    assert "this factory cannot make its handler" in result.stderr  # its traceback
+    assert "shard 0 given up: it cannot boot" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_in_the_api_what_the_handler_forwards_reaches_poll_in_order_with_the_peer_events() -> None:
+    server = WebSocketServer(shards=2, ping_interval=None, shard_handler=f"{APPS}:filtering")
+    recorder = Recorder(server)
+    server.connect("data_received", lambda peer_id: recorder.events.append(("data", peer_id)))
+    assert server.listen(0) == Error.OK
+    try:
+
+        async def body() -> list[str]:
+            async with polling(server):
+                ws = await connect(f"ws://127.0.0.1:{server.port}", ping_interval=None)
+                for n in range(100):
+                    await ws.send(f"front{n}" if n % 3 == 0 else f"shard{n}")
+                answers = [await asyncio.wait_for(ws.recv(), 10) for n in range(100) if n % 3]
+                await ws.close()
+                await until(lambda: recorder.named("disconnected"), 10)
+                return answers
+
+        answers = asyncio.run(body())
+        assert [_origin(a)[2] for a in answers] == [f"shard{n}" for n in range(100) if n % 3]
+        (peer_id,) = recorder.connected_ids()
+        forwarded = [f"front{n}".encode() for n in range(0, 100, 3)]
+        assert recorder.packets[peer_id] == [(p, True) for p in forwarded]
+        # The forwarded messages come between the peer's connect and its close, in order.
+        names = [e[0] for e in recorder.events]
+        assert names == ["connected", *["data"] * 34, "close_request", "disconnected"]
+    finally:
+        server.stop()
+
+
+def test_the_api_refuses_a_bad_handler_and_one_with_the_multiplayer_relay() -> None:
+    with pytest.raises(ValueError, match="has no missing"):
+        WebSocketServer(shards=1, shard_handler=f"{APPS}:missing")
+    server = WebSocketServer(shards=1, shard_handler=f"{APPS}:echo")
+    assert server.listen(0, gd_mp_api=True) == Error.ERR_INVALID_PARAMETER
+    server.shard_handler = "no_such_module_here:x"  # set after construction: listen checks it
+    assert server.listen(0) == Error.ERR_INVALID_PARAMETER

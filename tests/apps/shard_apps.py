@@ -78,4 +78,8 @@ def raising(ctx: Any) -> _Raising:
     return _Raising(ctx)
 
 
+def broken(ctx: Any) -> None:
+    raise RuntimeError("this factory cannot make its handler")
+
+
 not_a_factory = 42
