@@ -87,19 +87,19 @@ class ShardContext:
         """Send one message to a peer of this shard (written at the end of this loop
         iteration, after what was queued before); False if it is not an open peer here
         or its socket buffer is full (it does not read)."""
-        conn = self._open(peer_id)
+        # The handler's per-message path: inlined rather than shared with `close`.
+        conn = self._shard.peers.get(peer_id)
         if conn is None or conn._write_paused:
             return False
-        self._queue(conn, bytes(data), text)
-        return True
-
-    def _queue(self, conn: PeerConnection, data: bytes, text: bool) -> None:
-        shard = self._shard
-        if conn.wire.deflate is not None:
-            frame = conn.wire.compress(data, text)
+        wire = conn.wire
+        if wire.phase is not _OPEN:
+            return False
+        if wire.deflate is not None:
+            frame = wire.compress(bytes(data), text)
         else:
             frame = frame_header(0x81 if text else 0x82, len(data)) + data
-        shard._queue_frame(conn, frame)
+        self._shard._queue_frame(conn, frame)
+        return True
 
     def close(self, peer_id: int, code: int = 1000, reason: str = "") -> bool:
         """Start the close handshake with a peer of this shard; False if it is not one."""

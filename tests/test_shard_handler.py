@@ -65,6 +65,23 @@ def test_an_echo_handler_answers_in_every_shard_and_nothing_reaches_the_front(
 
 
 @pytest.mark.timeout(60)
+def test_a_handler_answers_a_compressing_peer_deflated(tmp_path: Path) -> None:
+    with Served(tmp_path, 1, "--compression", *_handler("echo")) as served:
+
+        async def body() -> tuple[str | None, list[str]]:
+            async with connect(served.url(), ping_interval=None) as ws:  # offers deflate
+                got = []
+                for n in range(20):
+                    await ws.send("x" * 500 + str(n))
+                    got.append(_origin(await asyncio.wait_for(ws.recv(), 10))[2])
+                return ws.response.headers.get("Sec-WebSocket-Extensions"), got
+
+        extensions, got = asyncio.run(body())
+        assert extensions is not None and "permessage-deflate" in extensions
+        assert got == ["x" * 500 + str(n) for n in range(20)]
+
+
+@pytest.mark.timeout(60)
 def test_a_filter_forwards_some_messages_in_order_and_consumes_the_others(
     tmp_path: Path,
 ) -> None:
