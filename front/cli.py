@@ -246,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and returns None or a function called after every poll (see the README)",
     )
     serve.add_argument(
+        "--shard-handler",
+        metavar="MODULE:ATTR",
+        help="application code run inside every shard: ATTR(context) is called once per shard "
+        "process and returns a handler whose on_message(peer_id, data, is_text) sees each "
+        "message first (False: consumed there; else on to the front); not with --gd-mp-api "
+        "(README: Application code in the shards)",
+    )
+    serve.add_argument(
         "--config",
         metavar="FILE",
         help="TOML file of serve options (keys: option names); the command line and "
@@ -591,6 +599,8 @@ def check_serve_args(args: argparse.Namespace) -> str | None:
         return "--require-origin needs --allowed-origins"
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together"
+    if args.shard_handler and args.gd_mp_api:
+        return "--shard-handler cannot be used with --gd-mp-api: the relay owns every message"
     if args.node_name is not None and args.cluster is None:
         return "--node-name needs --cluster"
     if args.cluster_tls_ca is not None:
@@ -683,6 +693,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         compression_window_bits=args.compression_window_bits,
         compression_mem_level=args.compression_mem_level,
         compression_level=args.compression_level,
+        shard_handler=args.shard_handler,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

@@ -34,6 +34,7 @@ from wsfleet.ipc.config import (
     FleetConfig,
     Limits,
 )
+from wsfleet.ipc.handlerspec import resolve as resolve_handler
 from wsfleet.ipc.logconfig import LogConfig
 from wsfleet.ipc.tls import TlsError, load_tls
 
@@ -243,6 +244,19 @@ class WebSocketServer(SignalEmitter):
         the fleet-wide one).  Any other plain request gets ``426 Upgrade
         Required``.
 
+    Application code in the shards (README "Application code in the shards"):
+
+    ``shard_handler`` (None)
+        ``"module:attr"``: a factory called once in every shard process (at
+        its start, after a restart, after ``wsfleet reload``) with a
+        `wsfleet.shards.app.ShardContext`; the handler it returns sees every
+        message of that shard's peers first (``on_message(peer_id, data,
+        is_text)``: False consumes it, True/None forwards it to `poll` in
+        order) and may answer, close and fan out within its shard with the
+        same peer ids.  Imported here too, so a bad name is a ValueError now
+        (``ERR_INVALID_PARAMETER`` from `listen` when set later).  Not with
+        ``gd_mp_api`` (`listen` refuses it: the relay owns every message).
+
     Compression (permessage-deflate, RFC 7692; README "Compression"):
 
     ``compression`` (False)
@@ -330,8 +344,13 @@ class WebSocketServer(SignalEmitter):
         compression_window_bits: int = DEFAULT_COMPRESSION_WINDOW_BITS,
         compression_mem_level: int = DEFAULT_COMPRESSION_MEM_LEVEL,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        shard_handler: str | None = None,
     ) -> None:
         super().__init__()
+        if shard_handler is not None:
+            resolve_handler(shard_handler)  # ValueError now rather than a shard that cannot boot
+        #: ``module:attr`` of the application code every shard runs (None: none).
+        self.shard_handler = shard_handler
         if cluster is not None:
             check_cluster_url(cluster)
         if node_name is not None:
@@ -495,6 +514,12 @@ class WebSocketServer(SignalEmitter):
         try:
             limits, peer_limits, budget_limit = self._check_limits()
             protocols = tuple(str(p).strip() for p in protocols)
+            if self.shard_handler is not None:
+                if gd_mp_api:
+                    raise ValueError(
+                        "shard_handler cannot be used with gd_mp_api: the relay owns every message"
+                    )
+                resolve_handler(self.shard_handler)
         except ValueError as exc:
             log.error("listen: %s", exc)
             return Error.ERR_INVALID_PARAMETER
@@ -522,6 +547,7 @@ class WebSocketServer(SignalEmitter):
                 shard_timeout=self.shard_timeout,
                 id_base=id_range.start,
                 id_total=len(id_range),
+                shard_handler=self.shard_handler or None,
             )
         except ValueError as exc:
             log.error("listen: %s", exc)

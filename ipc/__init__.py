@@ -12,7 +12,9 @@ the configuration (`config`: `Limits`, `TlsConfig`, `FleetConfig`,
 (`control`: `ShardUp`, `ShardDown`, `ShardFailed`, `Stop`, and those of a
 reload: `ShardBoot`, `HandOff`, `TookOver`, `ShardMoved`), the records of
 the rings (`messages`: the `Event` and `Command` kinds, the `DropReason`s of
-the relay, the payload layouts) and the one TLS loader (`tls`).
+the relay, the payload layouts), the one TLS loader (`tls`) and the resolver
+of a shard handler's ``module:attr`` (`handlerspec`, the front's check and the
+shards' import).
 
 Imports nothing else of wsfleet: the front, the supervisor and the shards
 all build on it.

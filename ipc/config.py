@@ -159,6 +159,9 @@ class FleetConfig:
     #: server, the leased slot's (`wsfleet.ipc.messages.slot_range`) in a cluster.
     id_base: int = FIRST_PEER_ID
     id_total: int = ALL_IDS
+    #: ``module:attr`` of the application code each shard runs (`wsfleet.shards.app`);
+    #: None: none, every message goes to the front.
+    shard_handler: str | None = None
 
     def __post_init__(self) -> None:
         if self.id_base < FIRST_PEER_ID or self.id_total < 1:
@@ -185,6 +188,7 @@ class FleetConfig:
             log=self.log,
             shards=shards,
             port=self.port,
+            shard_handler=self.shard_handler,
         )
 
 
@@ -204,6 +208,8 @@ class ShardConfig:
     #: How many shards the fleet has, and the port it serves (for the process title).
     shards: int = 1
     port: int = 0
+    #: ``module:attr`` of its shard handler (`wsfleet.shards.app`), or None.
+    shard_handler: str | None = None
 
     def __post_init__(self) -> None:
         if self.index < 0 or self.id_span < 1:

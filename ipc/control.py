@@ -45,7 +45,7 @@ MAX_MESSAGE = 1 << 20
 #: The version of every format shared between processes (rings, records, counters, control
 #: messages, handoff): a shard started by ``wsfleet reload`` from an upgraded wsfleet runs
 #: only if it matches the running server's, else the reload stops with that reason.
-IPC_VERSION = 2  # 2: per-address counts in the shard state, refused_429
+IPC_VERSION = 3  # 2: per-address counts, refused_429; 3: shard_handler, its counter
 #: The most a message carries: a `ShardBoot` with a listening socket per bound address.
 MAX_FDS = 64
 #: Ring descriptors a `ShardUp` carries: memfd, data bell, space bell, for each of two rings.

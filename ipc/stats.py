@@ -70,6 +70,7 @@ SHARD_FIELDS: tuple[str, ...] = (
     "health_checks",
     "rate_limited",
     "deflate_reload_closes",
+    "shard_handler_errors",
     "ring_fill",
     "ring_capacity",
     "paused_sockets",

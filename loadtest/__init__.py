@@ -30,8 +30,9 @@ One framework, in layers (each module's docstring says what it may import):
   server), ``soak`` (10,000 connections for minutes);
 * the servers under test besides ``wsfleet serve``: ``ws_server`` (the one
   ``websockets`` baseline, echo or broadcast), ``wsfleet_apps`` (wsfleet's
-  broadcast application), ``godot_server.gd``, ``node_ws_server.js``; and
-  ``scaling.sh`` (echo with 1-8 shards on a 16-core machine);
+  broadcast application), ``shard_echo`` (the echo as a shard handler: ``wsfleet-K-sh``),
+  ``godot_server.gd``, ``node_ws_server.js``; and ``scaling.sh`` (echo with 1-8 shards
+  on a 16-core machine, in the front and in shard handlers);
 * ``cluster_bench``: a cluster over NATS (``wsfleet serve --cluster``): cross-node echo
   against same-node echo, and ids unique over 10,000 connections on 3 nodes;
 * micro-benchmarks of one shard's code, in-process: ``wire_bench`` (the receive

@@ -68,7 +68,8 @@ def server_catalog(
     """The servers ``names`` (default: the mode's set) for ``mode`` as server records, in that
     order, with ``skip`` set (why) for those not installed or without that mode.
 
-    Names: ``websockets``, ``wsfleet-K`` (K shards), ``godot``, ``node``. The options
+    Names: ``websockets``, ``wsfleet-K`` (K shards), ``wsfleet-K-sh`` (echo only: the echo
+    as a shard handler, `shard_echo`), ``godot``, ``node``. The options
     ``args.godot``, ``args.godot_sleep_usec``, ``args.node`` and, for mp-relay,
     ``args.godot_script`` (`add_server_arguments`) pick the programs. Raises ValueError for
     an unknown name.
@@ -79,8 +80,14 @@ def server_catalog(
     for name in names or DEFAULT_NAMES[mode]:
         skip = None
         shards = name.removeprefix("wsfleet-")
+        in_shards = mode == "echo" and shards.endswith("-sh")
+        if in_shards:
+            shards = shards.removesuffix("-sh")
         if name.startswith("wsfleet-") and shards.isdigit() and int(shards) >= 1:
-            if mode == "echo":  # the echo application of `wsfleet serve`: echo in the front
+            if in_shards:  # the echo as a shard handler: answered in the shards
+                command = f"wsfleet serve --bind {{host}} --port {{port}} --shards {shards} --quiet"
+                command += " --shard-handler wsfleet.loadtest.shard_echo:echo"
+            elif mode == "echo":  # the echo application of `wsfleet serve`: echo in the front
                 command = f"wsfleet serve --bind {{host}} --port {{port}} --shards {shards} --quiet"
             elif mode == "broadcast":
                 command = "python -m wsfleet.loadtest.wsfleet_apps broadcast --bind {host}"

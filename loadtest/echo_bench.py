@@ -11,6 +11,8 @@ also takes ``wsfleet-K`` for K shards), the first being the baseline of the rati
 * ``websockets``: ``python -m wsfleet.loadtest.ws_server --mode echo`` (websockets on uvloop);
 * ``wsfleet-1``, ``wsfleet-2``: ``wsfleet serve --bind 127.0.0.1 --shards K --quiet``
   (the echo runs in the front, as a user's ``data_received`` handler would);
+* ``wsfleet-K-sh`` (with ``--only``): the same with ``--shard-handler
+  wsfleet.loadtest.shard_echo:echo``, the echo answered inside the shards;
 * ``godot``: ``godot3-server`` running ``loadtest/godot_server.gd --wsfleet-mode=echo``
   (Godot 3.2.3's ``WebSocketServer``; with the default ``--godot-sleep-usec 0`` its main
   loop never sleeps, so its CPU figure is 100 %);

@@ -2,7 +2,8 @@
 # Shard scaling, in one go, on a machine with at least 16 free cores (issue 5):
 # echo with 1, 2, 4 and 8 shards, wsfleet-K pinned to K cores with its front (and the
 # idle supervisor) inside that set, as `compare` pins every server; then 4 shards with
-# the front on a core of its own; against Godot 3.2.3's server pinned to one core. The
+# the front on a core of its own; the echo as a shard handler with 1, 4 and 8 shards
+# (wsfleet-K-sh, issue 15); against Godot 3.2.3's server pinned to one core. The
 # load generator runs on cores 9-15 (7 processes, 400 connections x 16 in flight), and
 # opens its connections one at a time per process (Godot 3.2 listens with a backlog of 8).
 #
@@ -26,6 +27,10 @@ for shards in 1 2 4 8; do
     servers+=(--server "wsfleet-$shards=taskset -c 0-$((shards - 1)) $py -m wsfleet serve --quiet --port {port} --shards $shards")
 done
 servers+=(--server "wsfleet-4+front=taskset -c 0-3,8 $py -m wsfleet serve --quiet --port {port} --shards 4")
+# The echo as a shard handler (issue 15): answered in the shards, the front idle.
+for shards in 1 4 8; do
+    servers+=(--server "wsfleet-$shards-sh=taskset -c 0-$((shards - 1)) $py -m wsfleet serve --quiet --port {port} --shards $shards --shard-handler wsfleet.loadtest.shard_echo:echo")
+done
 servers+=(--server "godot=taskset -c 0 env -C $work HOME=$work LANG=en_US.UTF-8 godot3-server --no-window -s $godot_script --wsfleet-port={port} --wsfleet-mode=echo --wsfleet-sleep-usec=0")
 exec "$py" -m wsfleet.loadtest.echo_bench --runs "$runs" --seconds 5 --warmup 1 \
     --connections 400 --inflight 16 --client-procs 7 --client-cpus 9-15 --connect-concurrency 1 \

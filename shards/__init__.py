@@ -18,6 +18,8 @@ Modules:
 * `handoff`: ``wsfleet reload`` inside a shard: the old process hands its
   connections over (`handoff.hand_off`), the new one takes them
   (`handoff.take_over`).
+* `app`: the shard handler (``shard_handler``): `app.ShardContext`, what it
+  may do, how its errors are handled.
 * `successor`: a shard started as a fresh interpreter by a reload
   (``python -m wsfleet.shards --boot-fd N``): boot, wait, take over.
 

@@ -103,6 +103,9 @@ class PeerConnection(asyncio.Protocol):
         #: it shares a group with.
         self.mp_rooms = False
         self._mp = shard.mp  # multiplayer mode: messages are relay frames
+        #: The shard handler (`wsfleet.shards.app.ShardApp`), None without one: one
+        #: attribute test per read.
+        self._app = shard.app
         #: Set for a connection another shard handed over (`moved`) until it is made.
         self._moved_from: MovedConnection | None = None
         # Reading is held by a handoff: in the old process for good (`stop_reading`), in the
@@ -165,6 +168,8 @@ class PeerConnection(asyncio.Protocol):
                 return
             if self._mp:
                 self._events_mp(events)
+            elif self._app is not None:
+                self._events_app(events)
             else:
                 for kind, value in events:
                     if kind is _BINARY:
@@ -218,6 +223,8 @@ class PeerConnection(asyncio.Protocol):
         shard.messages_in += len(events)
         if self._mp:
             self._events_mp(events)
+        elif self._app is not None:
+            self._events_app(events)
         else:
             for kind, value in events:
                 if kind is _BINARY:
@@ -228,6 +235,27 @@ class PeerConnection(asyncio.Protocol):
                     self._event(kind, value)
         if self.wire.wants_write:
             self._write_wire_output()
+
+    def _events_app(self, events: list) -> None:
+        """A shard handler is set (`wsfleet.shards.app`): it sees every message first; what
+        it does not consume (False) goes to the front, in order.  If it raises, the
+        message is dropped (counted, logged) and the connection goes on."""
+        app = self._app
+        assert app is not None
+        on_message = app.on_message
+        shard = self.shard
+        for kind, value in events:
+            if kind is _BINARY or kind is _TEXT:
+                text = kind is _TEXT
+                try:
+                    keep = on_message(self.peer_id, value, text)
+                except Exception:
+                    app.error("on_message", self.peer_id)
+                    continue
+                if keep is not False:
+                    shard.emit(_EV_TEXT if text else _EV_BINARY, self.peer_id, 0, value)
+            else:
+                self._event(kind, value)
 
     def _events_mp(self, events: list) -> None:
         """Multiplayer mode: every message is a relay frame (`Shard.mp_frame`)."""
@@ -305,6 +333,8 @@ class PeerConnection(asyncio.Protocol):
             # table, which the successor keeps: it is released here when it ends.
             self._address_claimed = bool(shard.max_peers_per_address)
             shard.adopt(self)
+            if shard.app is not None:  # the new process's handler meets it afresh
+                shard.app.connected(self, state.subprotocol)
             if state.deflate is not None:
                 self._deflating()
             for group in state.groups:

@@ -68,6 +68,7 @@ from wsfleet.ipc.shardstate import HEARTBEAT_SECONDS
 from wsfleet.ipc.stats import PUBLISH_SECONDS, SHARD_FIELDS, ShardStats
 from wsfleet.ipc.tls import TlsError, server_context
 
+from .app import ShardApp
 from .connection import PeerConnection, frame_header
 from .handoff import hand_off, take_over
 from .wire import DeflateWire, Phase, ServerWire
@@ -194,12 +195,19 @@ class Shard:
         self.messages_out: int = self.counts["messages_out"]
         self.bytes_out: int = self.counts["bytes_out"]
         self.paused_sockets = 0
+        #: The shard handler (``shard_handler``: `start_app`), None without one.
+        self.app: ShardApp | None = None
 
         # websockets binds this to its ServerProtocol, so it must be a plain function.
         def select_subprotocol(_protocol: Any, offered: Sequence[str]) -> str | None:
             return self._select_subprotocol(offered)
 
         self.select_subprotocol = select_subprotocol
+
+    def start_app(self, spec: str) -> None:
+        """Import the shard handler ``spec`` names and make it (its factory's errors
+        propagate: the shard cannot boot)."""
+        self.app = ShardApp(self, spec)
 
     # -- handshake policy -----------------------------------------------------------
 
@@ -375,6 +383,8 @@ class Shard:
                 conn.port,
                 protocol or "(none)",
             )
+        if self.app is not None:
+            self.app.connected(conn, protocol)
         return peer_id
 
     def adopt(self, conn: PeerConnection) -> None:
@@ -426,6 +436,8 @@ class Shard:
         self._state.set_peers(self.index, self._held())  # the slot is free again
         self._credits.pop(conn.peer_id, None)
         self.emit(m.EV_DISCONNECTED, conn.peer_id, m.FLAG_CLEAN if clean else 0, b"")
+        if self.app is not None:
+            self.app.disconnected(conn.peer_id)
 
     # -- events to the front -------------------------------------------------------------
 
@@ -848,6 +860,17 @@ def run(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     shard = Shard(loop, config, Producer(events_ring), Consumer(commands_ring), state, stats)
+    if config.shard_handler:
+        try:
+            shard.start_app(config.shard_handler)
+        except Exception:
+            log.exception(
+                "shard %d: cannot make the shard handler %s: its factory raised",
+                config.index,
+                config.shard_handler,
+            )
+            loop.close()
+            return EXIT_BOOT_FAILED
     reader = RingReader(loop, shard.commands, shard.on_commands)
     stopping = loop.create_future()
     handing_off: list[asyncio.Task[None]] = []

@@ -82,6 +82,10 @@ class FleetCollector(Collector):
                 "deflate_reload_closes",
                 "Compressing peers closed (1012) at a reload: their zlib context cannot move.",
             ),
+            (
+                "shard_handler_errors",
+                "Exceptions raised by the shard handler (the message was dropped).",
+            ),
         ):
             yield family(CounterMetricFamily, f"wsfleet_{field}", text, field)
         closes = CounterMetricFamily(

@@ -226,6 +226,13 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--shard-timeout", "0"],
         ["--shard-timeout", "x"],
     ],
+    "--shard-handler": [
+        ["--shard-handler", "no_such_module_here:make"],
+        ["--shard-handler", "os"],
+        ["--shard-handler", "os:no_such_attr"],
+        ["--shard-handler", "os:sep"],  # not callable
+        ["--gd-mp-api", "--shard-handler", "tests.apps.shard_apps:echo"],
+    ],
     "--app": [
         ["--app", "no_such_module_here:setup"],
         ["--app", "os"],
