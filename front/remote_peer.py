@@ -24,7 +24,7 @@ import logging
 from typing import Any, Protocol
 
 from .errors import Error
-from .peer import check_close, var_packet
+from .peer import check_close, is_utf8, packet_bytes, var_packet
 
 log = logging.getLogger("wsfleet")
 
@@ -91,21 +91,13 @@ class RemotePeer:
         than one NATS message may carry (``max_payload``, 1 MiB by default), or
         while more than 64 MiB wait for a slow NATS.
         """
-        if type(data) is bytes:
-            payload = data
-        elif isinstance(data, str):
-            payload = data.encode()
-        else:
-            payload = bytes(data)
+        payload = packet_bytes(data)
         if not self._open:
             return Error.FAILED
         text = self._write_mode == self.WRITE_MODE_TEXT
-        if text:
-            try:
-                payload.decode()
-            except UnicodeDecodeError:
-                log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self.id)
-                return Error.ERR_INVALID_PARAMETER
+        if text and not is_utf8(payload):
+            log.error("put_packet: text write mode needs UTF-8 data (peer %d)", self.id)
+            return Error.ERR_INVALID_PARAMETER
         return self._sink.send(self, text, payload)
 
     def put_var(self, value: Any, full_objects: bool = False) -> Error:
