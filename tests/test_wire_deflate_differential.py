@@ -25,7 +25,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import NegotiationError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -33,25 +32,21 @@ from wsfleet.shards.wire import DeflateWire, EventKind, Phase
 
 from .test_wire_differential import (
     BINARY,
-    CLOSE,
     PING,
     SETTINGS,
     TEXT,
     Outcome,
     admit,
-    close_of,
     deviation_close_inside_message,
     deviation_head_unfinished,
     deviation_request_too_large,
-    deviation_utf8,
     encode,
     head_end,
-    is_utf8,
     mutate,
     random_cuts,
     read_output,
+    reference_frames,
     reference_upgrade,
-    server_frames,
     split,
     split_response,
 )
@@ -135,34 +130,9 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
     frames_bytes = stream[end:]
     ws.receive_data(frames_bytes)
     out += ws.data_to_send()
-    read_output(out, outcome, stream)
-    frames = [frame for frame in ws.events_received() if isinstance(frame, Frame)]
-    outcome.pongs = []
-    outcome.close_sent = None
-    close_frames = [close_of(p) for op, p in server_frames(split_response(b"".join(out))[2])
-                    if op == CLOSE]  # fmt: skip
-    if close_frames:
-        outcome.close_sent = close_frames[0]
-    parts: list[bytes] | None = None
-    kind = TEXT
-    for frame in frames:
-        if frame.opcode is Opcode.PING:
-            outcome.pongs.append(frame.data)
-        elif frame.opcode is Opcode.CLOSE:
-            if ws.close_rcvd_then_sent:
-                assert ws.close_rcvd is not None
-                outcome.close_requests.append((ws.close_rcvd.code, ws.close_rcvd.reason))
-        elif frame.opcode is Opcode.CONT:
-            assert parts is not None
-            parts.append(frame.data)
-        elif frame.opcode is Opcode.TEXT or frame.opcode is Opcode.BINARY:
-            parts, kind = [frame.data], frame.opcode.value
-        if frame.opcode.value in (TEXT, BINARY, 0) and frame.fin:
-            assert parts is not None
-            message, parts = b"".join(parts), None
-            if kind == TEXT and not is_utf8(message):
-                return deviation_utf8(outcome)
-            outcome.messages.append((kind, message))
+    done, parts = reference_frames(ws, out, outcome, stream)
+    if done is not None:
+        return done
     if ws.parser_exc is not None:
         outcome.failed = ws.close_sent.code if ws.close_sent else 1006
         if str(ws.parser_exc) == "incomplete fragmented message":

@@ -284,6 +284,24 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
     frames_bytes = stream[end:]
     ws.receive_data(frames_bytes)
     out += ws.data_to_send()
+    done, parts = reference_frames(ws, out, outcome, stream)
+    if done is not None:
+        return done
+    if ws.parser_exc is not None:
+        outcome.failed = ws.close_sent.code if ws.close_sent else 1006
+        if str(ws.parser_exc) == "incomplete fragmented message":
+            return deviation_close_inside_message(outcome, ws)
+    elif ws.state is State.OPEN:
+        return deviation_header_refusal(outcome, config, frames_bytes, parts)
+    return outcome
+
+
+def reference_frames(
+    ws: ServerProtocol, out: list[bytes], outcome: Outcome, stream: bytes
+) -> tuple[Outcome | None, list[bytes] | None]:
+    """What websockets sent (``out``) and the frames it parsed, into ``outcome``: pongs,
+    the close it sent, close requests, whole messages.  Returns (the outcome at once if a
+    deviation ends it there, else None; the fragments of a message left open)."""
     read_output(out, outcome, stream)
     frames = [frame for frame in ws.events_received() if isinstance(frame, Frame)]
     outcome.pongs = []  # derived from the pings below, so a deviation can cut them short
@@ -310,15 +328,9 @@ def run_websockets(config: Config, stream: bytes) -> Outcome:
             assert parts is not None
             message, parts = b"".join(parts), None
             if kind == TEXT and not is_utf8(message):
-                return deviation_utf8(outcome)
+                return deviation_utf8(outcome), parts
             outcome.messages.append((kind, message))
-    if ws.parser_exc is not None:
-        outcome.failed = ws.close_sent.code if ws.close_sent else 1006
-        if str(ws.parser_exc) == "incomplete fragmented message":
-            return deviation_close_inside_message(outcome, ws)
-    elif ws.state is State.OPEN:
-        return deviation_header_refusal(outcome, config, frames_bytes, parts)
-    return outcome
+    return None, parts
 
 
 def is_utf8(data: bytes) -> bool:
