@@ -235,6 +235,14 @@ async def settle(server: WebSocketServer, log: MPLog, clients: list[MPClient]) -
     assert [c.id for c in clients if c.closed] == []
     tag = MARKER + next(_tokens).to_bytes(4, "little")
     await send_markers(clients, tag)
+    await server_markers(server, log, clients, tag)
+
+
+async def server_markers(
+    server: WebSocketServer, log: MPLog, clients: list[MPClient], tag: bytes
+) -> None:
+    """``tag`` has reached the server from every client: it goes back to each of them, and
+    every client is still connected."""
     await until(lambda: all((c.id, tag) in log.packets for c in clients), 10)
     for c in clients:
         server.set_target_peer(c.id)

@@ -56,6 +56,7 @@ from .test_mp_protocol import (
     MPClient,
     MPLog,
     mp_frame,
+    server_markers,
     sys_frame,
 )
 from .wsserver import run_with, until
@@ -147,13 +148,7 @@ async def settle(server: WebSocketServer, log: MPLog, clients: list[MPClient]) -
     tag = MARKER + next(_tokens).to_bytes(4, "little")
     for c in clients:
         await c.send(SERVER, tag)
-    await until(lambda: all((c.id, tag) in log.packets for c in clients), 10)
-    for c in clients:
-        server.set_target_peer(c.id)
-        assert server.put_packet(tag) == Error.OK
-    server.set_target_peer(0)
-    await until(lambda: all(mp_frame(SERVER, c.id, tag) in c.frames for c in clients), 10)
-    assert [c.id for c in clients if c.closed or c.errors] == []
+    await server_markers(server, log, clients, tag)
 
 
 @pytest.fixture
