@@ -6,5 +6,6 @@ setup(
     ext_modules=[
         Extension("wsfleet.ipc._atomic", ["ipc/_atomic.c"], extra_compile_args=["-O2"]),
         Extension("wsfleet.ipc._fastring", ["ipc/_fastring.c"], extra_compile_args=["-O2"]),
+        Extension("wsfleet.ipc._inbox", ["ipc/_inbox.c"], extra_compile_args=["-O2"]),
     ],
 )

@@ -14,18 +14,18 @@ Owns the small explicit objects a peer gets instead of the server's fields:
   through `PeerChannel.send`.  Its fields are public on purpose: both
   sides use them on the per-message path, without calls.
 
-Imports `wsfleet.ipc.messages` and `wsfleet.errors` only.
+Imports `wsfleet.ipc.messages`, `wsfleet.ipc.inbox` and `wsfleet.errors` only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.inbox import Inbox
 
 from .errors import Error
 
@@ -45,6 +45,10 @@ class CommandSink(Protocol):
 
     def command(self, kind: int, peer_id: int, flags: int, payload: bytes) -> None:
         """Queue one command record (sent at the end of ``poll``, or at once outside it)."""
+        ...
+
+    def command_many(self, kind: int, peer_id: int, payloads: list[bytes]) -> None:
+        """Queue one command of ``kind`` (flags 0) per payload, in order."""
         ...
 
 
@@ -134,8 +138,6 @@ class PeerChannel:
         "budget",
         "max_out_bytes",
         "inbox",
-        "inbox_bytes",
-        "reading_paused",
         "packet_room",
         "byte_room",
         "open",
@@ -151,11 +153,9 @@ class PeerChannel:
         self.limits = limits
         self.budget = budget
         self.max_out_bytes = limits.out_bytes
-        #: Received messages not yet read: ``(payload, was_text)``; filled by the fleet.
-        self.inbox: deque[tuple[bytes, bool]] = deque()
-        self.inbox_bytes = 0
-        #: The fleet asked the shard to stop reading (the inbox reached a limit).
-        self.reading_paused = False
+        #: Received messages not yet read, filled by the fleet; its ``paused``: the fleet
+        #: asked the shard to stop reading (the inbox reached a limit).
+        self.inbox = Inbox(limits.in_packets, limits.in_bytes)
         # What the outbound limits leave: send() takes from them, the shard's credits (what
         # it handed to the kernel) give back.  Counted down, so that send() compares one
         # number per limit with the packet's size.
@@ -182,6 +182,35 @@ class PeerChannel:
         self.link.command(command, self.id, 0, payload)
         return _OK
 
+    def send_many(self, command: int, payloads: list[bytes], size: int) -> Error:
+        """Send every message of ``payloads`` (same command; ``size``: their summed
+        length), or none of them.
+
+        All-or-nothing: when the limits have no room for the whole batch,
+        nothing goes and the refusal is the one `send` gives for the first
+        packet that would not fit (counted and logged once).
+        """
+        if not self.sendable:
+            return _FAILED
+        count = len(payloads)
+        budget = self.budget
+        if count > self.packet_room or size > self.byte_room or size > budget.room:
+            return self._refuse_batch(payloads)
+        self.packet_room -= count
+        self.byte_room -= size
+        budget.room -= size
+        self.link.command_many(command, self.id, payloads)
+        return _OK
+
+    def _refuse_batch(self, payloads: list[bytes]) -> Error:
+        packets, room, server_room = self.packet_room, self.byte_room, self.budget.room
+        for payload in payloads:  # find the first packet that does not fit
+            size = len(payload)
+            if not packets or size > room or size > server_room:
+                return self._refuse(size, packets, room)
+            packets, room, server_room = packets - 1, room - size, server_room - size
+        raise AssertionError("unreachable: the batch fits")
+
     @property
     def out_bytes(self) -> int:
         """Bytes sent and not yet handed to the kernel by the shard."""
@@ -193,8 +222,10 @@ class PeerChannel:
             return 0
         return max(0, min(self.byte_room, self.budget.room))
 
-    def _refuse(self, size: int) -> Error:
-        peer_full = not self.packet_room or size > self.byte_room
+    def _refuse(self, size: int, packet_room: int | None = None, byte_room: int = 0) -> Error:
+        if packet_room is None:
+            packet_room, byte_room = self.packet_room, self.byte_room
+        peer_full = not packet_room or size > byte_room
         self.budget.refused(self.id, by_server=not peer_full)
         code = self.limits.slow_close_code
         if code is not None and peer_full:
@@ -221,12 +252,13 @@ class PeerChannel:
     def resume_if_room(self) -> None:
         """Called after a read while reading is paused: resume at half the limits."""
         limits = self.limits
+        inbox = self.inbox
         if (
-            self.reading_paused
-            and len(self.inbox) <= limits.in_packets // 2
-            and self.inbox_bytes <= limits.in_bytes // 2
+            inbox.paused
+            and len(inbox) <= limits.in_packets // 2
+            and inbox.bytes <= limits.in_bytes // 2
         ):
-            self.reading_paused = False
+            inbox.paused = False
             if self.open:
                 self.link.command(m.CMD_RESUME_READING, self.id, 0, b"")
 
@@ -243,4 +275,3 @@ class PeerChannel:
 
     def _drop_inbox(self) -> None:
         self.inbox.clear()
-        self.inbox_bytes = 0

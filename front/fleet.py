@@ -50,6 +50,7 @@ import orjson
 from wsfleet.ipc import Consumer, Lifeline, Producer, Record, RingFds, SharedRing, control
 from wsfleet.ipc import messages as m
 from wsfleet.ipc.config import FleetConfig
+from wsfleet.ipc.inbox import append_commands, deliver
 from wsfleet.ipc.stats import ProcessMeter, ShardView, Stats, status_document
 
 from .channel import OutboundBudget, PeerChannel, PeerLimits
@@ -185,6 +186,15 @@ class ShardLink:
             # Outside poll() (a timer, another task): send now rather than at the next poll.
             self.flush()
 
+    def pause_reading(self, peer_id: int) -> None:
+        """The peer's inbox is full: its shard stops reading its socket until a resume."""
+        self.command(_CMD_PAUSE_READING, peer_id, 0, b"")
+
+    def command_many(self, kind: int, peer_id: int, payloads: list[bytes]) -> None:
+        append_commands(self.backlog, kind, peer_id, payloads)  # no Python step per payload
+        if not self.deferred:
+            self.flush()
+
     def flush(self) -> None:
         backlog = self.backlog
         if backlog:
@@ -222,11 +232,14 @@ class Fleet:
         on_data: list[Callable[[int], Any]],
         limits: PeerLimits,
         budget: OutboundBudget,
+        per_peer: bool = False,
     ) -> None:
         self.shards = shards
         self.listener = listener
-        #: The application's ``data_received`` handlers: the live list, called per message.
+        #: The application's ``data_received`` handlers: the live list, called per message,
+        #: or (``per_peer``) once per peer with new messages per batch of its shard.
         self.on_data = on_data
+        self.per_peer = per_peer
         self.limits = limits
         self.budget = budget
         self.relay: RelayHooks | None = None
@@ -567,44 +580,85 @@ class Fleet:
         return count
 
     def _dispatch(self, link: ShardLink, records: list[Record]) -> None:
-        # The per-message path of every application: names are bound to locals once.
+        """Report a batch of one shard's records, in order.
+
+        Messages go through `wsfleet.ipc.inbox.deliver` (C): into the peers'
+        inboxes, then ``data_received`` per message, or, with per-peer delivery,
+        once per peer that got any, before the next other event and at the end
+        of the batch (so that a peer's messages are signalled before its
+        departure).  The rest is handled here, one record at a time.
+        """
+        channels = self.channels
+        handlers = None if self.per_peer else self.on_data
+        ready: list[int] = []
+        pause = link.pause_reading
+        count = len(records)
+        index = 0
+        while index < count:
+            index, failed, exc = deliver(
+                records, index, channels, _EV_TEXT, _EV_BINARY, handlers, ready, pause
+            )
+            if failed >= 0:
+                self._handler_failed(records[index][1], failed, exc)
+                index += 1
+                continue
+            if index == count:
+                break
+            kind, peer_id, flags, payload = records[index]
+            index += 1
+            if kind == _EV_CREDITS:
+                self._credits(payload)
+            elif kind == _EV_MP_FRAME:
+                if self.relay is not None:
+                    self.relay.frame(link, peer_id, payload)
+            elif kind == _EV_TEXT or kind == _EV_BINARY:
+                # What `deliver` does not take (a payload that is not bytes): made bytes,
+                # then delivered as any other.
+                index -= 1
+                records[index] = (kind, peer_id, flags, bytes(payload))
+            else:
+                if ready:
+                    self._signal_ready(ready)
+                self._dispatch_rare(link, kind, peer_id, flags, payload)
+        if ready:
+            self._signal_ready(ready)
+
+    def _handler_failed(self, peer_id: int, failed: int, exc: BaseException) -> None:
+        """Handler number ``failed`` raised ``exc`` for a message of ``peer_id``: log it and
+        call the handlers after it, as if each were called on its own."""
+        log.error("error in a 'data_received' handler", exc_info=exc)
+        for handler in self.on_data[failed + 1 :]:
+            try:
+                handler(peer_id)
+            except Exception:
+                log.exception("error in a 'data_received' handler")
+
+    def _signal_ready(self, ready: list[int]) -> None:
+        """Per-peer delivery: ``data_received`` once for each peer with new messages."""
         channels = self.channels
         on_data = self.on_data
-        in_packets_limit = self.limits.in_packets
-        in_bytes_limit = self.limits.in_bytes
-        ev_binary, ev_text, ev_credits, ev_mp = _EV_BINARY, _EV_TEXT, _EV_CREDITS, _EV_MP_FRAME
-        relay_frame = self.relay.frame if self.relay is not None else None
-        for kind, peer_id, flags, payload in records:
-            if kind == ev_binary or kind == ev_text:
-                channel = channels.get(peer_id)
-                if channel is None:
-                    continue
-                inbox = channel.inbox
-                inbox.append((payload, kind == ev_text))
-                channel.inbox_bytes += len(payload)
-                if not channel.reading_paused and (
-                    len(inbox) >= in_packets_limit or channel.inbox_bytes >= in_bytes_limit
-                ):
-                    channel.reading_paused = True
-                    link.command(_CMD_PAUSE_READING, peer_id, 0, b"")
-                for handler in on_data:
-                    try:
-                        handler(peer_id)
-                    except Exception:
-                        log.exception("error in a 'data_received' handler")
-            elif kind == ev_credits:
-                budget = self.budget
-                for credited_id, packets, size in m.decode_credits(payload):
-                    channel = channels.get(credited_id)
-                    if channel is not None:  # else it left, and its bytes went back then
-                        channel.packet_room += packets
-                        channel.byte_room += size
-                        budget.room += size
-            elif kind == ev_mp:
-                if relay_frame is not None:
-                    relay_frame(link, peer_id, payload)
-            else:
-                self._dispatch_rare(link, kind, peer_id, flags, payload)
+        for peer_id in ready:
+            channel = channels.get(peer_id)
+            if channel is None:
+                continue  # a handler of this batch disconnected it, or stop()
+            channel.inbox.ready = False
+            for handler in on_data:
+                try:
+                    handler(peer_id)
+                except Exception:
+                    log.exception("error in a 'data_received' handler")
+        ready.clear()
+
+    def _credits(self, payload: bytes) -> None:
+        """What a shard handed to the kernel: the outbound room back to each peer."""
+        channels = self.channels
+        budget = self.budget
+        for credited_id, packets, size in m.decode_credits(payload):
+            channel = channels.get(credited_id)
+            if channel is not None:  # else it left, and its bytes went back then
+                channel.packet_room += packets
+                channel.byte_room += size
+                budget.room += size
 
     def _dispatch_rare(
         self, link: ShardLink, kind: int, peer_id: int, flags: int, payload: bytes

@@ -18,9 +18,11 @@ it never sees the server.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from wsfleet.ipc import messages as m
+from wsfleet.ipc.inbox import bytes_total
 
 from .channel import PeerChannel
 from .errors import Error
@@ -146,19 +148,61 @@ class WebSocketPeer:
         message, whatever the write mode: what other nodes of a cluster send this peer."""
         return self._channel.send(_SEND_TEXT if text else _SEND_BINARY, payload)
 
+    def put_packets(self, packets: Iterable[bytes | bytearray | memoryview | str]) -> Error:
+        """Send every packet of ``packets`` in order (text or binary by the write mode), or
+        none of them: beyond Godot, for a handler that answers a batch (`get_packets`).
+
+        ``ERR_OUT_OF_MEMORY`` and nothing sent when the outbound limits have no
+        room for them all (a batch larger than `get_outbound_limit` never fits:
+        send it in parts); ``ERR_INVALID_PARAMETER`` and nothing sent when the
+        text write mode meets a packet that is not UTF-8; ``FAILED`` once the
+        peer is closing or gone.
+        """
+        payloads = packets if type(packets) is list else list(packets)
+        size = bytes_total(payloads)  # C: -1 unless every packet is bytes
+        if size < 0:
+            payloads = [packet_bytes(data) for data in payloads]
+            size = sum(map(len, payloads))
+        if self._write_mode == 1:  # WRITE_MODE_BINARY
+            return self._channel.send_many(_SEND_BINARY, payloads, size)
+        for payload in payloads:
+            if not is_utf8(payload):
+                log.error("put_packets: text write mode needs UTF-8 data (peer %d)", self.id)
+                return Error.ERR_INVALID_PARAMETER
+        return self._channel.send_many(_SEND_TEXT, payloads, size)
+
     def get_packet(self) -> bytes:
         """The oldest received message (b"" and an error from `get_packet_error` if none)."""
         channel = self._channel
         inbox = channel.inbox
-        if not inbox:  # also when disconnected: leaving empties the inbox
+        entry = inbox.pop()
+        if entry is None:  # also when disconnected: leaving empties the inbox
             self._packet_error = _UNAVAILABLE if channel.open else _FAILED
             return b""
-        payload, self._last_was_string = inbox.popleft()
-        channel.inbox_bytes -= len(payload)
+        payload, self._last_was_string = entry
         self._packet_error = _OK
-        if channel.reading_paused:
+        if inbox.paused:
             channel.resume_if_room()
         return payload
+
+    def get_packets(self) -> list[bytes]:
+        """Every received message not yet read, oldest first, at once (beyond Godot).
+
+        `was_string_packet` then tells about the last of them; a program that
+        mixes text and binary messages and must know each one's kind reads them
+        with `get_packet`.  An empty list (and an error from `get_packet_error`)
+        if none waits.
+        """
+        channel = self._channel
+        inbox = channel.inbox
+        if not len(inbox):
+            self._packet_error = _UNAVAILABLE if channel.open else _FAILED
+            return []
+        packets, self._last_was_string = inbox.take()
+        self._packet_error = _OK
+        if inbox.paused:
+            channel.resume_if_room()
+        return packets
 
     def get_packet_error(self) -> Error:
         return self._packet_error
