@@ -4,8 +4,9 @@ Owns the channels between the processes: the single-producer
 single-consumer record ring (`ring`), the atomic words it synchronises on
 (`atomic`), the front's per-peer inbox and the C loop that fills the
 inboxes from a batch of records (`inbox`), the per-shard words that
-outlive a shard (`shardstate`: next peer id, peer count, heartbeat), process lifelines (`lifeline`) and the
-handoff of live connections to a reloaded shard (`handoff`).
+outlive a shard (`shardstate`: next peer id, peer count, heartbeat),
+process lifelines (`lifeline`) and the handoff of live connections to a
+reloaded shard (`handoff`).
 
 And the contracts over them, typed in one place that both sides import:
 the configuration (`config`: `Limits`, `TlsConfig`, `FleetConfig`,
