@@ -254,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(README: Application code in the shards)",
     )
     serve.add_argument(
+        "--data-received-mode",
+        choices=("message", "peer"),
+        default="message",
+        help="data_received per message (Godot's, the default) or once per peer per batch with "
+        "all its new messages waiting (get_packets; README: Per-peer delivery)",
+    )
+    serve.add_argument(
         "--config",
         metavar="FILE",
         help="TOML file of serve options (keys: option names); the command line and "
@@ -694,6 +701,7 @@ def server_from_args(args: argparse.Namespace) -> WebSocketServer:
         compression_mem_level=args.compression_mem_level,
         compression_level=args.compression_level,
         shard_handler=args.shard_handler,
+        data_received_mode=args.data_received_mode,
         **extra,
     )
     # No set_buffers here: the server sizes every peer's outbound buffer for the largest

@@ -87,7 +87,8 @@ class Bench:
 
     def __init__(self, handler: str, peers: int, ring_capacity: int = 1 << 22) -> None:
         make_handler, mode, self.echoes = HANDLERS[handler]
-        server = WebSocketServer(data_received_mode=mode)
+        # Per-message delivery is the default (so that this runs on older versions too).
+        server = WebSocketServer(**({"data_received_mode": mode} if mode != "message" else {}))
         server.connect("data_received", make_handler(server))
         _limits, peer_limits, budget_limit = server._check_limits()
         server._budget = OutboundBudget(budget_limit)
@@ -103,7 +104,7 @@ class Bench:
             server._handlers["data_received"],
             peer_limits,
             server._budget,
-            per_peer=mode == "peer",
+            **({"per_peer": True} if mode == "peer" else {}),
         )
         fleet.running = True
         events, commands = SharedRing.create(ring_capacity), SharedRing.create(ring_capacity)

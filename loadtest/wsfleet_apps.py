@@ -114,3 +114,41 @@ def accept_everyone(server: Any) -> None:
     from wsfleet import Accept
 
     server.set_handshake_handler(lambda pending: Accept())
+
+
+def batch_echo(server: Any) -> Any:
+    """``wsfleet serve --app wsfleet.loadtest.wsfleet_apps:batch_echo``: the echo with
+    per-peer delivery (``data_received_mode="peer"``): one ``data_received`` per peer per
+    batch, its messages taken with ``get_packets`` and sent back with one ``put_packets``
+    (in the kind of the last one: the load generator's messages are all of one kind).
+    A batch the outbound limits refuse waits, in order, and is sent again after each poll
+    (the returned tick) until it fits: nothing is lost."""
+    from wsfleet import Error
+
+    server.data_received_mode = "peer"
+    text_mode, binary_mode = 0, 1
+    waiting: dict[int, list[bytes]] = {}
+
+    def on_data(peer_id: int) -> None:
+        if peer_id in waiting:
+            return  # its messages stay in its inbox (reading pauses) until the kept ones go
+        peer = server.get_peer(peer_id)
+        if peer is None:
+            return
+        packets = peer.get_packets()
+        peer.set_write_mode(text_mode if peer.was_string_packet() else binary_mode)
+        if packets and peer.put_packets(packets) == Error.ERR_OUT_OF_MEMORY:
+            waiting[peer_id] = packets
+
+    def retry() -> None:
+        for peer_id, packets in list(waiting.items()):
+            peer = server.get_peer(peer_id)
+            if peer is not None and peer.put_packets(packets) == Error.ERR_OUT_OF_MEMORY:
+                continue
+            del waiting[peer_id]
+            if peer is not None:
+                on_data(peer_id)  # what came meanwhile: no new signal may come for it
+
+    server.connect("data_received", on_data)
+    server.connect("client_disconnected", lambda peer_id, _clean: waiting.pop(peer_id, None))
+    return retry

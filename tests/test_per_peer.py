@@ -3,6 +3,7 @@ C dispatch loop's handling of a raising handler, against real servers and client
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ from websockets.asyncio.client import connect
 
 from wsfleet import Error, WebSocketServer
 
+from .serveproc import ServeProcess
 from .wsserver import Recorder, run_with, until, url
 
 pytestmark = pytest.mark.timeout(60)
@@ -138,3 +140,26 @@ def test_an_unknown_data_received_mode_is_refused() -> None:
     server = WebSocketServer(shards=1)
     server.data_received_mode = "everything"
     assert server.listen(0) == Error.ERR_INVALID_PARAMETER
+
+
+def test_wsfleet_serve_echoes_with_per_peer_delivery() -> None:
+    """The built-in echo, and the loadtest's batch echo, in per-peer mode."""
+    for options in (
+        ("--data-received-mode", "peer"),
+        ("--app", "wsfleet.loadtest.wsfleet_apps:batch_echo"),
+    ):
+        serve = ServeProcess("--shards", "1", "--bind", "127.0.0.1", *options)
+        try:
+            serve.wait_up()
+
+            async def body(port: int = serve.port) -> None:
+                async with connect(f"ws://127.0.0.1:{port}/") as ws:
+                    for i in range(200):
+                        await ws.send(i.to_bytes(2, "big"))
+                    assert [await ws.recv() for _ in range(200)] == [
+                        i.to_bytes(2, "big") for i in range(200)
+                    ]
+
+            asyncio.run(asyncio.wait_for(body(), 20))
+        finally:
+            serve.end()
