@@ -226,6 +226,7 @@ BAD_VALUES: dict[str, list[list[str]]] = {
         ["--shard-timeout", "0"],
         ["--shard-timeout", "x"],
     ],
+    "--data-received-mode": [["--data-received-mode", "batch"], ["--data-received-mode", ""]],
     "--shard-handler": [
         ["--shard-handler", "no_such_module_here:make"],
         ["--shard-handler", "os"],
