@@ -42,6 +42,17 @@ inbox_len(Inbox *self)
     return PyList_GET_SIZE(self->items) - self->head;
 }
 
+/* An Inbox made by __new__ alone has no list yet: every method checks. */
+static int
+inbox_ready(Inbox *self)
+{
+    if (self->items == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Inbox.__init__ was not called");
+        return 0;
+    }
+    return 1;
+}
+
 /* Drop the consumed front of the list once it is at least half of it. */
 static int
 inbox_compact(Inbox *self)
@@ -67,6 +78,8 @@ inbox_compact(Inbox *self)
 static int
 inbox_push(Inbox *self, PyObject *payload, int text)
 {
+    if (!inbox_ready(self))
+        return -1;
     Py_ssize_t size = PyList_GET_SIZE(self->items);
     if (size >= self->texts_size) {
         Py_ssize_t grown = self->texts_size ? self->texts_size * 2 : 16;
@@ -162,6 +175,8 @@ Inbox_push_method(Inbox *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Inbox_pop(Inbox *self, PyObject *unused)
 {
+    if (!inbox_ready(self))
+        return NULL;
     if (inbox_len(self) == 0)
         Py_RETURN_NONE;
     PyObject *payload = PyList_GET_ITEM(self->items, self->head);
@@ -190,6 +205,8 @@ static PyObject *
 Inbox_take(Inbox *self, PyObject *unused)
 {
     /* Every payload, oldest first, and the text flag of the last one (False if none). */
+    if (!inbox_ready(self))
+        return NULL;
     Py_ssize_t size = PyList_GET_SIZE(self->items);
     int last_text = size > self->head ? self->texts[size - 1] : 0;
     PyObject *taken;
@@ -216,6 +233,8 @@ Inbox_take(Inbox *self, PyObject *unused)
 static PyObject *
 Inbox_clear_method(Inbox *self, PyObject *unused)
 {
+    if (!inbox_ready(self))
+        return NULL;
     if (PyList_SetSlice(self->items, 0, PyList_GET_SIZE(self->items), NULL) < 0)
         return NULL;
     self->head = 0;

@@ -133,3 +133,11 @@ def test_the_batch_helpers() -> None:
     assert backlog == [(1, 2, 0, b"old"), (9, 42, 0, b"a"), (9, 42, 0, b"b")]
     with pytest.raises(ValueError):
         Inbox(0, 10)
+
+
+def test_an_inbox_without_init_raises_instead_of_crashing() -> None:
+    inbox = Inbox.__new__(Inbox)
+    assert len(inbox) == 0
+    for method in (inbox.pop, inbox.take, inbox.clear, lambda: inbox.push(b"x", False)):
+        with pytest.raises(RuntimeError):
+            method()
