@@ -36,5 +36,9 @@ One framework, in layers (each module's docstring says what it may import):
 * ``cluster_bench``: a cluster over NATS (``wsfleet serve --cluster``): cross-node echo
   against same-node echo, and ids unique over 10,000 connections on 3 nodes;
 * micro-benchmarks of one shard's code, in-process: ``wire_bench`` (the receive
-  path), ``handshake_bench`` (upgrade + close cycles).
+  path), ``handshake_bench`` (upgrade + close cycles); and of the front's:
+  ``dispatch_bench`` (``poll()``'s dispatch and a handler per message, without
+  sockets: it wires the server's fleet by hand, so it imports the front's modules);
+* ``cpu_roles``: a server's CPU per message or per connect cycle, by process
+  (front, supervisor, shards).
 """
