@@ -422,6 +422,7 @@ class PeerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.shard.connections.discard(self)
+        self.wire.drop_policy()  # no cycle left: it goes with its last reference
         self._clear_deadline()
         self._release_address()
         if self._token:  # it left while its upgrade waited

@@ -1019,6 +1019,15 @@ class ServerWire:
         self._refuse(status, text, events, headers)
         return events
 
+    def drop_policy(self) -> None:
+        """The connection is gone: let go of the caller's callables.  ``admit`` is usually
+        a bound method of the caller, which holds this wire: without this the two would
+        wait for the cyclic garbage collector (every connection, a collection every few
+        hundred handshakes) instead of going when the caller drops them."""
+        self._admit = _accept_all
+        self._select_subprotocol = _no_subprotocol
+        self._answer_http = None
+
     def take_request_head(self) -> bytes:
         """The accepted request's head, once (the wire keeps no copy after)."""
         head, self.request_head = self.request_head, b""
