@@ -331,7 +331,8 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("handshakes_accepted")
             token, self._token = self._token, 0
             self.peer_id = self.shard.peer_connected(self, value, token)  # type: ignore[arg-type]
-            self._next_ping = self.shard.first_ping_time()
+            if self.shard.ping_interval:
+                self._next_ping = self.shard.first_ping_time()
             if self.shard.message_rate:
                 self._bucket = [self.shard.message_burst, self.shard.loop.time()]
             if self.wire.deflate is not None:
@@ -528,11 +529,17 @@ class PeerConnection(asyncio.Protocol):
         discards in these phases, so reading resumes even if it was paused)
         until the client closes, and cut it after `CLOSE_GRACE_SECONDS` if it
         does not.
+
+        After the peer's own close (it closed first, its close frame echoed) there is
+        nothing to wait for: it sends nothing after its close frame (RFC 6455 5.5.1), so
+        nothing unread can make a reset, and the server closes TCP first (RFC 6455
+        7.1.1) at once, without a half-close, a read of its FIN and a loop iteration
+        more (the grace still bounds a peer that does not read the echo).
         """
         self._set_deadline(self.shard.close_deadlines)
         transport = self.transport
-        if not transport.can_write_eof():
-            transport.close()  # TLS cannot half-close
+        if self.wire.peer_closed_first or not transport.can_write_eof():
+            transport.close()  # (and TLS cannot half-close)
             return
         transport.write_eof()
         if self._reading_off and not self._reading_held:
