@@ -26,6 +26,9 @@ Owns:
   (``websockets``' parser costs ~3 us a frame).  Every other frame goes to
   ``websockets`` from its first byte, its bytes as they arrive; the wire counts
   them, so the fast path resumes exactly at the next frame boundary;
+* the peer's plain close: after the fast upgrade no ``ServerProtocol`` is made
+  until a frame or a call needs one, and a whole, valid close frame that comes
+  before that is echoed here, as websockets echoes it (`_fast_close_frame`);
 * UTF-8: a text message that is not UTF-8 fails the connection with 1007
   (``websockets``' Sans-I/O layer leaves that check to its asyncio layer);
 * server frame headers (`frame_header`) and the keepalive ping;
@@ -35,9 +38,9 @@ Owns:
 
 ``websockets``' ``ServerProtocol``, kept inside, stays the authority for the
 handshake rules of any request the fast path does not take, for control
-frames, fragmentation, close codes and the close handshake.  Deliberate
-differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
-``tests/test_wire_differential.py`` names each one):
+frames (but the plain close above), fragmentation, close codes and the close
+handshake.  Deliberate differences from a bare ``ServerProtocol``
+(``docs/WIRE.md``, and ``tests/test_wire_differential.py`` names each one):
 
 1. a close frame inside a fragmented message (Autobahn 7.1.5) is a normal close:
    the unfinished message is dropped and the close echoed (RFC 6455 5.4 lets
