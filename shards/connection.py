@@ -40,7 +40,7 @@ from .wire import EventKind, Phase, ServerWire, frame_header
 if TYPE_CHECKING:
     from .worker import Shard
 
-__all__ = ["CLOSE_GRACE_SECONDS", "PeerConnection", "frame_header"]
+__all__ = ["CLOSE_GRACE_SECONDS", "Deadlines", "PeerConnection", "frame_header"]
 
 log = logging.getLogger("wsfleet.shard")
 
@@ -61,6 +61,60 @@ _PENDING = Phase.PENDING
 #: Close codes of an orderly departure (the others are logged as abnormal).
 _NORMAL_CLOSES = (1000, 1001)
 _EV_TEXT, _EV_BINARY = m.EV_TEXT, m.EV_BINARY
+#: A deadline this close to now is due (the loop's timers are not exact to the microsecond).
+_DUE_SLACK = 0.001
+
+
+class Deadlines:
+    """The connections that must end within one fixed delay (the shard has one for the
+    handshake's, one for a close's grace), with one timer for them all.
+
+    A timer per connection cost ~3 us to arm and cancel (uvloop makes a handle and a
+    libuv timer each time); here a deadline is a dict entry, and since every entry has
+    the same delay the dict's insertion order is the order they fall due: the one timer
+    waits for the first entry, and when it fires cuts those due and waits for the next.
+    A cleared deadline is deleted at once (no reference outlives its connection).
+    """
+
+    __slots__ = ("_loop", "delay", "_due", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self._loop = loop
+        self.delay = delay
+        self._due: dict[PeerConnection, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, conn: PeerConnection) -> None:
+        """``conn._deadline_passed()`` in `delay` seconds unless discarded first."""
+        when = self._loop.time() + self.delay
+        self._due[conn] = when
+        if self._timer is None:
+            self._timer = self._loop.call_at(when, self._fire)
+
+    def discard(self, conn: PeerConnection) -> None:
+        self._due.pop(conn, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        due = self._due
+        now = self._loop.time() + _DUE_SLACK
+        while due:
+            conn = next(iter(due))
+            when = due[conn]
+            if when > now:
+                self._timer = self._loop.call_at(when, self._fire)
+                return
+            del due[conn]
+            conn._deadline_passed()
+
+    def cancel(self) -> None:
+        """Stop the timer (the shard's loop is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class PeerConnection(asyncio.Protocol):
@@ -83,9 +137,10 @@ class PeerConnection(asyncio.Protocol):
         self.groups: set[bytes] | None = None
         self.ip = ""
         self.port = 0
-        # The one timer a connection may have: the handshake's deadline, later the
-        # deadline of its close (CLOSE_GRACE_SECONDS). Keepalive is the shard's sweep.
-        self._deadline: asyncio.TimerHandle | None = None
+        # The one deadline a connection may have: the handshake's, later its close's
+        # (CLOSE_GRACE_SECONDS): the shard's `Deadlines` it is in. Keepalive is the
+        # shard's sweep.
+        self._deadline: Deadlines | None = None
         self._next_ping = 0.0  # loop time of the next keepalive ping
         self._pong_due = 0.0  # loop time by which a pong must come (0: none awaited)
         self._close_due = 0.0  # loop time by which our close handshake must end (0: none)
@@ -150,7 +205,7 @@ class PeerConnection(asyncio.Protocol):
         ip = peername[0]
         self.ip = ip[7:] if ip.startswith("::ffff:") else ip
         self.port = peername[1]
-        self._set_deadline(self.shard.handshake_timeout)
+        self._set_deadline(self.shard.handshake_deadlines)
         if self.shard.reading_paused:
             self._paused_by_shard = True
             self._reading_off = True
@@ -276,7 +331,8 @@ class PeerConnection(asyncio.Protocol):
             self.shard.count("handshakes_accepted")
             token, self._token = self._token, 0
             self.peer_id = self.shard.peer_connected(self, value, token)  # type: ignore[arg-type]
-            self._next_ping = self.shard.first_ping_time()
+            if self.shard.ping_interval:
+                self._next_ping = self.shard.first_ping_time()
             if self.shard.message_rate:
                 self._bucket = [self.shard.message_burst, self.shard.loop.time()]
             if self.wire.deflate is not None:
@@ -343,7 +399,7 @@ class PeerConnection(asyncio.Protocol):
             if shard.message_rate:  # a fresh bucket: the old process's is not carried
                 self._bucket = [shard.message_burst, shard.loop.time()]
         else:  # still in its upgrade: a fresh deadline
-            self._set_deadline(shard.handshake_timeout)
+            self._set_deadline(shard.handshake_deadlines)
             if state.pending_token:  # admitted, waiting for its verdict: waits again
                 self._moved_token = state.pending_token
                 self._address_claimed = bool(shard.max_peers_per_address)
@@ -367,6 +423,7 @@ class PeerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.shard.connections.discard(self)
+        self.wire.drop_policy()  # no cycle left: it goes with its last reference
         self._clear_deadline()
         self._release_address()
         if self._token:  # it left while its upgrade waited
@@ -472,28 +529,38 @@ class PeerConnection(asyncio.Protocol):
         discards in these phases, so reading resumes even if it was paused)
         until the client closes, and cut it after `CLOSE_GRACE_SECONDS` if it
         does not.
+
+        After the peer's own close (it closed first, its close frame echoed) there is
+        nothing to wait for: it sends nothing after its close frame (RFC 6455 5.5.1), so
+        nothing unread can make a reset, and the server closes TCP first (RFC 6455
+        7.1.1) at once, without a half-close, a read of its FIN and a loop iteration
+        more (the grace still bounds a peer that does not read the echo).
         """
-        self._set_deadline(CLOSE_GRACE_SECONDS)
+        self._set_deadline(self.shard.close_deadlines)
         transport = self.transport
-        if not transport.can_write_eof():
-            transport.close()  # TLS cannot half-close
+        if self.wire.peer_closed_first or not transport.can_write_eof():
+            transport.close()  # (and TLS cannot half-close)
             return
         transport.write_eof()
         if self._reading_off and not self._reading_held:
             self._paused_by_front = self._paused_by_shard = False
             self._apply_reading()
 
-    def _set_deadline(self, seconds: float) -> None:
-        """Cut the TCP connection in ``seconds`` unless it is gone or the deadline cleared."""
-        self._clear_deadline()
-        self._deadline = self.shard.loop.call_later(seconds, self._deadline_passed)
+    def _set_deadline(self, deadlines: Deadlines) -> None:
+        """Cut the TCP connection in ``deadlines.delay`` seconds unless it is gone or the
+        deadline cleared."""
+        if self._deadline is not None:
+            self._deadline.discard(self)
+        self._deadline = deadlines
+        deadlines.add(self)
 
     def _clear_deadline(self) -> None:
         if self._deadline is not None:
-            self._deadline.cancel()
+            self._deadline.discard(self)
             self._deadline = None
 
     def _deadline_passed(self) -> None:
+        """Called by the `Deadlines` it was in (which has dropped it)."""
         self._deadline = None
         if self.wire.phase is _HANDSHAKE or self.wire.phase is _PENDING:
             self.shard.count("refused_timeout")

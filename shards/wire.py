@@ -26,6 +26,9 @@ Owns:
   (``websockets``' parser costs ~3 us a frame).  Every other frame goes to
   ``websockets`` from its first byte, its bytes as they arrive; the wire counts
   them, so the fast path resumes exactly at the next frame boundary;
+* the peer's plain close: after the fast upgrade no ``ServerProtocol`` is made
+  until a frame or a call needs one, and a whole, valid close frame that comes
+  before that is echoed here, as websockets echoes it (`_fast_close_frame`);
 * UTF-8: a text message that is not UTF-8 fails the connection with 1007
   (``websockets``' Sans-I/O layer leaves that check to its asyncio layer);
 * server frame headers (`frame_header`) and the keepalive ping;
@@ -35,9 +38,9 @@ Owns:
 
 ``websockets``' ``ServerProtocol``, kept inside, stays the authority for the
 handshake rules of any request the fast path does not take, for control
-frames, fragmentation, close codes and the close handshake.  Deliberate
-differences from a bare ``ServerProtocol`` (``docs/WIRE.md``, and
-``tests/test_wire_differential.py`` names each one):
+frames (but the plain close above), fragmentation, close codes and the close
+handshake.  Deliberate differences from a bare ``ServerProtocol``
+(``docs/WIRE.md``, and ``tests/test_wire_differential.py`` names each one):
 
 1. a close frame inside a fragmented message (Autobahn 7.1.5) is a normal close:
    the unfinished message is dropped and the close echoed (RFC 6455 5.4 lets
@@ -72,7 +75,7 @@ from typing import Any
 from websockets.exceptions import NegotiationError
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import PerMessageDeflate
-from websockets.frames import Close, Frame, Opcode, apply_mask
+from websockets.frames import EXTERNAL_CLOSE_CODES, Close, Frame, Opcode, apply_mask
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -248,6 +251,9 @@ _SMALL_HEADERS = {
     for first in (_TEXT_BYTE, _BINARY_BYTE, _DEFLATED_TEXT, _DEFLATED_BINARY)
 }
 _NO_CLOSE = Close(1006, "")
+_CLOSE_BYTE = 0x88  # FIN + close
+#: The close codes a peer may send (websockets' ``Close.check``); another goes to websockets.
+_PEER_CLOSE_CODES = frozenset(EXTERNAL_CLOSE_CODES) | frozenset(range(3000, 5000))
 #: The logger websockets gives every server protocol (``websockets.server``), looked up once:
 #: ``logging.getLogger`` takes a lock each time it is called.
 _WS_LOGGER = logging.getLogger("websockets.server")
@@ -419,9 +425,13 @@ class ServerWire:
         self.peer_closed_first = False
         #: Whether `data_to_send` has something (a cheap check for the caller).
         self.wants_write = False
-        # websockets' protocol: made when the handshake is decided (CONNECTING for a
-        # request it parses, OPEN after the fast upgrade).
+        # websockets' protocol: made when the handshake is decided for a request it parses
+        # (CONNECTING); after the fast upgrade only once a frame or a call needs it
+        # (`_websockets`): a connection that just opens and closes never builds one.
         self._ws: ServerProtocol | None = None
+        # The peer's close, when the fast path answered it (no websockets): for the logs
+        # and counters (`close_status`, `close_code`).
+        self._fast_close: Close | None = None
         self._out: list[bytes] = []
         self._partial = b""  # the start of an upgrade request, waiting for its end
         # The start of a frame waiting for the rest, and the bytes it needs in all (0: its
@@ -525,6 +535,13 @@ class ServerWire:
                 events.append((_TEXT if first == 0x81 else _BINARY, payload))
                 pos = end
                 continue
+            if (
+                first == _CLOSE_BYTE
+                and self._ws is None
+                and end <= size
+                and self._fast_close_frame(data[start:end], data[start - 4 : start], events)
+            ):
+                break  # CLOSED: the rest is discarded, as websockets does
             # Any other frame: checked on its header, then websockets reads it.
             if length <= max_message - self._fragments_size:
                 refusal = self._check_header(first, length)
@@ -547,6 +564,44 @@ class ServerWire:
             self._pending_need = need
         return events
 
+    def _fast_close_frame(self, masked: bytes, mask: bytes, events: list[Event]) -> bool:
+        """The peer's whole close frame while websockets has seen no frame (the common close
+        after the fast upgrade): answered as websockets answers it - the payload echoed,
+        the end of stream, CLOSED - without building a ``ServerProtocol``.  False (nothing
+        done) for anything websockets must judge: a control frame over 125 bytes, one
+        byte of payload or more than ``max_message``, a code a peer may not send, a reason
+        that is not UTF-8."""
+        length = len(masked)
+        if length > 125 or length == 1 or length > self.max_message:
+            return False
+        if length:
+            payload = apply_mask(masked, mask)
+            code = (payload[0] << 8) | payload[1]
+            if code not in _PEER_CLOSE_CODES:
+                return False
+            try:
+                reason = payload[2:].decode()
+            except UnicodeDecodeError:
+                return False
+            close = Close(code, reason)
+        else:
+            payload = b""
+            close = Close(1005, "")
+        self._fast_close = close
+        self.peer_closed_first = True
+        events.append((_EV_CLOSE_REQUEST, close))
+        self._out += [bytes((_CLOSE_BYTE, length)) + payload, b""]
+        self.wants_write = True
+        self._move(_END)
+        return True
+
+    def _websockets(self) -> ServerProtocol:
+        """websockets' protocol of an open connection, made on first need."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = self._new_ws(_WS_OPEN)
+        return ws
+
     def _close_inside_message(self) -> None:
         """Deviation 1 (Autobahn 7.1.5): a close frame inside a fragmented message.
 
@@ -567,8 +622,7 @@ class ServerWire:
 
     def _to_websockets(self, data: bytes, events: list[Event]) -> None:
         """Let websockets parse ``data`` (whole frames, or the rest of a closing stream)."""
-        ws = self._ws
-        assert ws is not None
+        ws = self._ws or self._websockets()
         ws.receive_data(data)
         for frame in ws.events_received():
             if isinstance(frame, Frame):
@@ -687,7 +741,6 @@ class ServerWire:
             return
         self._out.append(_response_101(key, protocol))
         self.wants_write = True
-        self._ws = self._new_ws(_WS_OPEN)
         self.request_head = request[:end]
         self._opened(protocol, events)
         rest = request[end + 4 :]
@@ -936,7 +989,6 @@ class ServerWire:
                 head = head[:-2] + extra + b"\r\n"
             self._out.append(head)
             self.wants_write = True
-            self._ws = self._new_ws(_WS_OPEN)
         else:  # websockets' 101
             if protocol is not None:
                 if "Sec-WebSocket-Protocol" in response.headers:
@@ -970,6 +1022,15 @@ class ServerWire:
         self._refuse(status, text, events, headers)
         return events
 
+    def drop_policy(self) -> None:
+        """The connection is gone: let go of the caller's callables.  ``admit`` is usually
+        a bound method of the caller, which holds this wire: without this the two would
+        wait for the cyclic garbage collector (every connection, a collection every few
+        hundred handshakes) instead of going when the caller drops them."""
+        self._admit = _accept_all
+        self._select_subprotocol = _no_subprotocol
+        self._answer_http = None
+
     def take_request_head(self) -> bytes:
         """The accepted request's head, once (the wire keeps no copy after)."""
         head, self.request_head = self.request_head, b""
@@ -988,15 +1049,15 @@ class ServerWire:
         """
         ws = self._ws
         if ws is None:
-            return None, None
+            close = self._fast_close
+            return (None, None) if close is None else (close.code, close.code)
         received, sent = ws.close_rcvd, ws.close_sent
         return (received.code if received else None), (sent.code if sent else None)
 
     def send_close(self, code: int, reason: str) -> None:
         """Start the close handshake (OPEN only; otherwise nothing happens)."""
         if self.phase is _OPEN:
-            assert self._ws is not None
-            self._ws.send_close(code, reason)
+            self._websockets().send_close(code, reason)
             self._move(_SEND_CLOSE)
             if self._pending:
                 # The start of a frame the fast path held: websockets reads the stream from
@@ -1012,8 +1073,7 @@ class ServerWire:
             self._fail(code, reason, [])
 
     def _fail(self, code: int, reason: str, events: list[Event]) -> None:
-        assert self._ws is not None
-        self._ws.fail(code, reason)
+        self._websockets().fail(code, reason)
         self._take_output(events)  # the close frame and the end of stream: CLOSED, FAILED
 
     def close_code(self) -> int:
@@ -1021,7 +1081,8 @@ class ServerWire:
         peer's if it closed first, else the one sent; 1006 without a close frame."""
         ws = self._ws
         if ws is None:
-            return 1006
+            close = self._fast_close
+            return 1006 if close is None else close.code
         close = ws.close_rcvd if self.peer_closed_first else ws.close_sent or ws.close_rcvd
         return 1006 if close is None else close.code
 

@@ -69,7 +69,7 @@ from wsfleet.ipc.stats import PUBLISH_SECONDS, SHARD_FIELDS, ShardStats
 from wsfleet.ipc.tls import TlsError, server_context
 
 from .app import ShardApp
-from .connection import PeerConnection, frame_header
+from .connection import CLOSE_GRACE_SECONDS, Deadlines, PeerConnection, frame_header
 from .handoff import hand_off, take_over
 from .wire import DeflateWire, Phase, ServerWire
 
@@ -108,6 +108,10 @@ class Shard:
         limits = config.limits
         self.max_message: int = limits.max_message_size
         self.handshake_timeout: float = limits.handshake_timeout
+        #: The connections whose handshake must end in time, and those whose close may
+        #: wait CLOSE_GRACE_SECONDS at most: one timer each for all.
+        self.handshake_deadlines = Deadlines(loop, self.handshake_timeout)
+        self.close_deadlines = Deadlines(loop, CLOSE_GRACE_SECONDS)
         self.max_request_bytes: int = limits.max_request_bytes
         self.max_peers: int = limits.max_peers  # 0: no limit
         self.max_peers_per_address: int = limits.max_peers_per_address  # 0: no limit
