@@ -62,6 +62,10 @@ STOP_TIMEOUT = 6.0
 #: How long stop() waits for the shards to take commands still queued in the front.
 STOP_DRAIN_TIMEOUT = 2.0
 _YIELDS_BEFORE_SLEEP = 8
+#: How often a busy poll() reads the supervisor's socket (its messages are rare: a shard
+#: up, down or moved, a stop): one recvmsg that fails with EAGAIN per poll() was a tenth
+#: of the front's CPU under a handshake load.  After a sleep, and in select mode, always.
+CONTROL_READ_SECONDS = 0.005
 
 # Bound once for the dispatch loop (plain ints: see wsfleet.ipc.messages).
 _EV_TEXT, _EV_BINARY, _EV_CREDITS = m.EV_TEXT, m.EV_BINARY, m.EV_CREDITS
@@ -264,6 +268,7 @@ class Fleet:
         self._spawns = [0] * shards
         self._started = [0.0] * shards
         self._meter = ProcessMeter()
+        self._control_due = 0.0  # monotonic time of the next read of the control socket
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -513,7 +518,7 @@ class Fleet:
             if self._select_mode:
                 self._disarm_all()
             self._flush_commands()
-            handled = self._read_control() + self._drain_events()
+            handled = self._read_control_if_due() + self._drain_events()
             if cluster is not None:
                 handled += cluster.drain()
             if not handled and timeout and self._epoll is not None:
@@ -698,6 +703,14 @@ class Fleet:
         self.listener.peer_left(channel, clean)
 
     # -- the supervisor's notices ---------------------------------------------------------------
+
+    def _read_control_if_due(self) -> int:
+        if not self._select_mode:  # a select()ing caller is woken by it: read it every time
+            now = time.monotonic()
+            if now < self._control_due:
+                return 0
+            self._control_due = now + CONTROL_READ_SECONDS
+        return self._read_control()
 
     def _read_control(self) -> int:
         handled = 0
