@@ -35,7 +35,9 @@ for broadcast), first the baseline the ratio compares with:
   ``WebSocketServer``, plain mode, main loop without sleep with the default
   ``--godot-sleep-usec 0``: it burns its core even when idle, so its CPU figure
   is 100 %) in a temporary working directory;
-* ``node``: ``node loadtest/node_ws_server.js --mode {mode}`` (npm package ``ws``).
+* ``node``: ``node loadtest/node_ws_server.js --mode {mode}`` (npm package ``ws``);
+* ``picows`` (echo set only: connect and idle): ``python -m wsfleet.loadtest.picows_server``
+  (picows' Cython server on uvloop; "not installed" without the package).
 
 A server whose program (``godot3-server``, ``node``) or, for Node, whose ``ws``
 module is missing is reported as "not installed" and skipped; that does not
