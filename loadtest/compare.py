@@ -60,6 +60,7 @@ from wsfleet.loadtest.report import (
     Column,
     all_clean,
     client_capacity_pct,
+    client_load_pct,
     config_of,
     print_table,
     ratio_base,
@@ -279,9 +280,8 @@ def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, dict[
     if floors:
         lines += [
             "",
-            "The load generator was near saturation (≥ 90 % of its CPUs) for "
-            + ", ".join(floors)
-            + ": those figures are floors.",
+            "The load generator was near saturation (≥ 90 % of its CPUs, counting run-queue "
+            "wait) for " + ", ".join(floors) + ": those figures are floors.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -312,7 +312,7 @@ def _detail(scenario: Scenario, result: dict[str, Any], floors: list[str]) -> li
             else:
                 cells.append(_cell(c, m))
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
-        if m.get("client_cpu_pct", 0) >= 0.9 * result.get("client_capacity_pct", math.inf):
+        if client_load_pct(m) >= 0.9 * result.get("client_capacity_pct", math.inf):
             floors.append(f"{scenario.name}/{s['name']}")
     for s in result["skipped"]:
         lines.append(f"| {s['name']} | {s['skip']} |" + " |" * (len(titles) - 1))

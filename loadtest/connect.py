@@ -26,6 +26,7 @@ from wsfleet.loadtest.counters import (
     MAX_LATENCY_SAMPLES,
     Counters,
     LoadState,
+    WindowClock,
     cpu_figures,
     error_samples,
     latency_figures,
@@ -140,11 +141,11 @@ async def _connect_loops(
     tasks = [asyncio.ensure_future(loop()) for _ in range(concurrency)]
     try:
         await sleep_until(w0)
-        cpu0 = time.process_time()
+        clock = WindowClock()
         wall0 = time.perf_counter()
         await sleep_until(w1)
         result.window_s = time.perf_counter() - wall0
-        result.cpu_s = time.process_time() - cpu0
+        clock.stop(result)
         # Each loop ends after its current cycle, which the timeouts bound.
         await asyncio.wait_for(asyncio.gather(*tasks), connect_timeout + close_timeout + 5)
     finally:
@@ -193,6 +194,7 @@ TABLE = Table(
     medians=(
         "handshakes_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_handshake",
         "p50_us",
@@ -203,6 +205,7 @@ TABLE = Table(
         Column("hs/s", "handshakes_per_s", 8, ",.0f"),
         Column("", "", 14),
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
+        Column("cli busy", "client_busy_pct", 8, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/hs", "server_us_per_handshake", 9, ".0f"),
         Column("p50 us", "p50_us", 8, ",.0f"),
@@ -245,7 +248,9 @@ class ConnectScenario(ProcessScenario):
     def describe(self, run: dict[str, Any]) -> str:
         return (
             f"{run['handshakes_per_s']:,.0f} handshakes/s (connect + close), client CPU "
-            f"{run['client_cpu_pct']:.0f}%, server CPU {run['server_cpu_pct']:.0f}% "
+            f"{run['client_cpu_pct']:.0f}% (busy {run['client_busy_pct']:.0f}%, "
+            f"{run['client_us_per_handshake']:.0f} us/handshake), server CPU "
+            f"{run['server_cpu_pct']:.0f}% "
             f"({run['server_us_per_handshake']:.0f} us/handshake), {run['server_processes']} "
             f"server process(es), handshake p50 {run['p50_us']:,.0f} us, p99 "
             f"{run['p99_us']:,.0f} us, cycles {run['cycles']:,}, failures {run['failures']}, "

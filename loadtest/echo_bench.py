@@ -92,6 +92,7 @@ TABLE = Table(
     medians=(
         "msgs_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_msg",
         "p50_us",
@@ -102,6 +103,7 @@ TABLE = Table(
         Column("msg/s", "msgs_per_s", 10, ",.0f"),
         Column("", "", 14),  # the ratio to the first server
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
+        Column("cli busy", "client_busy_pct", 8, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/msg", "server_us_per_msg", 10, ".1f"),
         Column("p50 us", "p50_us", 8, ",.0f"),
@@ -356,7 +358,8 @@ class EchoScenario(ProcessScenario):
 
     def describe(self, run: dict[str, Any]) -> str:
         return (
-            f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}%, "
+            f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}% (busy "
+            f"{run['client_busy_pct']:.0f}%, {run['client_us_per_msg']:.1f} us/msg), "
             f"server CPU {run['server_cpu_pct']:.0f}% ({run['server_us_per_msg']:.1f} us/msg),"
             f" {run['server_processes']} server process(es),"
             f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, "
