@@ -1,11 +1,12 @@
 """The connect scenario: handshake + close cycles per second.
 
 ``concurrency`` loops, each repeating TCP connect + WebSocket handshake, then the
-close handshake (client sends 1000, waits for the server's close frame and the
-end of TCP). Cycles that end in the window give handshakes/s; handshake latency
-(connect to 101) goes to the histogram; failed or timed-out handshakes are
-``failures`` (errors); a server that ends TCP without a close frame counts as
-``unclean_closes`` (not an error).
+close handshake (the client sends 1000 as soon as the 101 is checked, waits for the
+server's close frame and the end of TCP), all under one timer
+(``connect_timeout + close_timeout``) per cycle. Cycles that end in the window give
+handshakes/s; handshake latency (connect to 101) goes to the histogram; failed or
+timed-out handshakes are ``failures`` (errors); a server that ends TCP without a close
+frame counts as ``unclean_closes`` (not an error).
 
 `run_connect` is the load itself as a plain function call (the scenario tests
 call it); `ConnectScenario` is how the front ends run it.
