@@ -41,7 +41,11 @@ shards). Then the load stops, in-flight echoes drain, connections close, and the
 server gets SIGTERM (SIGKILL for the whole tree after ``--stop-timeout``).
 
 ``--runs`` rounds run every server once each, in the same order, so drift on a
-shared machine hits all alike; the table gives medians over the runs. A server
+shared machine hits all alike; the table gives medians over the runs, with the load
+processes' own CPU ("client CPU") and how busy they were ("cli busy": CPU plus the time
+they were runnable but another process had the CPU). A server whose run kept the load at
+90 % or more of the CPUs it had is flagged, on its row and in one sentence under the
+table: its figure is a floor (the load generator, not the server, was the limit). A server
 that fails to start (command not found, early exit, no handshake in time) is
 reported as failed and skipped in later rounds; the others still run.
 

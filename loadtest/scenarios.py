@@ -21,8 +21,11 @@ the same CPUs, with `bench.run_benchmark` (each server started fresh for each ru
 under ``taskset -c --server-cpus``, ready once a WebSocket handshake succeeds, the
 load processes pinned to ``--client-cpus``, the server tree's CPU time over the
 window, SIGTERM then SIGKILL; the medians over ``--runs``, the table with the
-ratio to the first server, the JSON file). The idle scenario runs its
-connections in this process (it reads the server's memory). The servers are
+ratio to the first server and the load generator's own CPU, the JSON file). A row
+where the load generator was near saturation (CPU plus run-queue wait >= 90 % of the
+CPUs it had) is flagged, and named in one sentence under the table: a floor. The
+idle scenario runs its connections in this process (it reads the server's memory).
+The servers are
 `catalog.server_catalog`'s (``echo`` set for connect and idle, ``broadcast`` set
 for broadcast), first the baseline the ratio compares with:
 
