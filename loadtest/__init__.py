@@ -1,7 +1,7 @@
 """Benchmarks and the load generator (``wsfleet loadtest``).
 
 Owns: the tools that measure wsfleet against other servers (websockets, Godot 3.2.3,
-Node's ws) and its own parts (``ipc_bench``), and the figures in ``RESULTS.md``.
+Node's ws, picows) and its own parts (``ipc_bench``), and the figures in ``RESULTS.md``.
 Never imported by the server itself; it may import the public API of ``wsfleet``
 (``wsfleet_apps``) and ``wsfleet.ipc`` (``ipc_bench``) and nothing else of the
 project. The tests import it, never the other way round.
@@ -31,8 +31,9 @@ One framework, in layers (each module's docstring says what it may import):
 * the servers under test besides ``wsfleet serve``: ``ws_server`` (the one
   ``websockets`` baseline, echo or broadcast), ``wsfleet_apps`` (wsfleet's
   broadcast application), ``shard_echo`` (the echo as a shard handler: ``wsfleet-K-sh``),
-  ``godot_server.gd``, ``node_ws_server.js``; and ``scaling.sh`` (echo with 1-8 shards
-  on a 16-core machine, in the front and in shard handlers);
+  ``picows_server`` (picows' own server, echo), ``godot_server.gd``,
+  ``node_ws_server.js``; and ``scaling.sh`` (echo with 1-8 shards on a 16-core machine,
+  in the front and in shard handlers);
 * ``cluster_bench``: a cluster over NATS (``wsfleet serve --cluster``): cross-node echo
   against same-node echo, and ids unique over 10,000 connections on 3 nodes;
 * micro-benchmarks of one shard's code, in-process: ``wire_bench`` (the receive

@@ -276,6 +276,7 @@ TABLE = Table(
         "deliveries_per_s",
         "broadcasts_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_delivery",
         "p50_us",

@@ -1,5 +1,5 @@
-"""The servers a benchmark compares: websockets, ``wsfleet-K``, Godot 3.2.3 and Node's ws,
-each for the application a scenario needs (echo, broadcast, the multiplayer relay).
+"""The servers a benchmark compares: websockets, ``wsfleet-K``, Godot 3.2.3, Node's ws and
+picows, each for the application a scenario needs (echo, broadcast, the multiplayer relay).
 
 Owns: `server_catalog` (a server record per name, with ``skip`` set for those not
 installed or without that mode), `select_servers` (``--server``/``--only``),
@@ -12,6 +12,7 @@ Imports only the standard library.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -27,11 +28,23 @@ NODE_SCRIPT = LOADTEST_DIR / "node_ws_server.js"
 MODES = ("echo", "broadcast", "mp-relay")
 # The default set of each mode, the first one being the baseline of the benchmark's ratios.
 DEFAULT_NAMES = {
-    "echo": ("websockets", "wsfleet-1", "wsfleet-2", "godot", "node"),
+    "echo": ("websockets", "wsfleet-1", "wsfleet-2", "godot", "node", "picows"),
     "broadcast": ("websockets", "wsfleet-1", "wsfleet-2", "godot", "node"),
     "mp-relay": ("godot", "wsfleet-1", "wsfleet-2"),
 }
-REFERENCES = ("websockets", "godot", "node")  # the servers that are not wsfleet
+REFERENCES = ("websockets", "godot", "node", "picows")  # the servers that are not wsfleet
+
+
+def picows_status() -> str | None:
+    """None when picows can be imported by this interpreter (the one that runs its server),
+    else why not."""
+    try:
+        found = importlib.util.find_spec("picows") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return "not installed: picows (pip install 'wsfleet[bench]' or pip install picows)"
+    return None
 
 
 def node_status(node: str) -> str | None:
@@ -69,7 +82,8 @@ def server_catalog(
     order, with ``skip`` set (why) for those not installed or without that mode.
 
     Names: ``websockets``, ``wsfleet-K`` (K shards), ``wsfleet-K-sh`` (echo only: the echo
-    as a shard handler, `shard_echo`), ``godot``, ``node``. The options
+    as a shard handler, `shard_echo`), ``godot``, ``node``, ``picows`` (echo only:
+    `picows_server`, picows' own server on uvloop). The options
     ``args.godot``, ``args.godot_sleep_usec``, ``args.node`` and, for mp-relay,
     ``args.godot_script`` (`add_server_arguments`) pick the programs. Raises ValueError for
     an unknown name.
@@ -118,8 +132,16 @@ def server_catalog(
                 skip = "not applicable: no Godot multiplayer mode"
             else:
                 skip = node_status(args.node)
+        elif name == "picows":
+            command = "python -m wsfleet.loadtest.picows_server --mode echo --port {port}"
+            if mode != "echo":
+                skip = "not applicable: echo only"
+            else:
+                skip = picows_status()
         else:
-            raise ValueError(f"unknown server {name!r} (websockets, wsfleet-K, godot, node)")
+            raise ValueError(
+                f"unknown server {name!r} (websockets, wsfleet-K, godot, node, picows)"
+            )
         servers.append(
             {"name": name, "command": command, "runs": [], "failure": None, "skip": skip}
         )
@@ -160,7 +182,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         metavar="NAMES",
         help="comma-separated servers to run: from the default set or websockets, wsfleet-K, "
-        "godot, node",
+        "godot, node, picows",
     )
     parser.add_argument("--godot", default=os.environ.get("WSFLEET_GODOT", "godot3-server"))
     parser.add_argument("--godot-sleep-usec", type=int, default=0)

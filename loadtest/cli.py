@@ -55,7 +55,7 @@ import psutil
 
 from wsfleet.loadtest import bench
 from wsfleet.loadtest.procstats import ProcessTree, parse_cpus
-from wsfleet.loadtest.report import client_capacity_pct, config_of
+from wsfleet.loadtest.report import client_capacity_pct, client_load_pct, config_of
 from wsfleet.loadtest.scenario import Scenario
 from wsfleet.loadtest.scenarios import HELP, SCENARIOS
 from wsfleet.loadtest.servers import Target
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.server_pid is None:
             notes.append("server figures: give --server-pid")
         capacity = client_capacity_pct(args, parse_cpus(args.client_cpus))
-        if run.get("client_cpu_pct", 0) >= 0.9 * capacity:
+        if client_load_pct(run) >= 0.9 * capacity:
             notes.append("the load generator was near saturation: the rate is a floor")
         print()
         print_run(scenario, run, "; ".join(f"note: {n}" for n in notes))

@@ -1,7 +1,7 @@
 """Every scenario against every server, side by side: the figures for RESULTS.md.
 
     python -m wsfleet.loadtest.compare [SCENARIO ...] [--runs 5]
-        [--servers websockets,wsfleet-1,wsfleet-2,godot,node] [--server-cpus 0]
+        [--servers websockets,wsfleet-1,wsfleet-2,godot,node,picows] [--server-cpus 0]
         [--client-cpus 1] [--client-procs 1] [--seconds S] [--warmup W] [--settle 0.5]
         [--godot BIN] [--godot-sleep-usec 0] [--node BIN] [--node-path DIR]
         [--json FILE] [--markdown FILE]
@@ -17,7 +17,7 @@ shards: ``wsfleet serve`` for echo, connect and idle, so the echo runs in the
 front; ``wsfleet_apps broadcast``; ``wsfleet serve --gd-mp-api``). mp-relay only
 runs the servers that speak Godot's multiplayer protocol (wsfleet and Godot);
 the others are reported as not applicable. A server that is not installed (no
-``godot3-server``, no ``node`` or no ``ws`` module for it) is reported as skipped
+``godot3-server``, no ``node`` or no ``ws`` module for it, no ``picows``) is reported as skipped
 and does not change the exit status.
 
 For each scenario, ``--runs`` rounds run every server once, in the order given,
@@ -28,7 +28,7 @@ medians over the runs with the ratio of each server's headline figure to
 CPU and the errors. At the end, a summary in markdown (stdout, and ``--markdown
 FILE``): the headline figure of every server in every scenario with its ratio to
 wsfleet-1, then each wsfleet against each reference server (websockets, godot,
-node) as "how many times better" (the ratio of the figures, inverted for memory
+node, picows) as "how many times better" (the ratio of the figures, inverted for memory
 per connection, where less is better), and the detailed table of each scenario.
 ``--json FILE`` keeps every run.
 
@@ -60,6 +60,7 @@ from wsfleet.loadtest.report import (
     Column,
     all_clean,
     client_capacity_pct,
+    client_load_pct,
     config_of,
     print_table,
     ratio_base,
@@ -68,9 +69,9 @@ from wsfleet.loadtest.report import (
 from wsfleet.loadtest.scenario import Scenario
 from wsfleet.loadtest.scenarios import SCENARIOS
 
-DEFAULT_SERVERS = "websockets,wsfleet-1,wsfleet-2,godot,node"
+DEFAULT_SERVERS = "websockets,wsfleet-1,wsfleet-2,godot,node,picows"
 BASE = "wsfleet-1"
-SERVER_NAME = re.compile(r"websockets|godot|node|wsfleet-[1-9][0-9]*")
+SERVER_NAME = re.compile(r"websockets|godot|node|picows|wsfleet-[1-9][0-9]*")
 # Start, handshake wait, settle, drain and stop of one run, besides its window (a guess).
 RUN_OVERHEAD_S = 3.0
 
@@ -279,9 +280,8 @@ def markdown(args: argparse.Namespace, argv: list[str], results: dict[str, dict[
     if floors:
         lines += [
             "",
-            "The load generator was near saturation (≥ 90 % of its CPUs) for "
-            + ", ".join(floors)
-            + ": those figures are floors.",
+            "The load generator was near saturation (≥ 90 % of its CPUs, counting run-queue "
+            "wait) for " + ", ".join(floors) + ": those figures are floors.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -312,7 +312,7 @@ def _detail(scenario: Scenario, result: dict[str, Any], floors: list[str]) -> li
             else:
                 cells.append(_cell(c, m))
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
-        if m.get("client_cpu_pct", 0) >= 0.9 * result.get("client_capacity_pct", math.inf):
+        if client_load_pct(m) >= 0.9 * result.get("client_capacity_pct", math.inf):
             floors.append(f"{scenario.name}/{s['name']}")
     for s in result["skipped"]:
         lines.append(f"| {s['name']} | {s['skip']} |" + " |" * (len(titles) - 1))
@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     bad = [n for n in names if not SERVER_NAME.fullmatch(n)]
     if not names or bad or len(set(names)) != len(names):
-        parser.error(f"--servers: websockets, wsfleet-K, godot, node, each once (not {bad})")
+        parser.error(
+            f"--servers: websockets, wsfleet-K, godot, node, picows, each once (not {bad})"
+        )
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     plan = [(SCENARIOS[n], scenario_args(parser, args, SCENARIOS[n])) for n in chosen]

@@ -1,11 +1,12 @@
 """The connect scenario: handshake + close cycles per second.
 
 ``concurrency`` loops, each repeating TCP connect + WebSocket handshake, then the
-close handshake (client sends 1000, waits for the server's close frame and the
-end of TCP). Cycles that end in the window give handshakes/s; handshake latency
-(connect to 101) goes to the histogram; failed or timed-out handshakes are
-``failures`` (errors); a server that ends TCP without a close frame counts as
-``unclean_closes`` (not an error).
+close handshake (the client sends 1000 as soon as the 101 is checked, waits for the
+server's close frame and the end of TCP), all under one timer
+(``connect_timeout + close_timeout``) per cycle. Cycles that end in the window give
+handshakes/s; handshake latency (connect to 101) goes to the histogram; failed or
+timed-out handshakes are ``failures`` (errors); a server that ends TCP without a close
+frame counts as ``unclean_closes`` (not an error).
 
 `run_connect` is the load itself as a plain function call (the scenario tests
 call it); `ConnectScenario` is how the front ends run it.
@@ -26,6 +27,7 @@ from wsfleet.loadtest.counters import (
     MAX_LATENCY_SAMPLES,
     Counters,
     LoadState,
+    WindowClock,
     cpu_figures,
     error_samples,
     latency_figures,
@@ -35,7 +37,7 @@ from wsfleet.loadtest.loadclient import on_uvloop, sleep_until
 from wsfleet.loadtest.loadprocs import Load, split_evenly
 from wsfleet.loadtest.report import Column, Table
 from wsfleet.loadtest.scenario import ProcessScenario
-from wsfleet.loadtest.wsclient import connect
+from wsfleet.loadtest.wsclient import CLOSE_1000, WSConnection
 
 
 @dataclass(kw_only=True)
@@ -58,6 +60,19 @@ class ConnectCounts(Counters):
         return self.received
 
 
+class CycleConnection(WSConnection):
+    """One handshake + close cycle: as soon as the 101 is checked it sends its close (1000);
+    the server's close frame (answered by `WSConnection`) or the end of TCP ends it."""
+
+    opened_ns = 0
+
+    def on_open(self) -> None:
+        self.opened_ns = time.perf_counter_ns()
+        if self.transport is not None:
+            self.transport.write(CLOSE_1000)
+            self._close_sent = True
+
+
 @on_uvloop
 async def _connect_loops(
     host: str,
@@ -76,32 +91,44 @@ async def _connect_loops(
     t_go = start_at() if start_at is not None else time.monotonic()
     w0 = t_go + warmup
     w1 = w0 + seconds
+    aloop = asyncio.get_running_loop()
+
+    def factory() -> CycleConnection:
+        return CycleConnection(host, port, path, close_timeout=close_timeout)
 
     async def loop() -> None:
         await sleep_until(t_go)
         while time.monotonic() < w1:
             load.sent += 1
             t0 = time.perf_counter_ns()
+            conn: CycleConnection | None = None
+            code: int | None = None
             try:
-                conn = await connect(
-                    host, port, timeout=connect_timeout, close_timeout=close_timeout, path=path
-                )
-            except (OSError, TimeoutError) as e:  # HandshakeError is an OSError
-                result.failures += 1
-                load.error(f"handshake: {type(e).__name__}: {e}")
-                await asyncio.sleep(0.01)  # do not spin on a refusing server
-                continue
-            t1 = time.perf_counter_ns()
-            load.received += 1
-            try:
-                conn.close()
-                # close() aborts TCP after close_timeout: this wait is bounded anyway.
-                code, _ = await asyncio.wait_for(asyncio.shield(conn.closed), close_timeout + 1)
-            except TimeoutError:
-                code = None
+                # TCP connect, the upgrade and the close handshake under one timer: no task,
+                # shield or second timeout per cycle.
+                async with asyncio.timeout(connect_timeout + close_timeout):
+                    _, conn = await aloop.create_connection(factory, host, port)
+                    code, _ = await conn.closed
+            except (OSError, TimeoutError) as e:
+                if conn is None or not conn.opened_ns:
+                    result.failures += 1
+                    load.error(f"handshake: {type(e).__name__}: {e}")
+                    if conn is not None:
+                        conn.abort()
+                    await asyncio.sleep(0.01)  # do not spin on a refusing server
+                    continue
                 load.error("close: the connection did not end")
             finally:
-                conn.abort()
+                if conn is not None:
+                    conn.abort()  # a no-op once TCP is gone
+            if not conn.opened_ns:
+                # The connection ended before a valid 101 (HandshakeError in conn.opened).
+                result.failures += 1
+                exc = conn.opened.exception() if conn.opened.done() else None
+                load.error(f"handshake: {exc or conn.error or 'connection lost before the 101'}")
+                await asyncio.sleep(0.01)
+                continue
+            load.received += 1
             if conn.error is not None:
                 load.error(f"protocol: {conn.error}")
             if code is None:
@@ -110,16 +137,16 @@ async def _connect_loops(
             if w0 <= time.monotonic() <= w1:
                 result.window_received += 1
                 if len(load.latencies) < MAX_LATENCY_SAMPLES:
-                    load.latencies.append((t1 - t0) // 1000)
+                    load.latencies.append((conn.opened_ns - t0) // 1000)
 
     tasks = [asyncio.ensure_future(loop()) for _ in range(concurrency)]
     try:
         await sleep_until(w0)
-        cpu0 = time.process_time()
+        clock = WindowClock()
         wall0 = time.perf_counter()
         await sleep_until(w1)
         result.window_s = time.perf_counter() - wall0
-        result.cpu_s = time.process_time() - cpu0
+        clock.stop(result)
         # Each loop ends after its current cycle, which the timeouts bound.
         await asyncio.wait_for(asyncio.gather(*tasks), connect_timeout + close_timeout + 5)
     finally:
@@ -168,6 +195,7 @@ TABLE = Table(
     medians=(
         "handshakes_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_handshake",
         "p50_us",
@@ -178,6 +206,7 @@ TABLE = Table(
         Column("hs/s", "handshakes_per_s", 8, ",.0f"),
         Column("", "", 14),
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
+        Column("cli busy", "client_busy_pct", 8, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/hs", "server_us_per_handshake", 9, ".0f"),
         Column("p50 us", "p50_us", 8, ",.0f"),
@@ -220,7 +249,9 @@ class ConnectScenario(ProcessScenario):
     def describe(self, run: dict[str, Any]) -> str:
         return (
             f"{run['handshakes_per_s']:,.0f} handshakes/s (connect + close), client CPU "
-            f"{run['client_cpu_pct']:.0f}%, server CPU {run['server_cpu_pct']:.0f}% "
+            f"{run['client_cpu_pct']:.0f}% (busy {run['client_busy_pct']:.0f}%, "
+            f"{run['client_us_per_handshake']:.0f} us/handshake), server CPU "
+            f"{run['server_cpu_pct']:.0f}% "
             f"({run['server_us_per_handshake']:.0f} us/handshake), {run['server_processes']} "
             f"server process(es), handshake p50 {run['p50_us']:,.0f} us, p99 "
             f"{run['p99_us']:,.0f} us, cycles {run['cycles']:,}, failures {run['failures']}, "

@@ -14,6 +14,7 @@ import it.
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -100,6 +101,10 @@ class Counters:
     window_received: int = 0
     window_s: float = 0.0
     cpu_s: float = 0.0  # this process's CPU time (user + system) in the window
+    # Its time runnable but waiting for a CPU in the window (another process had it): with
+    # cpu_s, how much of the window the load could have used a CPU. NaN where the kernel
+    # does not say (no /proc/self/schedstat).
+    wait_s: float = 0.0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     latency_samples: int = 0
@@ -113,6 +118,29 @@ class Counters:
     def latency_us(self) -> tuple[float, float, float]:
         """(p50, p99, max) of this process's latencies; NaN when there are none."""
         return percentiles_us(merge_histograms([self.latency_hist]))
+
+
+def run_queue_wait_s() -> float:
+    """This process's time so far runnable but waiting for a CPU (seconds; the main thread's,
+    which runs the whole load); NaN where /proc/self/schedstat is missing."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+class WindowClock:
+    """The load process's CPU time and run-queue wait over a window: `stop` puts them in a
+    result (``cpu_s``, ``wait_s``)."""
+
+    def __init__(self) -> None:
+        self.cpu0 = time.process_time()
+        self.wait0 = run_queue_wait_s()
+
+    def stop(self, result: Counters) -> None:
+        result.cpu_s = time.process_time() - self.cpu0
+        result.wait_s = run_queue_wait_s() - self.wait0
 
 
 class _HasError(Protocol):
@@ -157,11 +185,18 @@ def total(results: Iterable[Any], name: str) -> int:
 def cpu_figures(
     results: Sequence[Counters], server_cpu: float, window: float, rate: float, per: str
 ) -> dict[str, float]:
-    """The load processes' CPU (each over its own window, summed: 100 = one core), the
-    server's over ``window``, and the server's microseconds per unit of ``rate``
-    (``server_us_per_<per>``)."""
+    """The load processes' CPU (each over its own window, summed: 100 = one core), how busy
+    they were (CPU plus time runnable but waiting for a CPU taken by another process: what
+    they would have used; NaN where the kernel does not say), their microseconds of CPU per
+    unit of ``rate`` (``client_us_per_<per>``), the server's CPU over ``window``, and the
+    server's microseconds per unit of ``rate`` (``server_us_per_<per>``)."""
+    timed = [r for r in results if r.window_s > 0]
+    client_cpu = sum(r.cpu_s for r in timed)
+    busy = 100 * sum((r.cpu_s + r.wait_s) / r.window_s for r in timed)
     return {
-        "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in results if r.window_s > 0),
+        "client_cpu_pct": 100 * sum(r.cpu_s / r.window_s for r in timed),
+        "client_busy_pct": busy,
+        f"client_us_per_{per}": 1e6 * client_cpu / (rate * window) if rate else float("nan"),
         "server_cpu_pct": 100 * server_cpu / window,
         f"server_us_per_{per}": 1e6 * server_cpu / (rate * window) if rate else float("nan"),
     }

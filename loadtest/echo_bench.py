@@ -1,4 +1,4 @@
-"""Echo throughput and latency: wsfleet against websockets, Godot 3.2.3 and Node's ws.
+"""Echo throughput and latency: wsfleet against websockets, Godot 3.2.3, Node's ws and picows.
 
     python -m wsfleet.loadtest.echo_bench [--runs 5] [--connections 50] [--inflight 16]
         [--size 64] [--seconds 5] [--warmup 1] [--client-procs 1] [--server-cpus 0]
@@ -16,9 +16,12 @@ also takes ``wsfleet-K`` for K shards), the first being the baseline of the rati
 * ``godot``: ``godot3-server`` running ``loadtest/godot_server.gd --wsfleet-mode=echo``
   (Godot 3.2.3's ``WebSocketServer``; with the default ``--godot-sleep-usec 0`` its main
   loop never sleeps, so its CPU figure is 100 %);
-* ``node``: ``node loadtest/node_ws_server.js --mode echo`` (npm package ``ws``).
+* ``node``: ``node loadtest/node_ws_server.js --mode echo`` (npm package ``ws``);
+* ``picows``: ``python -m wsfleet.loadtest.picows_server`` (picows' Cython server on
+  uvloop, the ``bench`` extra).
 
-A server whose program or (Node) ``ws`` module is missing is reported as skipped.
+A server whose program, (Node) ``ws`` module or (picows) package is missing is reported
+as skipped.
 ``--server NAME=COMMAND`` (``{port}``, optionally ``{host}``) replaces the set; a
 leading ``python``/``python3`` means this interpreter, and a program that is not on
 PATH is looked up next to it (so the venv's ``wsfleet`` is found without activating
@@ -38,7 +41,11 @@ shards). Then the load stops, in-flight echoes drain, connections close, and the
 server gets SIGTERM (SIGKILL for the whole tree after ``--stop-timeout``).
 
 ``--runs`` rounds run every server once each, in the same order, so drift on a
-shared machine hits all alike; the table gives medians over the runs. A server
+shared machine hits all alike; the table gives medians over the runs, with the load
+processes' own CPU ("client CPU") and how busy they were ("cli busy": CPU plus the time
+they were runnable but another process had the CPU). A server whose run kept the load at
+90 % or more of the CPUs it had is flagged, on its row and in one sentence under the
+table: its figure is a floor (the load generator, not the server, was the limit). A server
 that fails to start (command not found, early exit, no handshake in time) is
 reported as failed and skipped in later rounds; the others still run.
 
@@ -89,6 +96,7 @@ TABLE = Table(
     medians=(
         "msgs_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_msg",
         "p50_us",
@@ -99,6 +107,7 @@ TABLE = Table(
         Column("msg/s", "msgs_per_s", 10, ",.0f"),
         Column("", "", 14),  # the ratio to the first server
         Column("client CPU", "client_cpu_pct", 10, ".0f", "%"),
+        Column("cli busy", "client_busy_pct", 8, ".0f", "%"),
         Column("server CPU", "server_cpu_pct", 10, ".0f", "%"),
         Column("srv us/msg", "server_us_per_msg", 10, ".1f"),
         Column("p50 us", "p50_us", 8, ",.0f"),
@@ -136,8 +145,36 @@ def payload_for(index: int, size: int) -> bytes:
     return (unit * (size // len(unit) + 1))[:size]
 
 
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    """The frame an echo server sends back for ``payload``: final, unmasked, the shortest
+    length encoding (RFC 6455 section 5.2 asks for it)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 0x10000:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+# Replacement writes of up to this many bytes are built once per count (frame * k).
+FRAME_CACHE_BYTES = 64 * 1024
+# The echoes in flight on one connection, end to end, are kept for the fast check up to this.
+FAST_CHECK_BYTES = 1 << 20
+
+
 class EchoConnection(WSConnection):
-    """Keeps messages in flight: every echo received is checked and answered with a new one."""
+    """Keeps messages in flight: every echo received is checked and answered with a new one.
+
+    The per-read cost is what limits the load against a server that writes one frame per
+    TCP segment (Godot 3.2: one socket read per message), so a read that holds only whole
+    echoes, byte for byte the frames the server owes (header and payload), is checked with
+    one comparison against ``inflight`` expected frames end to end, and answered with one
+    write; anything else (a split frame, a control frame, another length encoding, a wrong
+    echo) goes through `WSConnection.data_received`, which parses frame by frame and counts
+    mismatches as errors.
+    """
 
     def __init__(
         self, host: str, port: int, *, load: _Load, payload: bytes, opcode: int, path: str = "/"
@@ -148,28 +185,67 @@ class EchoConnection(WSConnection):
         self.opcode = opcode
         # Built once and written for every message: see build_frame on reusing a masked frame.
         self.frame = build_frame(opcode, payload)
+        self.echo = server_frame(opcode, payload)
+        self.expected = self.echo  # `start` makes it `inflight` echoes end to end
+        self.replies: list[bytes] = [b"", self.frame]
         self.sent_at: deque[float] = deque()  # send times of the messages in flight, in order
         self.now = 0.0
         self.echoed = 0
 
     def start(self, inflight: int) -> None:
+        # The fast check needs every echo in flight end to end; past FAST_CHECK_BYTES the
+        # frame by frame path checks them.
+        big = len(self.echo) * inflight > FAST_CHECK_BYTES
+        self.expected = b"" if big else self.echo * inflight
+        if len(self.frame) * inflight <= FRAME_CACHE_BYTES:
+            self.replies = [self.frame * k for k in range(inflight + 1)]
         self.sent_at.extend(repeat(time.perf_counter(), inflight))
         self.load.sent += inflight
         self.send_raw(self.frame * inflight)
 
     def data_received(self, data: bytes) -> None:
-        # One clock read per socket read: echoes that arrive together share a receive time.
-        self.now = time.perf_counter()
-        self.echoed = 0
-        super().data_received(data)
-        k = self.echoed
+        # One clock read per socket read: echoes that arrive together share a receive time,
+        # and their replacements that send time.
+        now = time.perf_counter()
+        n = len(data)
+        unit = len(self.echo)
+        sent_at = self.sent_at
         load = self.load
-        if k and load.sending and self.is_open:
+        if (
+            n % unit == 0
+            and self.is_open
+            and not self._buf
+            and self._fragments is None
+            and self.expected.startswith(data)
+            and len(sent_at) * unit >= n
+            and n
+        ):
+            k = n // unit
+            r0 = load.received
+            load.received = r0 + k
+            if load.measuring:
+                latencies = load.latencies
+                for i in range(r0 + 1, r0 + k + 1):
+                    sent = sent_at.popleft()
+                    if not i % LATENCY_STRIDE:
+                        latencies.append((now - sent) * 1e6)  # microseconds
+            elif k == 1:
+                sent_at.popleft()
+            else:
+                for _ in range(k):
+                    sent_at.popleft()
+        else:
+            self.now = now
+            self.echoed = 0
+            super().data_received(data)
+            k = self.echoed
+        if k and load.sending and self.is_open and not self._close_sent:
             # One write for all the replacements: a system call per message would make the
             # client, not the server, the bottleneck.
-            self.sent_at.extend(repeat(time.perf_counter(), k))
+            sent_at.extend(repeat(now, k))
             load.sent += k
-            self.send_raw(self.frame * k if k > 1 else self.frame)
+            replies = self.replies
+            self.transport.write(replies[k] if k < len(replies) else self.frame * k)  # type: ignore[union-attr]
 
     def on_message(self, opcode: int, payload: bytes) -> None:
         load = self.load
@@ -286,7 +362,8 @@ class EchoScenario(ProcessScenario):
 
     def describe(self, run: dict[str, Any]) -> str:
         return (
-            f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}%, "
+            f"{run['msgs_per_s']:,.0f} msg/s, client CPU {run['client_cpu_pct']:.0f}% (busy "
+            f"{run['client_busy_pct']:.0f}%, {run['client_us_per_msg']:.1f} us/msg), "
             f"server CPU {run['server_cpu_pct']:.0f}% ({run['server_us_per_msg']:.1f} us/msg),"
             f" {run['server_processes']} server process(es),"
             f" p50 {run['p50_us']:,.0f} us, p99 {run['p99_us']:,.0f} us, "

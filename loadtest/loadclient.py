@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import uvloop
 
-from wsfleet.loadtest.counters import Counters, LoadState
+from wsfleet.loadtest.counters import Counters, LoadState, WindowClock
 from wsfleet.loadtest.wsclient import WSConnection, connect
 
 # Handshakes one load process has in progress at once (``--connect-concurrency``): a burst
@@ -127,13 +127,13 @@ async def run_window(
 
     await sleep_until(t_go + warmup)
     sent0, received0 = load.sent, load.received
-    cpu0 = time.process_time()
+    clock = WindowClock()
     wall0 = time.perf_counter()
     load.measuring = True
     await sleep_until(t_go + warmup + seconds)
     load.measuring = False
     result.window_s = time.perf_counter() - wall0
-    result.cpu_s = time.process_time() - cpu0
+    clock.stop(result)
     result.window_received = load.received - received0
     load.sending = False
     return load.sent - sent0

@@ -76,6 +76,26 @@ def ratio_base(servers: list[dict[str, Any]], base: str | None) -> dict[str, Any
     return servers[0] if servers else None
 
 
+def client_load_pct(summary: dict[str, Any]) -> float:
+    """How much of its CPUs the load generator used or waited for (``client_busy_pct``: CPU
+    plus run-queue wait, where known; else ``client_cpu_pct``): what saturation is judged by."""
+    cpu = summary.get("client_cpu_pct", 0.0)
+    busy = summary.get("client_busy_pct")
+    if isinstance(busy, int | float) and busy == busy:  # not NaN
+        return max(cpu, busy)
+    return cpu
+
+
+def saturation_text(names: list[str], capacity_pct: float) -> str:
+    """The sentence that flags the figures the load generator may have limited."""
+    cores = capacity_pct / 100
+    return (
+        f"NOTE: the load generator was near saturation (>= 90 % of the {cores:g} CPU(s) it "
+        f"had, counting run-queue wait) for {', '.join(names)}: those figures are floors, "
+        "not the server's limit."
+    )
+
+
 def print_table(
     servers: list[dict[str, Any]],
     table: Table,
@@ -92,6 +112,7 @@ def print_table(
     )
     print(head)
     print("-" * len(head))
+    saturated = []
     for s in servers:
         m = s["summary"]
         if m is None:
@@ -99,8 +120,11 @@ def print_table(
             continue
         ratio = f"{m[table.rate] / base_rate:.2f}x" if base_rate else "-"
         print(f"{s['name']:<{w}}" + "".join(f" {c.cell(m, ratio)}" for c in table.columns))
-        if m["client_cpu_pct"] >= 0.9 * client_capacity_pct:
+        if client_load_pct(m) >= 0.9 * client_capacity_pct:
+            saturated.append(s["name"])
             print(f"{'':<{w}} note: the load processes were near saturation: the figure is a floor")
+    if saturated:
+        print(saturation_text(saturated, client_capacity_pct))
 
 
 def client_capacity_pct(args: argparse.Namespace, client_cpus: list[int]) -> float:

@@ -84,6 +84,7 @@ TABLE = Table(
     medians=(
         "ops_per_s",
         "client_cpu_pct",
+        "client_busy_pct",
         "server_cpu_pct",
         "server_us_per_op",
         "p50_us",

@@ -21,8 +21,11 @@ the same CPUs, with `bench.run_benchmark` (each server started fresh for each ru
 under ``taskset -c --server-cpus``, ready once a WebSocket handshake succeeds, the
 load processes pinned to ``--client-cpus``, the server tree's CPU time over the
 window, SIGTERM then SIGKILL; the medians over ``--runs``, the table with the
-ratio to the first server, the JSON file). The idle scenario runs its
-connections in this process (it reads the server's memory). The servers are
+ratio to the first server and the load generator's own CPU, the JSON file). A row
+where the load generator was near saturation (CPU plus run-queue wait >= 90 % of the
+CPUs it had) is flagged, and named in one sentence under the table: a floor. The
+idle scenario runs its connections in this process (it reads the server's memory).
+The servers are
 `catalog.server_catalog`'s (``echo`` set for connect and idle, ``broadcast`` set
 for broadcast), first the baseline the ratio compares with:
 
@@ -35,7 +38,9 @@ for broadcast), first the baseline the ratio compares with:
   ``WebSocketServer``, plain mode, main loop without sleep with the default
   ``--godot-sleep-usec 0``: it burns its core even when idle, so its CPU figure
   is 100 %) in a temporary working directory;
-* ``node``: ``node loadtest/node_ws_server.js --mode {mode}`` (npm package ``ws``).
+* ``node``: ``node loadtest/node_ws_server.js --mode {mode}`` (npm package ``ws``);
+* ``picows`` (echo set only: connect and idle): ``python -m wsfleet.loadtest.picows_server``
+  (picows' Cython server on uvloop; "not installed" without the package).
 
 A server whose program (``godot3-server``, ``node``) or, for Node, whose ``ws``
 module is missing is reported as "not installed" and skipped; that does not

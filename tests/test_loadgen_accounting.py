@@ -282,3 +282,52 @@ def test_client_refuses_bad_handshakes_and_bad_frames_and_closes_cleanly() -> No
         assert conn.closed.result() == (1001, "bye")
 
     run_in_loop(check)
+
+
+@pytest.mark.timeout(60)
+def test_echo_fast_check_still_catches_every_wrong_echo() -> None:
+    """Reads of whole echoes take the one-comparison path; a wrong byte anywhere (content,
+    opcode, length encoding, mask bit), a split frame or an echo too many goes frame by frame
+    and is counted as it was before."""
+    from wsfleet.loadtest.echo_bench import EchoConnection, _Load, server_frame
+
+    def check() -> None:
+        payload = payload_for(7, 64)
+        load = _Load()
+        conn = EchoConnection(HOST, 1, load=load, payload=payload, opcode=OP_BINARY)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept_key(conn._key)}\r\n\r\n"
+            ).encode()
+        )
+        assert conn.is_open
+        load.sending = True
+        conn.start(4)
+        echo = server_frame(OP_BINARY, payload)
+        written = len(transport.written)
+        conn.data_received(echo * 3)  # the fast path: 3 echoes, 3 replacements in one write
+        assert load.received == 3 and load.error.count == 0 and len(conn.sent_at) == 4
+        assert parse_client_frames(bytes(transport.written[written:])) == [(OP_BINARY, payload)] * 3
+        wrong = [
+            server_frame(OP_BINARY, payload[:-1] + b"!"),  # content
+            server_frame(OP_TEXT, payload),  # opcode
+            bytes((0x82, 126)) + len(payload).to_bytes(2, "big") + payload,  # long length form
+        ]
+        for i, frame in enumerate(wrong, 1):
+            conn.data_received(frame)
+            assert load.mismatches == i - (i == 3), i  # the long form is valid: not a mismatch
+        assert load.error.count == 2 and load.received == 6
+        conn.data_received(echo[:10])
+        conn.data_received(echo[10:])  # a split echo: parsed frame by frame, right
+        assert load.received == 7 and load.error.count == 2
+        in_flight = len(conn.sent_at)
+        conn.data_received(echo * (in_flight + 1))  # one echo more than was sent
+        assert load.error.count == 3 and "nothing in flight" in load.error.samples[-1]
+        masked = bytes((0x82, 0x80 | 64)) + b"\0\0\0\0" + payload  # a masked server frame
+        conn.data_received(masked)
+        assert conn.error == "masked frame from the server" and transport.aborted
+
+    run_in_loop(check)

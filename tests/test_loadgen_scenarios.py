@@ -15,8 +15,11 @@ check ("not installed") and one run of the command line through `bench`.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +27,10 @@ import pytest
 
 from wsfleet.loadtest import procstats, scenarios
 from wsfleet.loadtest.broadcast import BroadcastCounts, run_broadcast
-from wsfleet.loadtest.catalog import node_status
+from wsfleet.loadtest.catalog import node_status, server_catalog
 from wsfleet.loadtest.connect import run_connect
 from wsfleet.loadtest.counters import merge_histograms
+from wsfleet.loadtest.echo_bench import run_echo_load
 from wsfleet.loadtest.idle import run_idle
 from wsfleet.loadtest.procstats import FD_MARGIN, ResourceLimitError, raise_nofile
 
@@ -109,6 +113,44 @@ def test_connect_counts_every_handshake_the_server_accepted(counting_server) -> 
     p50, p99, _ = r.latency_us()
     assert 0 < p50 <= p99
     assert r.latency_samples > 0
+
+
+@pytest.mark.timeout(60)
+def test_picows_server_echoes_and_closes_what_the_load_sent(counting_server) -> None:
+    server = counting_server("wsfleet.loadtest.picows_server", "--mode", "echo")
+    echo = run_echo_load(HOST, server.port, connections=4, inflight=8, seconds=0.5, warmup=0.1)
+    text = run_echo_load(
+        HOST, server.port, connections=2, inflight=2, size=70_000, text=True, seconds=0.2,
+        warmup=0.0, first_index=4,
+    )  # fmt: skip
+    cycles = run_connect(HOST, server.port, concurrency=3, seconds=0.5, warmup=0.1)
+    seen = server.stop_and_count()
+    for r in (echo, text):
+        assert r.errors == 0 and r.mismatches == 0, r.error_samples
+        assert r.in_flight == 0 and r.received == r.sent > 0
+    assert cycles.errors == 0 and cycles.failures == 0, cycles.error_samples
+    assert cycles.unclean_closes == 0 and cycles.cycles == cycles.handshakes > 0
+    assert seen["echoed"] == seen["received"] == echo.sent + text.sent
+    assert seen["connected"] == seen["closed"] == 6 + cycles.handshakes
+
+
+@pytest.mark.timeout(30)
+def test_picows_missing_is_not_installed_and_its_server_says_so() -> None:
+    ns = argparse.Namespace(godot="godot3-server", godot_sleep_usec=0, node="node")
+    assert server_catalog("echo", ns, "/tmp", ["picows"])[0]["skip"] is None
+    assert server_catalog("broadcast", ns, "/tmp", ["picows"])[0]["skip"].startswith(
+        "not applicable"
+    )
+    # An interpreter where `import picows` fails: the catalog skips it, the server refuses.
+    code = (
+        "import sys; sys.modules['picows'] = None; "
+        "from wsfleet.loadtest.catalog import picows_status; print(picows_status()); "
+        "from wsfleet.loadtest.picows_server import main; sys.exit(main(['--port', '0']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2
+    assert proc.stdout.startswith("not installed: picows")
+    assert "picows is not installed" in proc.stderr
 
 
 @pytest.mark.timeout(60)
