@@ -64,7 +64,8 @@ STOP_DRAIN_TIMEOUT = 2.0
 _YIELDS_BEFORE_SLEEP = 8
 #: How often a busy poll() reads the supervisor's socket (its messages are rare: a shard
 #: up, down or moved, a stop): one recvmsg that fails with EAGAIN per poll() was a tenth
-#: of the front's CPU under a handshake load.  After a sleep, and in select mode, always.
+#: of the front's CPU under a handshake load.  At once when a sleep's epoll reports it,
+#: and always in select mode.
 CONTROL_READ_SECONDS = 0.005
 
 # Bound once for the dispatch loop (plain ints: see wsfleet.ipc.messages).
@@ -522,10 +523,16 @@ class Fleet:
             if cluster is not None:
                 handled += cluster.drain()
             if not handled and timeout and self._epoll is not None:
+                control_ready = False
                 if not self._yield_for_events() and not self._arm_all():
-                    self._epoll.poll(timeout)
+                    control_fd = self._control.fileno() if self._control is not None else -1
+                    woken = self._epoll.poll(timeout)
+                    control_ready = any(fd == control_fd for fd, _ in woken)
                 self._disarm_all()
-                self._read_control()
+                if control_ready:
+                    self._read_control()
+                else:
+                    self._read_control_if_due()
                 self._drain_events()
                 if self.cluster is not None:
                     self.cluster.drain()
