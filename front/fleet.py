@@ -24,9 +24,10 @@ after the shards' events, and what the tick sent to other nodes leaves after
 the shards' commands; the node's id range (its leased slot) comes with the
 `FleetConfig`, and `shard_of` computes a peer's shard from it.
 
-The per-message path (`_dispatch`, `ShardLink.command`) binds its names
-once per batch and calls nothing per message but the application's
-``data_received`` handlers.
+The per-message path is C: `wsfleet.ipc.inbox.deliver` files a batch's
+messages into the peers' inboxes and calls the application's
+``data_received`` handlers (per message, or once per peer per batch with
+``per_peer``); `_dispatch` handles every other record in Python, in order.
 
 Imports `wsfleet.ipc` and `.channel` only; the server and the relay plug in
 through `FleetListener` and `RelayHooks`.
