@@ -65,6 +65,7 @@ DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_HEALTH_PATH = "/healthz"
 #: How ``data_received`` is emitted (``data_received_mode``): per message (Godot) or per peer.
 DATA_RECEIVED_MODES = ("message", "peer")
+
 #: The server-wide cap on outbound bytes not yet handed to the kernel: 256 MiB holds
 #: 4,096 peers with a full default (64 KiB) buffer, or 16 peers with a 16 MiB message
 #: each, and stays a small part of a server's memory however many peers connect.
@@ -98,6 +99,14 @@ def _int_option(name: str, value: object) -> int:
 
 def _pow2_at_least(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
+
+
+def check_data_received_mode(mode: str) -> None:
+    """ValueError unless ``mode`` is one of `DATA_RECEIVED_MODES`."""
+    if mode not in DATA_RECEIVED_MODES:
+        raise ValueError(
+            f"data_received_mode must be one of {', '.join(DATA_RECEIVED_MODES)}: {mode!r}"
+        )
 
 
 class WebSocketServer(SignalEmitter):
@@ -350,11 +359,7 @@ class WebSocketServer(SignalEmitter):
         data_received_mode: str = "message",
     ) -> None:
         super().__init__()
-        if data_received_mode not in DATA_RECEIVED_MODES:
-            raise ValueError(
-                f"data_received_mode must be one of {', '.join(DATA_RECEIVED_MODES)}: "
-                f"{data_received_mode!r}"
-            )
+        check_data_received_mode(data_received_mode)
         #: ``"message"``: ``data_received(id)`` per message, as Godot; ``"peer"``: once per
         #: peer per batch of its shard, with all its new messages waiting (`get_packets`).
         self.data_received_mode = data_received_mode
@@ -524,11 +529,7 @@ class WebSocketServer(SignalEmitter):
             return Error.ERR_INVALID_PARAMETER
         try:
             limits, peer_limits, budget_limit = self._check_limits()
-            if self.data_received_mode not in DATA_RECEIVED_MODES:
-                raise ValueError(
-                    f"data_received_mode must be one of {', '.join(DATA_RECEIVED_MODES)}: "
-                    f"{self.data_received_mode!r}"
-                )
+            check_data_received_mode(self.data_received_mode)  # may be set after __init__
             protocols = tuple(str(p).strip() for p in protocols)
             if self.shard_handler is not None:
                 if gd_mp_api:
