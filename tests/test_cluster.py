@@ -521,6 +521,7 @@ def test_small_max_payload_snapshots_and_batches_in_parts(tmp_path: Path) -> Non
             newcomer = await Client.open(later.port)
             ids = {c.id for c in crowd} | {newcomer.id}
             await wait_view(newcomer, ids)
+            await wait_view(crowd[0], ids)  # "big" learns of the newcomer through NATS too
             status = await newcomer.status()
             assert status["bad_messages"] == 0 and status["publish_failed"] == 0
             # Ten 3,000-byte packets in one poll: several NATS messages, all delivered.
