@@ -18,7 +18,7 @@ with status 0; with ``--report-count`` it then prints ``connected C closed X rec
 echoed E deliveries D peak P`` (the line of `ws_server`). Without picows installed it
 exits with status 2 and says so on stderr.
 
-Imports nothing of wsfleet.
+Imports `ws_server` (its `ServerCounts`, the same report line) and nothing else of wsfleet.
 """
 
 from __future__ import annotations
@@ -31,27 +31,11 @@ from typing import Any
 
 import uvloop
 
+from wsfleet.loadtest.ws_server import ServerCounts
+
 # Large enough for any size the benchmarks send; a protection limit is not the point here.
 MAX_SIZE = 64 * 1024 * 1024
 MODES = ("echo",)
-
-
-class ServerCounts:
-    """What the server saw (one event loop, no locking)."""
-
-    def __init__(self) -> None:
-        self.connected = 0
-        self.closed = 0
-        self.received = 0
-        self.echoed = 0
-        self.open = 0
-        self.peak = 0
-
-    def line(self) -> str:
-        return (
-            f"connected {self.connected} closed {self.closed} received {self.received} "
-            f"echoed {self.echoed} deliveries {self.echoed} peak {self.peak}"
-        )
 
 
 def listener_class(picows: Any, counts: ServerCounts, transports: set[Any]) -> type:
@@ -72,6 +56,7 @@ def listener_class(picows: Any, counts: ServerCounts, transports: set[Any]) -> t
                 counts.received += 1
                 transport.send(msg_type, frame.get_payload_as_memoryview(), frame.fin)
                 counts.echoed += 1
+                counts.deliveries += 1
             elif msg_type == close:
                 transport.send_close(frame.get_close_code(), frame.get_close_message())
                 transport.disconnect()
