@@ -18,12 +18,12 @@ with status 0; with ``--report-count`` it then prints ``connected C closed X rec
 echoed E deliveries D peak P`` (the line of `ws_server`). Without picows installed it
 exits with status 2 and says so on stderr.
 
-Imports `ws_server` (its `ServerCounts`, the same report line) and nothing else of wsfleet.
+Imports `ws_server` (its `ServerCounts`, the same report line, and its options) and nothing else
+of wsfleet.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -31,7 +31,7 @@ from typing import Any
 
 import uvloop
 
-from wsfleet.loadtest.ws_server import ServerCounts
+from wsfleet.loadtest.ws_server import ServerCounts, reference_parser
 
 # Large enough for any size the benchmarks send; a protection limit is not the point here.
 MAX_SIZE = 64 * 1024 * 1024
@@ -93,13 +93,7 @@ async def serve_until_signalled(picows: Any, host: str, port: int, counts: Serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m wsfleet.loadtest.picows_server", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--mode", choices=MODES, default="echo")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--report-count", action="store_true", help="print what it saw on exit")
+    parser = reference_parser("wsfleet.loadtest.picows_server", __doc__.split("\n")[0], MODES)
     args = parser.parse_args(argv)
     try:
         import picows

@@ -99,14 +99,20 @@ async def serve_until_signalled(host: str, port: int, mode: str, counts: ServerC
     # the handlers.
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m wsfleet.loadtest.ws_server", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--mode", choices=MODES, default="echo")
+def reference_parser(
+    module: str, description: str, modes: tuple[str, ...]
+) -> argparse.ArgumentParser:
+    """The options every reference server of the benchmarks takes (this one, `picows_server`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--mode", choices=modes, default="echo")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--report-count", action="store_true", help="print what it saw on exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = reference_parser("wsfleet.loadtest.ws_server", __doc__.split("\n")[0], MODES)
     args = parser.parse_args(argv)
     counts = ServerCounts()
     uvloop.run(serve_until_signalled(args.host, args.port, args.mode, counts))
