@@ -174,8 +174,9 @@ class PeerChannel:
             return _FAILED
         size = len(payload)
         budget = self.budget
-        if not self.packet_room or size > self.byte_room or size > budget.room:
-            return self._refuse(size)
+        peer_full = not self.packet_room or size > self.byte_room
+        if peer_full or size > budget.room:
+            return self._refuse(peer_full)
         self.packet_room -= 1
         self.byte_room -= size
         budget.room -= size
@@ -206,8 +207,9 @@ class PeerChannel:
         packets, room, server_room = self.packet_room, self.byte_room, self.budget.room
         for payload in payloads:  # find the first packet that does not fit
             size = len(payload)
-            if not packets or size > room or size > server_room:
-                return self._refuse(size, packets, room)
+            peer_full = not packets or size > room
+            if peer_full or size > server_room:
+                return self._refuse(peer_full)
             packets, room, server_room = packets - 1, room - size, server_room - size
         raise AssertionError("unreachable: the batch fits")
 
@@ -222,10 +224,9 @@ class PeerChannel:
             return 0
         return max(0, min(self.byte_room, self.budget.room))
 
-    def _refuse(self, size: int, packet_room: int | None = None, byte_room: int = 0) -> Error:
-        if packet_room is None:
-            packet_room, byte_room = self.packet_room, self.byte_room
-        peer_full = not packet_room or size > byte_room
+    def _refuse(self, peer_full: bool) -> Error:
+        """A packet refused: the peer's own limits are full (``peer_full``), else the
+        server's ``max_buffered_bytes``."""
         self.budget.refused(self.id, by_server=not peer_full)
         code = self.limits.slow_close_code
         if code is not None and peer_full:

@@ -640,27 +640,28 @@ class Fleet:
         """Handler number ``failed`` raised ``exc`` for a message of ``peer_id``: log it and
         call the handlers after it, as if each were called on its own."""
         log.error("error in a 'data_received' handler", exc_info=exc)
-        for handler in self.on_data[failed + 1 :]:
-            try:
-                handler(peer_id)
-            except Exception:
-                log.exception("error in a 'data_received' handler")
+        self._data_received(peer_id, self.on_data[failed + 1 :])
 
     def _signal_ready(self, ready: list[int]) -> None:
         """Per-peer delivery: ``data_received`` once for each peer with new messages."""
         channels = self.channels
-        on_data = self.on_data
         for peer_id in ready:
             channel = channels.get(peer_id)
             if channel is None:
                 continue  # a handler of this batch disconnected it, or stop()
             channel.inbox.ready = False
-            for handler in on_data:
-                try:
-                    handler(peer_id)
-                except Exception:
-                    log.exception("error in a 'data_received' handler")
+            self._data_received(peer_id, self.on_data)
         ready.clear()
+
+    @staticmethod
+    def _data_received(peer_id: int, handlers: list[Callable[[int], Any]]) -> None:
+        """Call each of ``handlers`` with ``peer_id``; one that raises is logged, the rest
+        still run."""
+        for handler in handlers:
+            try:
+                handler(peer_id)
+            except Exception:
+                log.exception("error in a 'data_received' handler")
 
     def _credits(self, payload: bytes) -> None:
         """What a shard handed to the kernel: the outbound room back to each peer."""
