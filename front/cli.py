@@ -48,6 +48,7 @@ from .cluster import check_cluster_url, check_node_name, credentials_problem
 from .errors import Error
 from .peer import WebSocketPeer
 from .server import (
+    DATA_RECEIVED_MODES,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_PING_INTERVAL,
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--data-received-mode",
-        choices=("message", "peer"),
+        choices=DATA_RECEIVED_MODES,
         default="message",
         help="data_received per message (Godot's, the default) or once per peer per batch with "
         "all its new messages waiting (get_packets; README: Per-peer delivery)",

@@ -126,7 +126,6 @@ def batch_echo(server: Any) -> Any:
     from wsfleet import Error
 
     server.data_received_mode = "peer"
-    text_mode, binary_mode = 0, 1
     waiting: dict[int, list[bytes]] = {}
 
     def on_data(peer_id: int) -> None:
@@ -136,7 +135,9 @@ def batch_echo(server: Any) -> Any:
         if peer is None:
             return
         packets = peer.get_packets()
-        peer.set_write_mode(text_mode if peer.was_string_packet() else binary_mode)
+        peer.set_write_mode(
+            peer.WRITE_MODE_TEXT if peer.was_string_packet() else peer.WRITE_MODE_BINARY
+        )
         if packets and peer.put_packets(packets) == Error.ERR_OUT_OF_MEMORY:
             waiting[peer_id] = packets
 
