@@ -622,7 +622,7 @@ class ServerWire:
 
     def _to_websockets(self, data: bytes, events: list[Event]) -> None:
         """Let websockets parse ``data`` (whole frames, or the rest of a closing stream)."""
-        ws = self._ws or self._websockets()
+        ws = self._websockets()
         ws.receive_data(data)
         for frame in ws.events_received():
             if isinstance(frame, Frame):
